@@ -1,0 +1,60 @@
+//! Conversions between the wire (`pb`) and the domain. Parsing a request is
+//! where validation happens: every `parse_*` names the offending field.
+
+use crate::domain::{Item, Lines, MAX_LINES, StockLevel};
+use crate::error::Error;
+use crate::pb;
+
+pub fn lines(field: &str, lines: Vec<pb::Line>) -> Result<Lines, Error> {
+    Lines::parse(
+        field,
+        lines.into_iter().map(|l| (l.sku, l.location, l.quantity)),
+    )
+}
+
+pub fn items(field: &str, items: Vec<pb::ItemRef>) -> Result<Vec<Item>, Error> {
+    if items.is_empty() {
+        return Err(Error::invalid(field, "must hold at least one item"));
+    }
+    if items.len() > MAX_LINES {
+        return Err(Error::invalid(
+            field,
+            format!("must hold at most {MAX_LINES} items, got {}", items.len()),
+        ));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| Item::parse(&format!("{field}[{i}]"), item.sku, item.location))
+        .collect()
+}
+
+pub fn level(level: StockLevel) -> pb::StockLevel {
+    pb::StockLevel {
+        sku: level.sku,
+        location: level.location,
+        available: level.available,
+        reserved: level.reserved,
+        version: level.version,
+    }
+}
+
+pub fn levels(levels: Vec<StockLevel>) -> Vec<pb::StockLevel> {
+    levels.into_iter().map(level).collect()
+}
+
+/// The single level of a one-item change.
+pub fn single_level(levels: Vec<StockLevel>) -> Result<pb::StockLevel, Error> {
+    levels
+        .into_iter()
+        .next()
+        .map(level)
+        .ok_or_else(|| Error::Internal("a one-item change returned no level".into()))
+}
+
+pub fn item_ref(item: Item) -> pb::ItemRef {
+    pb::ItemRef {
+        sku: item.sku.to_string(),
+        location: item.location.to_string(),
+    }
+}

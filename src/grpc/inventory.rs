@@ -1,0 +1,123 @@
+//! `stockd.v1.Inventory`: the checkout-facing rpcs.
+
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::domain::{Delta, Item, RequestId, Ttl, parse_reason};
+use crate::engine::Engine;
+use crate::pb;
+
+pub struct InventoryService {
+    engine: Engine,
+}
+
+impl InventoryService {
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::inventory_server::Inventory for InventoryService {
+    #[tracing::instrument(name = "Reserve", skip_all, fields(id = %request.get_ref().reservation_id))]
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
+        let req = request.into_inner();
+        let id = RequestId::parse("reservation_id", req.reservation_id)?;
+        let lines = convert::lines("lines", req.lines)?;
+        let ttl = Ttl::parse("ttl_seconds", req.ttl_seconds)?;
+        let reserved = self.engine.reserve(&id, &lines, ttl).await?;
+        Ok(Response::new(pb::ReserveResponse {
+            reservation_id: id.to_string(),
+            expires_at_ms: reserved.expires_at_ms,
+            levels: convert::levels(reserved.levels),
+            replayed: reserved.replayed,
+        }))
+    }
+
+    #[tracing::instrument(name = "Commit", skip_all, fields(id = %request.get_ref().reservation_id))]
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let id = RequestId::parse("reservation_id", request.into_inner().reservation_id)?;
+        let changed = self.engine.commit(&id).await?;
+        Ok(Response::new(pb::CommitResponse {
+            levels: convert::levels(changed.levels),
+            replayed: changed.replayed,
+        }))
+    }
+
+    #[tracing::instrument(name = "Release", skip_all, fields(id = %request.get_ref().reservation_id))]
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let id = RequestId::parse("reservation_id", request.into_inner().reservation_id)?;
+        let changed = self.engine.release(&id).await?;
+        Ok(Response::new(pb::ReleaseResponse {
+            levels: convert::levels(changed.levels),
+            replayed: changed.replayed,
+        }))
+    }
+
+    #[tracing::instrument(name = "Extend", skip_all, fields(id = %request.get_ref().reservation_id))]
+    async fn extend(
+        &self,
+        request: Request<pb::ExtendRequest>,
+    ) -> Result<Response<pb::ExtendResponse>, Status> {
+        let req = request.into_inner();
+        let id = RequestId::parse("reservation_id", req.reservation_id)?;
+        let ttl = Ttl::parse_required("ttl_seconds", req.ttl_seconds)?;
+        let expires_at_ms = self.engine.extend(&id, ttl).await?;
+        Ok(Response::new(pb::ExtendResponse { expires_at_ms }))
+    }
+
+    #[tracing::instrument(name = "Decrement", skip_all, fields(id = %request.get_ref().request_id))]
+    async fn decrement(
+        &self,
+        request: Request<pb::DecrementRequest>,
+    ) -> Result<Response<pb::DecrementResponse>, Status> {
+        let req = request.into_inner();
+        let id = RequestId::parse("request_id", req.request_id)?;
+        let lines = convert::lines("lines", req.lines)?;
+        let changed = self.engine.decrement(&id, &lines).await?;
+        Ok(Response::new(pb::DecrementResponse {
+            levels: convert::levels(changed.levels),
+            replayed: changed.replayed,
+        }))
+    }
+
+    #[tracing::instrument(name = "Adjust", skip_all, fields(id = %request.get_ref().request_id))]
+    async fn adjust(
+        &self,
+        request: Request<pb::AdjustRequest>,
+    ) -> Result<Response<pb::AdjustResponse>, Status> {
+        let req = request.into_inner();
+        let id = RequestId::parse("request_id", req.request_id)?;
+        let item = Item::parse("", req.sku, req.location)?;
+        let delta = Delta::parse("delta", req.delta)?;
+        let reason = parse_reason("reason", req.reason)?;
+        tracing::info!(%item, delta = delta.get(), %reason, "adjust");
+        let changed = self.engine.adjust(&id, &item, delta, &reason).await?;
+        Ok(Response::new(pb::AdjustResponse {
+            level: Some(convert::single_level(changed.levels)?),
+            replayed: changed.replayed,
+        }))
+    }
+
+    #[tracing::instrument(name = "GetStock", skip_all)]
+    async fn get_stock(
+        &self,
+        request: Request<pb::GetStockRequest>,
+    ) -> Result<Response<pb::GetStockResponse>, Status> {
+        let items = convert::items("items", request.into_inner().items)?;
+        let (levels, missing) = self.engine.get(&items).await?;
+        Ok(Response::new(pb::GetStockResponse {
+            levels: convert::levels(levels),
+            missing: missing.into_iter().map(convert::item_ref).collect(),
+        }))
+    }
+}

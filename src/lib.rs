@@ -1,0 +1,41 @@
+//! stockd: a real-time inventory server.
+//!
+//! Checkout services reserve, commit, release and decrement stock over gRPC.
+//! Every change is one atomic Lua script in Redis that, in the same script,
+//! appends a change event to its partition's stream (DESIGN.md is the
+//! contract). The pieces, in the order a request meets them:
+//!
+//! - [`grpc`]: the `Inventory` and `Admin` services; parsing a request into
+//!   [`domain`] types is where input is validated, and [`error::Error`] is
+//!   mapped to a gRPC status in one place.
+//! - [`engine`]: runs each operation as one script call on a multiplexed
+//!   Redis connection; [`keys`] spells every key and computes partitions;
+//!   [`scripts`] holds the Lua, one file per operation.
+//! - [`reaper`]: releases lapsed reservations with op `expire`, exactly once
+//!   across instances.
+//! - [`meta`]: the deployment record in Redis (partition count, epoch).
+//! - [`app`]: wires config, Redis, the server and the background tasks
+//!   together: `run(config, listener, shutdown)`.
+//! - [`config`], [`telemetry`]: flags/environment and logging.
+//! - [`ctl`]: the `stockctl` command-line client.
+
+pub mod app;
+pub mod config;
+pub mod ctl;
+pub mod domain;
+pub mod engine;
+pub mod error;
+pub mod grpc;
+pub mod keys;
+pub mod meta;
+pub mod reaper;
+pub mod scripts;
+pub mod telemetry;
+
+/// Code generated from `proto/stockd/v1/stockd.proto`.
+pub mod pb {
+    tonic::include_proto!("stockd.v1");
+
+    /// For the reflection service.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stockd_descriptor");
+}

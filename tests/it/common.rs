@@ -1,0 +1,346 @@
+//! `spawn_app()`: a real stockd on port 0 with its own key namespace, gRPC
+//! clients for it, and helpers to look at Redis directly.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use redis::aio::ConnectionManager;
+use stockd::app::{self, StartError};
+use stockd::config::Config;
+use stockd::keys::Keyspace;
+use stockd::pb::admin_client::AdminClient;
+use stockd::pb::inventory_client::InventoryClient;
+use stockd::pb::{self};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub fn redis_url() -> String {
+    std::env::var("STOCKD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A namespace no other test (or earlier run) uses.
+pub fn unique_namespace(tag: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "test-{tag}-{}-{nanos:x}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub namespace: String,
+    pub keys: Keyspace,
+    pub inventory: InventoryClient<Channel>,
+    pub admin: AdminClient<Channel>,
+    pub redis: ConnectionManager,
+    shutdown: CancellationToken,
+    server: JoinHandle<Result<(), StartError>>,
+}
+
+/// Settings a test may change before the server starts.
+pub struct Options {
+    pub namespace: String,
+    pub partitions: u32,
+    /// Another Redis than the shared test one (a fault test's own).
+    pub redis_url: Option<String>,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            namespace: unique_namespace("app"),
+            partitions: 16,
+            redis_url: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+pub fn config_for(options: &Options) -> Config {
+    let mut args = vec![
+        "stockd".to_owned(),
+        "--namespace".into(),
+        options.namespace.clone(),
+        "--partitions".into(),
+        options.partitions.to_string(),
+        "--redis-url".into(),
+        options.redis_url.clone().unwrap_or_else(redis_url),
+        "--reaper-interval-ms".into(),
+        "50".into(),
+    ];
+    args.extend(options.extra_args.iter().cloned());
+    Config::try_parse_from(args).expect("test config parses")
+}
+
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    let config = config_for(&options);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(app::run(config, listener, shutdown.clone()));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the test server");
+    let redis_url = options.redis_url.clone().unwrap_or_else(redis_url);
+    let redis = app::connect_redis(&redis_url, Duration::from_secs(5))
+        .await
+        .expect("test redis");
+    TestApp {
+        addr,
+        keys: Keyspace::new(options.namespace.clone(), options.partitions),
+        namespace: options.namespace,
+        inventory: InventoryClient::new(channel.clone()),
+        admin: AdminClient::new(channel),
+        redis,
+        shutdown,
+        server,
+    }
+}
+
+impl TestApp {
+    /// Stops the server (graceful) and deletes the namespace's keys.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.server.await.unwrap().expect("server stopped cleanly");
+        delete_namespace(&mut self.redis.clone(), &self.namespace).await;
+    }
+
+    /// Stops the server but keeps the keys (another instance shares them).
+    pub async fn stop_keep_data(self) {
+        self.shutdown.cancel();
+        self.server.await.unwrap().expect("server stopped cleanly");
+    }
+
+    /// SetStock through the API: the item exists afterwards with `available`.
+    pub async fn seed(&self, sku: &str, location: &str, available: i64) -> pb::StockLevel {
+        self.admin
+            .clone()
+            .set_stock(pb::SetStockRequest {
+                request_id: format!("seed-{sku}-{location}-{}", unique_namespace("s")),
+                sku: sku.into(),
+                location: location.into(),
+                available,
+                expected_version: None,
+            })
+            .await
+            .expect("seed")
+            .into_inner()
+            .level
+            .unwrap()
+    }
+
+    pub async fn level(&self, sku: &str, location: &str) -> Option<pb::StockLevel> {
+        let resp = self
+            .inventory
+            .clone()
+            .get_stock(pb::GetStockRequest {
+                items: vec![pb::ItemRef {
+                    sku: sku.into(),
+                    location: location.into(),
+                }],
+            })
+            .await
+            .expect("get_stock")
+            .into_inner();
+        resp.levels.into_iter().next()
+    }
+
+    /// Everything the namespace holds in Redis, as text, for "this changed
+    /// nothing" comparisons.
+    pub async fn snapshot(&self) -> BTreeMap<String, String> {
+        snapshot(&mut self.redis.clone(), &self.namespace).await
+    }
+
+    /// Every event of the namespace, all partitions, in stream order per partition.
+    pub async fn events(&self) -> Vec<Event> {
+        let mut conn = self.redis.clone();
+        let mut all = Vec::new();
+        for p in self.keys.partitions() {
+            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(self.keys.events(p))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            for (id, fields) in entries {
+                all.push(Event {
+                    id,
+                    partition: p.0,
+                    fields: fields.into_iter().collect(),
+                });
+            }
+        }
+        all
+    }
+}
+
+/// One stream entry.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: String,
+    pub partition: u32,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl Event {
+    pub fn get(&self, field: &str) -> &str {
+        self.fields
+            .get(field)
+            .unwrap_or_else(|| panic!("event {} lacks {field}: {:?}", self.id, self.fields))
+    }
+
+    pub fn int(&self, field: &str) -> i64 {
+        self.get(field).parse().unwrap()
+    }
+}
+
+pub async fn namespace_keys(conn: &mut ConnectionManager, namespace: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{namespace}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .unwrap();
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    keys.sort();
+    keys
+}
+
+pub async fn snapshot(conn: &mut ConnectionManager, namespace: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for key in namespace_keys(conn, namespace).await {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let value = match kind.as_str() {
+            "hash" => {
+                let v: BTreeMap<String, String> = redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(conn)
+                    .await
+                    .unwrap();
+                format!("{v:?}")
+            }
+            "string" => {
+                let v: String = redis::cmd("GET").arg(&key).query_async(conn).await.unwrap();
+                v
+            }
+            "zset" => {
+                let v: Vec<(String, String)> = redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(conn)
+                    .await
+                    .unwrap();
+                format!("{v:?}")
+            }
+            "stream" => {
+                let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(conn)
+                    .await
+                    .unwrap();
+                format!("{v:?}")
+            }
+            other => format!("<{other}>"),
+        };
+        out.insert(key, value);
+    }
+    out
+}
+
+pub async fn delete_namespace(conn: &mut ConnectionManager, namespace: &str) {
+    for chunk in namespace_keys(conn, namespace).await.chunks(500) {
+        let _: i64 = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn line(sku: &str, location: &str, quantity: i64) -> pb::Line {
+    pb::Line {
+        sku: sku.into(),
+        location: location.into(),
+        quantity,
+    }
+}
+
+/// SKUs that land in distinct partitions of `keys`.
+pub fn skus_in_distinct_partitions(keys: &Keyspace, prefix: &str, count: usize) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for i in 0.. {
+        let sku = format!("{prefix}-{i}");
+        if seen.insert(keys.partition_of(&sku)) {
+            out.push(sku);
+            if out.len() == count {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The code of a failed rpc, or a panic when it succeeded.
+pub fn code_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Code {
+    match result {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(status) => status.code(),
+    }
+}

@@ -1,0 +1,346 @@
+//! Reservations end to end: all-or-nothing carts across partitions and
+//! locations, the state machine of commit/release/extend/expiry, and the
+//! server's start-up checks.
+
+use std::time::Duration;
+
+use stockd::app::{self, StartError};
+use stockd::meta::MetaError;
+use stockd::pb;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::common::*;
+
+fn reserve(id: &str, lines: Vec<pb::Line>, ttl: u32) -> pb::ReserveRequest {
+    pb::ReserveRequest {
+        reservation_id: id.into(),
+        lines,
+        ttl_seconds: ttl,
+    }
+}
+
+#[tokio::test]
+async fn carts_across_partitions_are_all_or_nothing() {
+    let app = spawn_app().await;
+    let skus = skus_in_distinct_partitions(&app.keys, "cart", 3);
+    app.seed(&skus[0], "", 10).await;
+    app.seed(&skus[1], "", 2).await;
+    app.seed(&skus[2], "berlin", 10).await;
+    let mut inv = app.inventory.clone();
+    let before = app.snapshot().await;
+
+    let status = inv
+        .reserve(reserve(
+            "cart-1",
+            vec![
+                line(&skus[0], "", 1),
+                line(&skus[1], "", 5),
+                line(&skus[2], "berlin", 1),
+            ],
+            60,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let failure = status
+        .get_details_precondition_failure()
+        .expect("PreconditionFailure detail");
+    assert_eq!(
+        failure.violations.len(),
+        1,
+        "only the short line: {failure:?}"
+    );
+    assert_eq!(
+        failure.violations[0].subject,
+        format!("default/{}", skus[1])
+    );
+    assert_eq!(
+        failure.violations[0].description,
+        "requested 5, available 2"
+    );
+    assert_eq!(
+        app.snapshot().await,
+        before,
+        "a refused cart changes nothing"
+    );
+
+    // The same cart fits once the short line asks for what is there.
+    let ok = inv
+        .reserve(reserve(
+            "cart-1",
+            vec![
+                line(&skus[0], "", 1),
+                line(&skus[1], "", 2),
+                line(&skus[2], "berlin", 1),
+            ],
+            60,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let summary: Vec<_> = ok
+        .levels
+        .iter()
+        .map(|l| (l.available, l.reserved, l.version))
+        .collect();
+    assert_eq!(summary, vec![(9, 1, 2), (0, 2, 2), (9, 1, 2)]);
+
+    let committed = inv
+        .commit(pb::CommitRequest {
+            reservation_id: "cart-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let summary: Vec<_> = committed
+        .levels
+        .iter()
+        .map(|l| (l.available, l.reserved, l.version))
+        .collect();
+    assert_eq!(summary, vec![(9, 0, 3), (0, 0, 3), (9, 0, 3)]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reservation_state_machine() {
+    let app = spawn_app().await;
+    app.seed("item", "", 10).await;
+    let mut inv = app.inventory.clone();
+    let commit = |id: &str| pb::CommitRequest {
+        reservation_id: id.into(),
+    };
+    let release = |id: &str| pb::ReleaseRequest {
+        reservation_id: id.into(),
+    };
+
+    inv.reserve(reserve("c", vec![line("item", "", 2)], 60))
+        .await
+        .unwrap();
+    inv.reserve(reserve("r", vec![line("item", "", 3)], 60))
+        .await
+        .unwrap();
+    inv.commit(commit("c")).await.unwrap();
+    let released = inv.release(release("r")).await.unwrap().into_inner();
+    assert!(!released.replayed);
+    assert_eq!(released.levels[0].available, 8, "3 units came back");
+    let before = app.snapshot().await;
+
+    assert_eq!(
+        code_of(inv.release(release("c")).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code_of(inv.commit(commit("r")).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code_of(
+            inv.extend(pb::ExtendRequest {
+                reservation_id: "c".into(),
+                ttl_seconds: 60
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    let again = inv.release(release("r")).await.unwrap().into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.levels, released.levels);
+    assert_eq!(
+        app.snapshot().await,
+        before,
+        "refusals and replays change nothing"
+    );
+
+    let level = app.level("item", "").await.unwrap();
+    assert_eq!((level.available, level.reserved), (8, 0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_lapsed_hold_cannot_be_committed_and_its_release_is_a_replay() {
+    // The reaper is slowed down so that the lapsed hold is still "held" in
+    // Redis when the client comes back: the scripts judge expiry themselves.
+    let app = spawn_app_with(Options {
+        extra_args: vec!["--reaper-interval-ms".into(), "3600000".into()],
+        ..Options::default()
+    })
+    .await;
+    app.seed("item", "", 5).await;
+    let mut inv = app.inventory.clone();
+    let held = inv
+        .reserve(reserve("late", vec![line("item", "", 2)], 1))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Wait until Redis's clock (the one the scripts use) passes the expiry.
+    eventually(Duration::from_secs(5), "the hold to lapse", || {
+        let mut conn = app.redis.clone();
+        async move {
+            let (secs, micros): (i64, i64) =
+                redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+            (secs * 1000 + micros / 1000 >= held.expires_at_ms).then_some(())
+        }
+    })
+    .await;
+    let before = app.snapshot().await;
+    assert_eq!(
+        code_of(
+            inv.extend(pb::ExtendRequest {
+                reservation_id: "late".into(),
+                ttl_seconds: 60
+            })
+            .await
+        ),
+        Code::FailedPrecondition,
+        "a lapsed hold cannot be revived"
+    );
+    assert_eq!(
+        code_of(
+            inv.commit(pb::CommitRequest {
+                reservation_id: "late".into()
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(app.snapshot().await, before);
+    let released = inv
+        .release(pb::ReleaseRequest {
+            reservation_id: "late".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(released.replayed, "release of an expired hold is a replay");
+    assert_eq!(
+        (released.levels[0].available, released.levels[0].reserved),
+        (5, 0)
+    );
+    let ops: Vec<String> = app
+        .events()
+        .await
+        .iter()
+        .map(|e| e.get("op").to_owned())
+        .collect();
+    assert_eq!(ops, vec!["set", "reserve", "expire"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn extend_moves_the_expiry_of_every_partition() {
+    let app = spawn_app().await;
+    let skus = skus_in_distinct_partitions(&app.keys, "ext", 2);
+    for sku in &skus {
+        app.seed(sku, "", 5).await;
+    }
+    let mut inv = app.inventory.clone();
+    let first = inv
+        .reserve(reserve(
+            "e",
+            vec![line(&skus[0], "", 1), line(&skus[1], "", 1)],
+            2,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let extended = inv
+        .extend(pb::ExtendRequest {
+            reservation_id: "e".into(),
+            ttl_seconds: 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(extended.expires_at_ms >= first.expires_at_ms + 3_590_000);
+    let mut conn = app.redis.clone();
+    for sku in &skus {
+        let p = app.keys.partition_of(sku);
+        let score: i64 = redis::cmd("ZSCORE")
+            .arg(app.keys.reservation_expiry(p))
+            .arg("e")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(score, extended.expires_at_ms);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_different_partition_count_refuses_to_start() {
+    let app = spawn_app().await;
+    let options = Options {
+        namespace: app.namespace.clone(),
+        partitions: 8,
+        ..Options::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let result = app::run(config_for(&options), listener, CancellationToken::new()).await;
+    match result {
+        Err(StartError::Meta(MetaError::PartitionMismatch {
+            stored: 16,
+            configured: 8,
+        })) => {}
+        other => panic!("expected a partition mismatch, got {other:?}"),
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_reflection_and_admin_token() {
+    let app = spawn_app_with(Options {
+        extra_args: vec!["--admin-token".into(), "s3cret".into()],
+        ..Options::default()
+    })
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "stockd.v1.Inventory".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let request = || pb::SetStockRequest {
+        request_id: "t".into(),
+        sku: "guarded".into(),
+        location: String::new(),
+        available: 1,
+        expected_version: None,
+    };
+    let mut admin = app.admin.clone();
+    assert_eq!(
+        code_of(admin.set_stock(request()).await),
+        Code::Unauthenticated
+    );
+    let mut wrong = tonic::Request::new(request());
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    assert_eq!(code_of(admin.set_stock(wrong).await), Code::Unauthenticated);
+    assert!(
+        app.level("guarded", "").await.is_none(),
+        "refused sets change nothing"
+    );
+    let mut right = tonic::Request::new(request());
+    right
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    admin.set_stock(right).await.unwrap();
+    assert_eq!(app.level("guarded", "").await.unwrap().available, 1);
+    app.stop().await;
+}

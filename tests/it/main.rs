@@ -1,0 +1,13 @@
+//! Integration tests: a real stockd (in-process, port 0) against the real
+//! Redis, one namespace per test so that tests run in parallel. One test
+//! binary for all of them keeps link time down.
+
+mod common;
+mod concurrency;
+mod events;
+mod expiry;
+mod faults;
+mod idempotency;
+mod lifecycle;
+mod model;
+mod validation;

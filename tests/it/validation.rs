@@ -1,0 +1,403 @@
+//! Every malformed input of DESIGN.md is INVALID_ARGUMENT naming the field,
+//! and leaves Redis (stock, versions, streams, records) exactly as it was.
+
+use stockd::pb;
+use tonic::Code;
+
+use crate::common::*;
+
+type Check = (&'static str, Result<(), tonic::Status>);
+
+fn reserve(id: &str, lines: Vec<pb::Line>, ttl: u32) -> pb::ReserveRequest {
+    pb::ReserveRequest {
+        reservation_id: id.into(),
+        lines,
+        ttl_seconds: ttl,
+    }
+}
+
+fn adjust(sku: &str, delta: i64, reason: &str) -> pb::AdjustRequest {
+    pb::AdjustRequest {
+        request_id: "adj".into(),
+        sku: sku.into(),
+        location: String::new(),
+        delta,
+        reason: reason.into(),
+    }
+}
+
+fn set(id: &str, sku: &str, available: i64, expected: Option<i64>) -> pb::SetStockRequest {
+    pb::SetStockRequest {
+        request_id: id.into(),
+        sku: sku.into(),
+        location: String::new(),
+        available,
+        expected_version: expected,
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_and_changes_nothing() {
+    let app = spawn_app().await;
+    app.seed("ok", "", 10).await;
+    app.inventory
+        .clone()
+        .reserve(reserve("held", vec![line("ok", "", 1)], 60))
+        .await
+        .unwrap();
+    let before = app.snapshot().await;
+    let mut inv = app.inventory.clone();
+    let mut admin = app.admin.clone();
+    let long = |n: usize| "x".repeat(n);
+    let ok = || line("ok", "", 1);
+    let many = |n: usize| {
+        (0..n)
+            .map(|i| line(&format!("s{i}"), "", 1))
+            .collect::<Vec<_>>()
+    };
+
+    let cases: Vec<Check> = vec![
+        (
+            "reservation_id",
+            inv.reserve(reserve("", vec![ok()], 0)).await.map(drop),
+        ),
+        (
+            "reservation_id",
+            inv.reserve(reserve(&long(129), vec![ok()], 0))
+                .await
+                .map(drop),
+        ),
+        (
+            "reservation_id",
+            inv.reserve(reserve("a b", vec![ok()], 0)).await.map(drop),
+        ),
+        (
+            "lines",
+            inv.reserve(reserve("r", vec![], 0)).await.map(drop),
+        ),
+        (
+            "lines",
+            inv.reserve(reserve("r", many(101), 0)).await.map(drop),
+        ),
+        (
+            "lines[0].quantity",
+            inv.reserve(reserve("r", vec![line("ok", "", 0)], 0))
+                .await
+                .map(drop),
+        ),
+        (
+            "lines[0].quantity",
+            inv.reserve(reserve("r", vec![line("ok", "", -1)], 0))
+                .await
+                .map(drop),
+        ),
+        (
+            "lines[0].quantity",
+            inv.reserve(reserve("r", vec![line("ok", "", 1_000_001)], 0))
+                .await
+                .map(drop),
+        ),
+        (
+            "lines[1].sku",
+            inv.reserve(reserve("r", vec![ok(), line("", "", 1)], 0))
+                .await
+                .map(drop),
+        ),
+        (
+            "lines[0].sku",
+            inv.reserve(reserve("r", vec![line(&long(129), "", 1)], 0))
+                .await
+                .map(drop),
+        ),
+        (
+            "lines[0].sku",
+            inv.reserve(reserve("r", vec![line("a\tb", "", 1)], 0))
+                .await
+                .map(drop),
+        ),
+        (
+            "lines[0].location",
+            inv.reserve(reserve("r", vec![line("ok", &long(65), 1)], 0))
+                .await
+                .map(drop),
+        ),
+        (
+            "lines[0].location",
+            inv.reserve(reserve("r", vec![line("ok", "x\u{1}", 1)], 0))
+                .await
+                .map(drop),
+        ),
+        (
+            "lines[1]",
+            inv.reserve(reserve("r", vec![ok(), line("ok", "default", 2)], 0))
+                .await
+                .map(drop),
+        ),
+        (
+            "ttl_seconds",
+            inv.reserve(reserve("r", vec![ok()], 86_401))
+                .await
+                .map(drop),
+        ),
+        (
+            "reservation_id",
+            inv.commit(pb::CommitRequest {
+                reservation_id: String::new(),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "reservation_id",
+            inv.release(pb::ReleaseRequest {
+                reservation_id: " ".into(),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "ttl_seconds",
+            inv.extend(pb::ExtendRequest {
+                reservation_id: "held".into(),
+                ttl_seconds: 0,
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "ttl_seconds",
+            inv.extend(pb::ExtendRequest {
+                reservation_id: "held".into(),
+                ttl_seconds: 86_401,
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "request_id",
+            inv.decrement(pb::DecrementRequest {
+                request_id: String::new(),
+                lines: vec![ok()],
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "lines[0].quantity",
+            inv.decrement(pb::DecrementRequest {
+                request_id: "d".into(),
+                lines: vec![line("ok", "", 0)],
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "lines",
+            inv.decrement(pb::DecrementRequest {
+                request_id: "d".into(),
+                lines: vec![],
+            })
+            .await
+            .map(drop),
+        ),
+        ("delta", inv.adjust(adjust("ok", 0, "")).await.map(drop)),
+        (
+            "delta",
+            inv.adjust(adjust("ok", 1_000_001, "")).await.map(drop),
+        ),
+        (
+            "delta",
+            inv.adjust(adjust("ok", -1_000_001, "")).await.map(drop),
+        ),
+        ("sku", inv.adjust(adjust("", 1, "")).await.map(drop)),
+        (
+            "reason",
+            inv.adjust(adjust("ok", 1, "two\nlines")).await.map(drop),
+        ),
+        (
+            "reason",
+            inv.adjust(adjust("ok", 1, &long(257))).await.map(drop),
+        ),
+        (
+            "items",
+            inv.get_stock(pb::GetStockRequest { items: vec![] })
+                .await
+                .map(drop),
+        ),
+        (
+            "items[0].sku",
+            inv.get_stock(pb::GetStockRequest {
+                items: vec![pb::ItemRef {
+                    sku: String::new(),
+                    location: String::new(),
+                }],
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "available",
+            admin.set_stock(set("s", "ok", -1, None)).await.map(drop),
+        ),
+        (
+            "available",
+            admin
+                .set_stock(set("s", "ok", 1_000_000_001, None))
+                .await
+                .map(drop),
+        ),
+        (
+            "expected_version",
+            admin.set_stock(set("s", "ok", 1, Some(-1))).await.map(drop),
+        ),
+        (
+            "request_id",
+            admin.set_stock(set("", "ok", 1, None)).await.map(drop),
+        ),
+        (
+            "sku",
+            admin
+                .set_stock(set("s", &long(129), 1, None))
+                .await
+                .map(drop),
+        ),
+    ];
+    for (field, result) in cases {
+        let status = result.expect_err(field);
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().starts_with(&format!("invalid {field}:")),
+            "message {:?} should name {field}",
+            status.message()
+        );
+    }
+    assert_eq!(
+        app.snapshot().await,
+        before,
+        "rejected requests changed Redis"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_items_and_reservations_are_not_found_and_change_nothing() {
+    let app = spawn_app().await;
+    app.seed("known", "", 5).await;
+    let before = app.snapshot().await;
+    let mut inv = app.inventory.clone();
+
+    let status = inv
+        .reserve(reserve(
+            "r",
+            vec![line("known", "", 1), line("ghost", "", 1)],
+            0,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().contains("default/ghost"), "{status:?}");
+    assert_eq!(
+        code_of(
+            inv.decrement(pb::DecrementRequest {
+                request_id: "d".into(),
+                lines: vec![line("ghost", "", 1)]
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(inv.adjust(adjust("ghost", 1, "")).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            inv.commit(pb::CommitRequest {
+                reservation_id: "nope".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            inv.release(pb::ReleaseRequest {
+                reservation_id: "nope".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            inv.extend(pb::ExtendRequest {
+                reservation_id: "nope".into(),
+                ttl_seconds: 5
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(app.snapshot().await, before);
+
+    let got = inv
+        .get_stock(pb::GetStockRequest {
+            items: vec![
+                pb::ItemRef {
+                    sku: "known".into(),
+                    location: String::new(),
+                },
+                pb::ItemRef {
+                    sku: "ghost".into(),
+                    location: "berlin".into(),
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.levels.len(), 1);
+    assert_eq!(got.levels[0].location, "default");
+    assert_eq!(
+        got.missing,
+        vec![pb::ItemRef {
+            sku: "ghost".into(),
+            location: "berlin".into()
+        }]
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn compare_and_set_mismatch_is_aborted_and_changes_nothing() {
+    let app = spawn_app().await;
+    let mut admin = app.admin.clone();
+    // expected_version 0: create only if new
+    let created = admin
+        .set_stock(set("c1", "cas", 4, Some(0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.level.unwrap().version, 1);
+    let before = app.snapshot().await;
+    let status = admin
+        .set_stock(set("c2", "cas", 9, Some(0)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+    assert!(status.message().contains("current 1"), "{status:?}");
+    assert_eq!(
+        code_of(admin.set_stock(set("c3", "cas", 9, Some(2))).await),
+        Code::Aborted
+    );
+    assert_eq!(app.snapshot().await, before);
+    let level = admin
+        .set_stock(set("c4", "cas", 9, Some(1)))
+        .await
+        .unwrap()
+        .into_inner()
+        .level
+        .unwrap();
+    assert_eq!((level.available, level.version), (9, 2));
+    app.stop().await;
+}
