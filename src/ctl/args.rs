@@ -1,0 +1,372 @@
+//! The command line of `stockctl` (clap derive).
+
+use std::fmt;
+use std::str::FromStr;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+
+use super::syntax::{ItemSpec, LineSpec};
+
+/// The default server address.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+
+/// stockctl — command-line client of the stockd inventory server.
+#[derive(Debug, Parser)]
+#[command(name = "stockctl", version)]
+pub struct Cli {
+    /// Server address (an http:// URL; this build has no TLS).
+    #[arg(
+        long,
+        env = "STOCKD_ADDR",
+        default_value = DEFAULT_ADDR,
+        value_parser = parse_addr,
+        global = true
+    )]
+    pub addr: String,
+
+    /// Print one JSON document per response (watch: one JSON object per line).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Bearer token sent with Admin rpcs (set, preload, reconcile, flush-status).
+    #[arg(
+        long,
+        env = "STOCKD_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true,
+        value_name = "TOKEN"
+    )]
+    pub admin_token: Option<Secret>,
+
+    /// Bearer token sent with Inventory rpcs (get, reserve, commit, ...).
+    #[arg(
+        long,
+        env = "STOCKD_CLIENT_TOKEN",
+        hide_env_values = true,
+        global = true,
+        value_name = "TOKEN"
+    )]
+    pub client_token: Option<Secret>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read stock levels (GetStock). ITEM is SKU or SKU@LOCATION.
+    Get {
+        #[arg(required = true, value_name = "ITEM")]
+        items: Vec<ItemSpec>,
+    },
+    /// Set the available quantity of an item (Admin.SetStock).
+    Set {
+        /// SKU or SKU@LOCATION.
+        #[arg(value_name = "ITEM")]
+        item: ItemSpec,
+        /// The new available quantity.
+        #[arg(allow_negative_numbers = true)]
+        available: i64,
+        /// Apply only if the item's version equals N (0 = must not exist yet).
+        #[arg(long, value_name = "N")]
+        expected_version: Option<i64>,
+        #[command(flatten)]
+        request_id: RequestIdArg,
+    },
+    /// Hold stock for a reservation (Reserve). LINE is SKU[@LOCATION]:QTY.
+    Reserve {
+        reservation_id: String,
+        #[arg(required = true, value_name = "LINE")]
+        lines: Vec<LineSpec>,
+        /// Hold time in seconds (server default 900 when omitted).
+        #[arg(long, value_name = "SECONDS")]
+        ttl: Option<u32>,
+    },
+    /// Sell the units held by a reservation (Commit).
+    Commit { reservation_id: String },
+    /// Return the units held by a reservation (Release).
+    Release { reservation_id: String },
+    /// Make a held reservation expire SECONDS from now (Extend).
+    Extend {
+        reservation_id: String,
+        #[arg(long, value_name = "SECONDS")]
+        ttl: u32,
+    },
+    /// Direct sale without a hold (Decrement). LINE is SKU[@LOCATION]:QTY.
+    Decrement {
+        #[arg(required = true, value_name = "LINE")]
+        lines: Vec<LineSpec>,
+        #[command(flatten)]
+        request_id: RequestIdArg,
+    },
+    /// Restock or return (+DELTA) or shrinkage (-DELTA) of an item (Adjust).
+    Adjust {
+        /// SKU or SKU@LOCATION.
+        #[arg(value_name = "ITEM")]
+        item: ItemSpec,
+        /// Change of the available quantity; may be negative, e.g. -3.
+        #[arg(allow_negative_numbers = true)]
+        delta: i64,
+        /// Why the stock changed (recorded with the change).
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        request_id: RequestIdArg,
+    },
+    /// Load items from Postgres into Redis (Admin.Preload).
+    #[command(group(ArgGroup::new("target").required(true).args(["skus", "all"])))]
+    Preload {
+        #[arg(value_name = "SKU")]
+        skus: Vec<String>,
+        /// Every item in Postgres.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Compare Redis and Postgres (Admin.Reconcile); report, or repair with --repair.
+    #[command(group(ArgGroup::new("target").required(true).args(["skus", "all"])))]
+    Reconcile {
+        #[arg(value_name = "SKU")]
+        skus: Vec<String>,
+        /// Every item.
+        #[arg(long)]
+        all: bool,
+        /// Repair what differs instead of only reporting it.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Write-behind state per partition (Admin.FlushStatus).
+    FlushStatus,
+    /// Stream change events until Ctrl-C (Watch). No SKU = every SKU.
+    Watch {
+        #[arg(value_name = "SKU")]
+        skus: Vec<String>,
+        /// Resume after this event id (default: only new events).
+        #[arg(long = "from", value_name = "EVENT_ID")]
+        from_event_id: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RequestIdArg {
+    /// Idempotency key; generated (and printed) when omitted, so the request can be replayed.
+    #[arg(long = "request-id", value_name = "ID")]
+    pub request_id: Option<String>,
+}
+
+/// A token that never shows up in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Never fails here: clap would echo a rejected value in its usage
+        // error. The token is checked when it is turned into a header.
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl Secret {
+    /// The `authorization` header value, `Bearer <token>`. The error never
+    /// contains the token.
+    pub fn bearer(
+        &self,
+    ) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, &'static str> {
+        if self.0.is_empty() {
+            return Err("the token is empty");
+        }
+        if !self.0.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the token must be printable ASCII without spaces");
+        }
+        format!("Bearer {}", self.0)
+            .parse()
+            .map_err(|_| "the token is not a valid header value")
+    }
+}
+
+fn parse_addr(s: &str) -> Result<String, String> {
+    let uri: tonic::transport::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        // tonic is built without a TLS feature in this crate.
+        Some("https") => return Err("https is not supported by this build; use http://".into()),
+        _ => return Err("expected an http:// URL, e.g. http://127.0.0.1:50051".into()),
+    }
+    if uri.host().is_none() {
+        return Err("the URL has no host".into());
+    }
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("stockctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn adjust_accepts_negative_delta() {
+        let cli = parse(&["adjust", "tshirt@berlin", "-3", "--reason", "broken"]).unwrap();
+        match cli.command {
+            Command::Adjust {
+                item,
+                delta,
+                reason,
+                request_id,
+            } => {
+                assert_eq!(item.sku, "tshirt");
+                assert_eq!(item.location, "berlin");
+                assert_eq!(delta, -3);
+                assert_eq!(reason, "broken");
+                assert_eq!(request_id.request_id, None);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn set_accepts_negative_available_for_the_server_to_judge() {
+        let cli = parse(&["set", "a", "-1", "--expected-version", "4"]).unwrap();
+        match cli.command {
+            Command::Set {
+                available,
+                expected_version,
+                ..
+            } => {
+                assert_eq!(available, -1);
+                assert_eq!(expected_version, Some(4));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reserve_parses_lines_and_ttl() {
+        let cli = parse(&["reserve", "r1", "a@b:2", "c:1", "--ttl", "60"]).unwrap();
+        match cli.command {
+            Command::Reserve {
+                reservation_id,
+                lines,
+                ttl,
+            } => {
+                assert_eq!(reservation_id, "r1");
+                assert_eq!(lines.len(), 2);
+                assert_eq!(lines[0].item.location, "b");
+                assert_eq!(lines[1].quantity, 1);
+                assert_eq!(ttl, Some(60));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_line_is_a_usage_error() {
+        let err = parse(&["decrement", "a@:3"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert_eq!(err.exit_code(), 2);
+        let err = parse(&["decrement", "a:x"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn reserve_needs_a_line() {
+        let err = parse(&["reserve", "r1"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn preload_needs_skus_or_all_but_not_both() {
+        assert!(parse(&["preload"]).is_err());
+        assert!(parse(&["preload", "a", "--all"]).is_err());
+        assert!(parse(&["preload", "--all"]).is_ok());
+        assert!(parse(&["preload", "a", "b"]).is_ok());
+    }
+
+    #[test]
+    fn reconcile_repair_flag() {
+        let cli = parse(&["reconcile", "--all", "--repair"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Reconcile {
+                all: true,
+                repair: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn global_flags_after_the_subcommand() {
+        let cli = parse(&["get", "a", "--json", "--addr", "http://example:1"]).unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.addr, "http://example:1");
+    }
+
+    #[test]
+    fn addr_must_be_an_http_url() {
+        assert!(parse(&["--addr", "127.0.0.1:50051", "flush-status"]).is_err());
+        assert!(parse(&["--addr", "ftp://x", "flush-status"]).is_err());
+        assert!(parse(&["--addr", "https://stock.example", "flush-status"]).is_err());
+        assert!(parse(&["--addr", "http://stock.example", "flush-status"]).is_ok());
+    }
+
+    #[test]
+    fn watch_from() {
+        let cli = parse(&["watch", "a", "b", "--from", "1-0"]).unwrap();
+        match cli.command {
+            Command::Watch {
+                skus,
+                from_event_id,
+            } => {
+                assert_eq!(skus, ["a", "b"]);
+                assert_eq!(from_event_id.as_deref(), Some("1-0"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tokens_are_redacted_in_debug_and_validated_without_echo() {
+        let cli = parse(&["--admin-token", "s3cr3t", "flush-status"]).unwrap();
+        let token = cli.admin_token.as_ref().unwrap();
+        assert_eq!(token.expose(), "s3cr3t");
+        assert_eq!(token.bearer().unwrap(), "Bearer s3cr3t");
+        assert!(!format!("{cli:?}").contains("s3cr3t"));
+
+        let cli = parse(&["--client-token", "has space", "flush-status"]).unwrap();
+        let err = cli.client_token.unwrap().bearer().unwrap_err();
+        assert!(!err.contains("has space"), "{err}");
+        assert!("".parse::<Secret>().unwrap().bearer().is_err());
+    }
+
+    #[test]
+    fn help_never_shows_token_values() {
+        let cmd = Cli::command();
+        for id in ["admin_token", "client_token"] {
+            let arg = cmd.get_arguments().find(|a| a.get_id() == id).unwrap();
+            assert!(arg.get_env().is_some(), "{id} reads the environment");
+            assert!(arg.is_hide_env_values_set(), "{id} would show its value");
+        }
+    }
+}
