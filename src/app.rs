@@ -1,5 +1,6 @@
-//! Wiring: connects to Redis, checks the deployment's meta record, and runs
-//! the gRPC server and the background tasks until shutdown.
+//! Wiring: connects to Redis and Postgres, checks the deployment's meta
+//! record, and runs the gRPC server and the background tasks (reaper,
+//! flusher) until shutdown.
 
 use std::time::Duration;
 
@@ -11,11 +12,13 @@ use tonic::transport::Server;
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineSettings};
+use crate::flusher::{FlushError, Flusher, FlusherSettings};
 use crate::grpc::{AdminService, InventoryService, RequireToken};
 use crate::keys::Keyspace;
 use crate::meta::{self, MetaError};
 use crate::pb;
 use crate::reaper::Reaper;
+use crate::store::{Store, StoreError};
 
 /// Why stockd could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -24,15 +27,21 @@ pub enum StartError {
     Redis(#[source] redis::RedisError),
     #[error(transparent)]
     Meta(#[from] MetaError),
+    #[error("cannot prepare Postgres: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot create the Redis pool: {0}")]
+    RedisPool(#[from] deadpool_redis::CreatePoolError),
+    #[error("cannot create the flusher's consumer groups: {0}")]
+    Flusher(#[from] FlushError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Opens the multiplexed Redis connection that every request shares. It
-/// reconnects by itself after Redis restarts; a command that cannot finish
-/// within `timeout` fails (and the request answers UNAVAILABLE).
+/// Opens a multiplexed Redis connection (requests share one). It reconnects
+/// by itself after Redis restarts; a command that cannot finish within
+/// `timeout` fails (and the request answers UNAVAILABLE).
 pub async fn connect_redis(url: &str, timeout: Duration) -> Result<ConnectionManager, StartError> {
     let client = redis::Client::open(url).map_err(StartError::Redis)?;
     let config = ConnectionManagerConfig::new()
@@ -45,9 +54,17 @@ pub async fn connect_redis(url: &str, timeout: Duration) -> Result<ConnectionMan
         .map_err(StartError::Redis)
 }
 
+/// Connections for the flusher's blocking reads: one per partition loop, and
+/// a few spare.
+fn blocking_pool(url: &str, partitions: u32) -> Result<deadpool_redis::Pool, StartError> {
+    let mut config = deadpool_redis::Config::from_url(url);
+    config.pool = Some(deadpool_redis::PoolConfig::new(partitions as usize + 2));
+    Ok(config.create_pool(Some(deadpool_redis::Runtime::Tokio1))?)
+}
+
 /// Serves on `listener` until `shutdown` is cancelled: stops accepting
-/// requests, lets requests in flight finish, stops the background tasks,
-/// then returns.
+/// requests, lets requests in flight finish, then stops the background
+/// tasks (the flusher commits the batch in hand), then returns.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -58,17 +75,38 @@ pub async fn run(
     let meta = meta::ensure(&mut conn, &keys).await?;
     tracing::info!(namespace = %config.namespace, partitions = meta.partitions, epoch = %meta.epoch, "deployment checked");
 
+    let store = Store::connect(&config.database_url, config.database_max_connections).await?;
+    tracing::info!("postgres schema up to date");
+
     let engine = Engine::new(
         conn,
-        keys,
+        keys.clone(),
         EngineSettings {
             idempotency_window: config.idempotency_window(),
         },
     );
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    let flusher = Flusher::new(
+        // Its own connection, so flushing never queues behind requests.
+        connect_redis(&config.redis_url, config.redis_timeout()).await?,
+        blocking_pool(&config.redis_url, keys.partition_count())?,
+        store,
+        keys,
+        FlusherSettings {
+            consumer: config.consumer_name(port),
+            batch_size: config.flush_batch as usize,
+            interval: Duration::from_millis(config.flush_interval_ms),
+            claim_idle: Duration::from_millis(config.flush_claim_idle_ms),
+            max_unflushed: config.max_unflushed,
+            retention: Duration::from_secs(config.stream_retention_secs),
+        },
+    );
+    flusher.ensure_groups().await?;
 
     let background = CancellationToken::new();
     let reaper =
         tokio::spawn(Reaper::new(engine.clone(), config.reaper_interval()).run(background.clone()));
+    let flushing = tokio::spawn(flusher.clone().run(background.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -84,7 +122,7 @@ pub async fn run(
 
     let auth = RequireToken::new(config.admin_token.clone());
     let admin = pb::admin_server::AdminServer::with_interceptor(
-        AdminService::new(engine.clone()),
+        AdminService::new(engine.clone(), flusher),
         move |req| auth.check(req),
     );
 
@@ -100,9 +138,13 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await;
 
+    // No request can add events any more: let the background tasks finish
+    // what they hold (the flusher commits its batch in hand), then stop.
     background.cancel();
-    if let Err(err) = reaper.await {
-        tracing::error!(error = %err, "reaper task failed");
+    for (name, task) in [("reaper", reaper), ("flusher", flushing)] {
+        if let Err(err) = task.await {
+            tracing::error!(task = name, error = %err, "background task failed");
+        }
     }
     tracing::info!("stopped");
     Ok(served?)

@@ -29,6 +29,49 @@ pub struct Config {
     )]
     pub redis_url: String,
 
+    /// Postgres URL; the database is created when missing.
+    #[arg(
+        long,
+        env = "STOCKD_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/stockd",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Postgres connections of this instance.
+    #[arg(long, env = "STOCKD_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
+    pub database_max_connections: u32,
+
+    /// Most stream entries the flusher writes in one Postgres transaction.
+    #[arg(long, env = "STOCKD_FLUSH_BATCH", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub flush_batch: u32,
+
+    /// How long the flusher waits for new entries before it looks again, in
+    /// milliseconds.
+    #[arg(long, env = "STOCKD_FLUSH_INTERVAL_MS", default_value_t = 50)]
+    pub flush_interval_ms: u64,
+
+    /// Unflushed entries per partition past which new demand on that
+    /// partition is refused with UNAVAILABLE until the flusher catches up.
+    #[arg(long, env = "STOCKD_MAX_UNFLUSHED", default_value_t = 1_000_000)]
+    pub max_unflushed: u64,
+
+    /// Entries pending this long with another flusher (a dead instance) are
+    /// taken over, in milliseconds.
+    #[arg(long, env = "STOCKD_FLUSH_CLAIM_IDLE_MS", default_value_t = 30_000)]
+    pub flush_claim_idle_ms: u64,
+
+    /// How long flushed events stay in the streams for Watch resumption, in
+    /// seconds.
+    #[arg(long, env = "STOCKD_STREAM_RETENTION_SECS", default_value_t = 300)]
+    pub stream_retention_secs: u64,
+
+    /// This instance's name among the flusher's consumers; keep it stable
+    /// across restarts (default: `<hostname>:<grpc port>`).
+    #[arg(long, env = "STOCKD_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
     /// Prefix of every Redis key of this deployment.
     #[arg(long, env = "STOCKD_NAMESPACE", default_value = "stockd")]
     pub namespace: String,
@@ -77,6 +120,20 @@ impl Config {
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
     }
+
+    /// The flusher's consumer name: `--instance-id`, else
+    /// `<hostname>:<port>`, stable across restarts of the same instance.
+    pub fn consumer_name(&self, port: u16) -> String {
+        self.instance_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "stockd".to_owned());
+            format!("{host}:{port}")
+        })
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -85,6 +142,13 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("grpc_addr", &self.grpc_addr)
             .field("namespace", &self.namespace)
+            .field("database_max_connections", &self.database_max_connections)
+            .field("flush_batch", &self.flush_batch)
+            .field("flush_interval_ms", &self.flush_interval_ms)
+            .field("max_unflushed", &self.max_unflushed)
+            .field("flush_claim_idle_ms", &self.flush_claim_idle_ms)
+            .field("stream_retention_secs", &self.stream_retention_secs)
+            .field("instance_id", &self.instance_id)
             .field("partitions", &self.partitions)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
             .field("idempotency_window_secs", &self.idempotency_window_secs)

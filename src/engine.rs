@@ -237,7 +237,7 @@ impl Engine {
             &expected,
             &self.window_ms(),
             &[line],
-            |p| vec![self.keys.events(p)],
+            |p| vec![self.keys.events(p), self.keys.backlog_gate(p)],
         );
         let (status, payload) = self.call(invocation).await?;
         if status == "version" {
@@ -339,7 +339,7 @@ impl Engine {
             op,
             &self.window_ms(),
             lines,
-            |p| vec![self.keys.events(p)],
+            |p| vec![self.keys.events(p), self.keys.backlog_gate(p)],
         );
         let (status, payload) = self.call(invocation).await?;
         changed(interpret(&status, &payload, id)?)
@@ -376,7 +376,7 @@ impl Engine {
         })
     }
 
-    /// The layout of reserve/finish/extend: groups of (resv, rexp, events).
+    /// The layout of reserve/finish/extend: groups of (resv, rexp, events, gate).
     #[allow(clippy::too_many_arguments)]
     fn reservation_layout<'s>(
         &self,
@@ -393,6 +393,7 @@ impl Engine {
                 self.keys.reservation(p, id),
                 self.keys.reservation_expiry(p),
                 self.keys.events(p),
+                self.keys.backlog_gate(p),
             ]
         })
     }
@@ -561,6 +562,7 @@ fn interpret(status: &str, payload: &str, id: &RequestId) -> Result<(String, boo
             ))
         }
         "unknown" => Err(unknown_reservation(id)),
+        "backlog" => Err(Error::Backlogged(payload.to_owned())),
         "state" | "noop" => Err(Error::FailedPrecondition(format!(
             "reservation {id} is {payload}"
         ))),

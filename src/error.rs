@@ -43,9 +43,13 @@ pub enum Error {
     #[error("version mismatch: expected {expected}, current {current}")]
     VersionMismatch { expected: i64, current: i64 },
 
-    /// Redis is unreachable (or, later, the backlog is over its limit).
+    /// Redis is unreachable.
     #[error("unavailable: {0}")]
     Unavailable(String),
+
+    /// A partition's unflushed backlog is over its limit (Postgres is behind).
+    #[error("backlog over its limit: {0}")]
+    Backlogged(String),
 
     #[error("missing or invalid token")]
     Unauthenticated,
@@ -116,6 +120,10 @@ impl From<Error> for Status {
             Error::Unavailable(detail) => {
                 tracing::warn!(%detail, "answering UNAVAILABLE");
                 Status::unavailable("stock store unavailable, retry later")
+            }
+            Error::Backlogged(detail) => {
+                tracing::warn!(%detail, "refusing new demand: flush backlog over its limit");
+                Status::unavailable("too many changes not yet written to Postgres, retry later")
             }
             Error::Unauthenticated => Status::unauthenticated("missing or invalid token"),
             Error::Internal(detail) => {

@@ -110,6 +110,17 @@ impl Keyspace {
         format!("{}:events", self.prefix(partition))
     }
 
+    /// `NS:{pNN}:dead`: entries the flusher can never write, with the reason.
+    pub fn dead_letters(&self, partition: Partition) -> String {
+        format!("{}:dead", self.prefix(partition))
+    }
+
+    /// `NS:{pNN}:gate`: exists while the partition's unflushed backlog is
+    /// over its limit; the scripts then refuse new demand (UNAVAILABLE).
+    pub fn backlog_gate(&self, partition: Partition) -> String {
+        format!("{}:gate", self.prefix(partition))
+    }
+
     /// `NS:{meta}`: partition count, schema version, epoch id.
     pub fn meta(&self) -> String {
         format!("{}:{{meta}}", self.namespace)

@@ -13,6 +13,9 @@
 //!   [`scripts`] holds the Lua, one file per operation.
 //! - [`reaper`]: releases lapsed reservations with op `expire`, exactly once
 //!   across instances.
+//! - [`flusher`]: reads the partition streams through a consumer group and
+//!   writes them behind to Postgres ([`store`]) in one transaction per batch,
+//!   acknowledging only after the commit; [`events`] parses stream entries.
 //! - [`meta`]: the deployment record in Redis (partition count, epoch).
 //! - [`app`]: wires config, Redis, the server and the background tasks
 //!   together: `run(config, listener, shutdown)`.
@@ -25,11 +28,14 @@ pub mod ctl;
 pub mod domain;
 pub mod engine;
 pub mod error;
+pub mod events;
+pub mod flusher;
 pub mod grpc;
 pub mod keys;
 pub mod meta;
 pub mod reaper;
 pub mod scripts;
+pub mod store;
 pub mod telemetry;
 
 /// Code generated from `proto/stockd/v1/stockd.proto`.

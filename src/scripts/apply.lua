@@ -2,23 +2,30 @@
 -- nothing; used by Decrement (negative deltas) and Adjust (one line).
 --
 -- KEYS   [1] idempotency key NS:{pR}:idem:<request_id> (R = partition of the
---        id); per partition group j (W = 1): events stream; then the stock
+--        id); per partition group j (W = 2): events stream, backlog gate;
+--        then the stock
 --        hash of every line.
 -- ARGV   [1] request id, [2] fingerprint of the request, [3] op:
 --        'decrement' | 'adjust', [4] k, [5] n, [6] idempotency window in ms,
 --        [7..] lines (sku, location, delta of available, group).
 -- Returns {'ok', out} / {'replay', out} with out = {"levels": [...]};
 --         {'exists', ''} the id was used for another payload;
---         {'missing', [[sku, loc], ...]}; {'short', [[sku, loc, requested, available], ...]}.
+--         {'missing', [[sku, loc], ...]}; {'short', [[sku, loc, requested, available], ...]};
+--         {'backlog', gate key} while a partition's flush backlog is over its limit.
 -- Invariants: every check runs before the first write; avail never goes
 --         negative; ver + 1 and one event per item; the outcome is stored
 --         under the id in the same script, so a retry can only replay it.
-local W = 1
+local W = 2
 local op = ARGV[3]
 
 local replay = replay_of(redis.call('GET', KEYS[1]))
 if replay then
   return replay
+end
+
+local closed = gate_refusal(W, 2)
+if closed then
+  return closed
 end
 
 local state, refusal = check_lines(W, function(delta) return delta end)

@@ -1,7 +1,8 @@
 -- extend.lua: a held reservation now expires ttl from now.
 --
--- KEYS   [1] home record; per partition group j (W = 3): resv record, rexp
---        zset, events stream (unused: an extension changes no stock).
+-- KEYS   [1] home record; per partition group j (W = 4): resv record, rexp
+--        zset, events stream, backlog gate (unused: finishing is bounded
+--        by what is held, so it goes on while the gate is closed) (unused: an extension changes no stock).
 -- ARGV   [1] reservation id, [2] fingerprint read from the home record by the
 --        caller, [3] ttl in ms, [4] k.
 -- Returns {'ok', expires_at_ms}; {'unknown', ''}; {'state', <state>} when the
@@ -9,7 +10,7 @@
 --         expired: it cannot be revived).
 -- Invariants: every record of the reservation and every rexp entry carry the
 --         same expiry; no stock, version or event changes.
-local W = 3
+local W = 4
 local home = KEYS[1]
 
 local rec = redis.call('HMGET', home, 'state', 'exp', 'fp')

@@ -1,7 +1,8 @@
 -- finish.lua: end a held reservation: commit, release or expire it.
 --
--- KEYS   [1] home record; per partition group j (W = 3): resv record, rexp
---        zset, events stream; then the stock hash of every line.
+-- KEYS   [1] home record; per partition group j (W = 4): resv record, rexp
+--        zset, events stream, backlog gate (unused: finishing is bounded
+--        by what is held, so it goes on while the gate is closed); then the stock hash of every line.
 -- ARGV   [1] reservation id, [2] fingerprint read from the home record by
 --        the caller (guards against the id being recycled in between),
 --        [3] op: 'commit' | 'release' | 'expire', [4] k, [5] n,
@@ -17,7 +18,7 @@
 -- Invariants: held is the only state that moves, and it moves exactly once
 -- (so the reaper of several instances expires a hold exactly once); expiry is
 -- judged by the Redis clock; every check runs before the first write.
-local W = 3
+local W = 4
 local home = KEYS[1]
 local op = ARGV[3]
 

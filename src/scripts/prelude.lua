@@ -43,19 +43,38 @@ local function read_stock(key)
   return tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
 end
 
--- Writes the new state of one item (version + 1) and appends its event.
+-- Writes the new state of one item (version + 1) and appends its event;
+-- `exp` (reserve events only) is the hold's expiry, for the flusher.
 -- Returns the level {sku, loc, avail, resv, ver} for the reply.
-local function write_stock(key, events, sku, loc, op, avail, resv, ver, d_avail, d_resv, ref, ts)
+local function write_stock(key, events, sku, loc, op, avail, resv, ver, d_avail, d_resv, ref, ts, exp)
   local a, r, v = avail + d_avail, resv + d_resv, ver + 1
   if ver == 0 then
     redis.call('HSET', key, 'sku', sku, 'loc', loc, 'avail', a, 'resv', r, 'ver', v)
   else
     redis.call('HSET', key, 'avail', a, 'resv', r, 'ver', v)
   end
-  redis.call('XADD', events, '*', 'sku', sku, 'loc', loc, 'op', op,
-    'd_avail', d_avail, 'd_resv', d_resv, 'avail', a, 'resv', r, 'ver', v,
-    'ref', ref, 'ts', ts)
+  if exp then
+    redis.call('XADD', events, '*', 'sku', sku, 'loc', loc, 'op', op,
+      'd_avail', d_avail, 'd_resv', d_resv, 'avail', a, 'resv', r, 'ver', v,
+      'ref', ref, 'ts', ts, 'exp', exp)
+  else
+    redis.call('XADD', events, '*', 'sku', sku, 'loc', loc, 'op', op,
+      'd_avail', d_avail, 'd_resv', d_resv, 'avail', a, 'resv', r, 'ver', v,
+      'ref', ref, 'ts', ts)
+  end
   return { sku, loc, a, r, v }
+end
+
+-- The flusher closes a partition's gate while its unflushed backlog is over
+-- the limit; new demand on that partition is then refused (UNAVAILABLE).
+-- Returns the refusal, or nil when every group's gate (slot `slot`) is open.
+local function gate_refusal(width, slot)
+  for j = 1, K do
+    if redis.call('EXISTS', group_key(width, j, slot)) == 1 then
+      return { 'backlog', group_key(width, j, slot) }
+    end
+  end
+  return nil
 end
 
 -- For idempotency records stored as "<fingerprint>\n<outcome json>":

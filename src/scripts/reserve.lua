@@ -1,7 +1,8 @@
 -- reserve.lua: hold units of every line for a reservation, all or nothing.
 --
 -- KEYS   [1] home record NS:{pH}:resv:<id> (H = partition of the id);
---        per partition group j (W = 3): resv record, rexp zset, events stream;
+--        per partition group j (W = 4): resv record, rexp zset, events
+--        stream, backlog gate;
 --        then the stock hash of every line.
 -- ARGV   [1] reservation id, [2] fingerprint of (lines, ttl), [3] ttl in ms,
 --        [4] k, [5] n, [6] unused, [7..] lines (sku, location, quantity, group).
@@ -9,12 +10,13 @@
 --          out = {"exp": expires_at_ms, "levels": [[sku, loc, avail, resv, ver], ...]};
 --         {'exists', ''} when the id holds a reservation of another payload;
 --         {'missing', [[sku, loc], ...]} when Redis lacks an item;
---         {'short', [[sku, loc, requested, available], ...]} on short stock.
+--         {'short', [[sku, loc, requested, available], ...]} on short stock;
+--         {'backlog', gate key} while a partition's flush backlog is over its limit.
 -- Invariants: every check runs before the first write, so a refusal changes
 -- nothing; avail never goes negative; each item's ver goes up by exactly 1
 -- with one event; the home record exists iff the reservation does, and it is
 -- written in the same script as every partition's record and rexp entry.
-local W = 3
+local W = 4
 local home = KEYS[1]
 
 local prior = redis.call('HMGET', home, 'fp', 'out')
@@ -23,6 +25,11 @@ if prior[1] then
     return { 'exists', '' }
   end
   return { 'replay', prior[2] }
+end
+
+local closed = gate_refusal(W, 4)
+if closed then
+  return closed
 end
 
 local state, refusal = check_lines(W, function(qty) return -qty end)
@@ -37,7 +44,7 @@ for i = 1, N do
   local sku, loc, qty, j = line(i)
   local s = state[i]
   levels[i] = write_stock(stock_key(W, i), group_key(W, j, 3), sku, loc, 'reserve',
-    s[1], s[2], s[3], -qty, qty, ID, now)
+    s[1], s[2], s[3], -qty, qty, ID, now, exp)
   all[i] = { sku, loc, qty }
   per_group[j] = per_group[j] or {}
   table.insert(per_group[j], { sku, loc, qty })

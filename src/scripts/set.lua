@@ -2,20 +2,27 @@
 -- item when Redis lacks it; optionally compare-and-set on its version.
 --
 -- KEYS   [1] idempotency key; [2] events stream of the item's partition;
---        [3] the item's stock hash (the standard layout with k = 1, W = 1, n = 1).
+--        [3] its backlog gate; [4] the item's stock hash (the standard layout
+--        with k = 1, W = 2, n = 1).
 -- ARGV   [1] request id, [2] fingerprint, [3] expected version or '' for none
 --        (0 = the item must not exist), [4] 1, [5] 1, [6] idempotency window
 --        in ms, [7] sku, [8] location, [9] the new available, [10] 1.
 -- Returns {'ok', out} / {'replay', out} with out = {"levels": [[...]]};
---         {'exists', ''}; {'version', <current version>} on a CAS mismatch.
+--         {'exists', ''}; {'version', <current version>} on a CAS mismatch;
+--         {'backlog', gate key} while the partition's flush backlog is over its limit.
 -- Invariants: reserved is untouched; ver + 1 (1 for a new item, whose event
 --         carries deltas from zero); one event; the CAS check and the
 --         idempotency check run before the first write.
-local W = 1
+local W = 2
 
 local replay = replay_of(redis.call('GET', KEYS[1]))
 if replay then
   return replay
+end
+
+local closed = gate_refusal(W, 2)
+if closed then
+  return closed
 end
 
 local sku, loc, target = line(1)

@@ -19,6 +19,19 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+/// The Postgres server the tests use; each test gets its own database on it.
+pub fn postgres_url(database: &str) -> String {
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("DATABASE_URL ends in /<database>");
+    format!("{server}/{database}")
+}
+
+/// Pause between two looks at a state a test waits for (always under a deadline).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
+
 pub fn redis_url() -> String {
     std::env::var("STOCKD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -40,6 +53,9 @@ pub fn unique_namespace(tag: &str) -> String {
 pub struct TestApp {
     pub addr: SocketAddr,
     pub namespace: String,
+    /// This test's own Postgres database (stockd creates it).
+    pub database: String,
+    pub database_url: String,
     pub keys: Keyspace,
     pub inventory: InventoryClient<Channel>,
     pub admin: AdminClient<Channel>,
@@ -51,6 +67,8 @@ pub struct TestApp {
 /// Settings a test may change before the server starts.
 pub struct Options {
     pub namespace: String,
+    /// Defaults to a database named after the namespace.
+    pub database_url: Option<String>,
     pub partitions: u32,
     /// Another Redis than the shared test one (a fault test's own).
     pub redis_url: Option<String>,
@@ -61,6 +79,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             namespace: unique_namespace("app"),
+            database_url: None,
             partitions: 16,
             redis_url: None,
             extra_args: Vec::new(),
@@ -81,6 +100,12 @@ pub fn config_for(options: &Options) -> Config {
         options.partitions.to_string(),
         "--redis-url".into(),
         options.redis_url.clone().unwrap_or_else(redis_url),
+        "--database-url".into(),
+        options.database_url(),
+        "--database-max-connections".into(),
+        "4".into(),
+        "--flush-claim-idle-ms".into(),
+        "1000".into(),
         "--reaper-interval-ms".into(),
         "50".into(),
     ];
@@ -88,23 +113,52 @@ pub fn config_for(options: &Options) -> Config {
     Config::try_parse_from(args).expect("test config parses")
 }
 
+impl Options {
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| postgres_url(&self.namespace.replace('-', "_")))
+    }
+}
+
 pub async fn spawn_app_with(options: Options) -> TestApp {
     let config = config_for(&options);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(app::run(config, listener, shutdown.clone()));
+    let mut server = tokio::spawn(app::run(config, listener, shutdown.clone()));
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .expect("connect to the test server");
+    // Serving once the health service answers; a server that failed to start
+    // says why.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = health.check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        tokio::select! {
+            result = &mut server => panic!("stockd stopped while starting: {:?}", result.unwrap()),
+            answer = probe => if answer.is_ok() { break },
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stockd did not start within 30 s"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
     let redis_url = options.redis_url.clone().unwrap_or_else(redis_url);
     let redis = app::connect_redis(&redis_url, Duration::from_secs(5))
         .await
         .expect("test redis");
+    let database_url = options.database_url();
     TestApp {
         addr,
+        database: database_url.rsplit_once('/').unwrap().1.to_owned(),
+        database_url,
         keys: Keyspace::new(options.namespace.clone(), options.partitions),
         namespace: options.namespace,
         inventory: InventoryClient::new(channel.clone()),
@@ -116,11 +170,20 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
 }
 
 impl TestApp {
-    /// Stops the server (graceful) and deletes the namespace's keys.
+    /// Stops the server (graceful), deletes the namespace's keys and drops
+    /// the test's database.
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.server.await.unwrap().expect("server stopped cleanly");
         delete_namespace(&mut self.redis.clone(), &self.namespace).await;
+        drop_database(&self.database).await;
+    }
+
+    /// A connection pool on the test's database.
+    pub async fn postgres(&self) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&self.database_url)
+            .await
+            .expect("test database")
     }
 
     /// Stops the server but keeps the keys (another instance shares them).
@@ -285,6 +348,19 @@ pub async fn snapshot(conn: &mut ConnectionManager, namespace: &str) -> BTreeMap
     out
 }
 
+pub async fn drop_database(name: &str) {
+    let pool = sqlx::PgPool::connect(&postgres_url("postgres"))
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+}
+
 pub async fn delete_namespace(conn: &mut ConnectionManager, namespace: &str) {
     for chunk in namespace_keys(conn, namespace).await.chunks(500) {
         let _: i64 = redis::cmd("DEL")
@@ -309,7 +385,7 @@ where
         if start.elapsed() > deadline {
             panic!("timed out after {deadline:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
@@ -343,4 +419,112 @@ pub fn code_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::C
         Ok(v) => panic!("expected an error, got {v:?}"),
         Err(status) => status.code(),
     }
+}
+
+/// (sku, location) -> (available, reserved, version)
+pub type Levels = BTreeMap<(String, String), (i64, i64, i64)>;
+
+/// Every item of the namespace as Redis holds it.
+pub async fn levels_in_redis(conn: &mut ConnectionManager, namespace: &str) -> Levels {
+    let mut out = Levels::new();
+    for key in namespace_keys(conn, namespace).await {
+        if !key.contains(":stock:") {
+            continue;
+        }
+        let (sku, loc, a, r, v): (String, String, i64, i64, i64) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&["sku", "loc", "avail", "resv", "ver"])
+            .query_async(conn)
+            .await
+            .unwrap();
+        out.insert((sku, loc), (a, r, v));
+    }
+    out
+}
+
+/// Every row of `stock`.
+pub async fn levels_in_postgres(pool: &sqlx::PgPool) -> Levels {
+    let rows: Vec<(String, String, i64, i64, i64)> =
+        sqlx::query_as("SELECT sku, location, available, reserved, version FROM stock")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.into_iter()
+        .map(|(s, l, a, r, v)| ((s, l), (a, r, v)))
+        .collect()
+}
+
+/// Waits until Postgres holds exactly what Redis holds, and the ledger
+/// holds every version 1..current of every item exactly once with deltas
+/// summing to the row; panics with the last difference seen otherwise.
+pub async fn assert_converged(
+    conn: &mut ConnectionManager,
+    namespace: &str,
+    pool: &sqlx::PgPool,
+    deadline: Duration,
+) {
+    let start = Instant::now();
+    loop {
+        let difference = match convergence(&mut conn.clone(), namespace, pool).await {
+            Ok(()) => return,
+            Err(difference) => difference,
+        };
+        if start.elapsed() > deadline {
+            panic!("not converged after {deadline:?}: {difference}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+async fn convergence(
+    conn: &mut ConnectionManager,
+    namespace: &str,
+    pool: &sqlx::PgPool,
+) -> Result<(), String> {
+    let redis_levels = levels_in_redis(conn, namespace).await;
+    if redis_levels.is_empty() {
+        return Err("the test wrote nothing".into());
+    }
+    let postgres_levels = levels_in_postgres(pool).await;
+    if postgres_levels != redis_levels {
+        let differing: Vec<_> = redis_levels
+            .iter()
+            .filter(|(k, v)| postgres_levels.get(*k) != Some(*v))
+            .take(3)
+            .map(|(k, v)| format!("{k:?}: redis {v:?}, postgres {:?}", postgres_levels.get(k)))
+            .collect();
+        return Err(format!("stock differs: {differing:?}"));
+    }
+    let audit: Vec<(String, String, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT sku, location, count(*), min(version), max(version),
+                sum(d_available)::bigint, sum(d_reserved)::bigint
+         FROM stock_ledger GROUP BY sku, location",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    if audit.len() != redis_levels.len() {
+        return Err(format!(
+            "{} ledgers for {} items",
+            audit.len(),
+            redis_levels.len()
+        ));
+    }
+    for (sku, loc, count, min, max, sum_a, sum_r) in audit {
+        let (a, r, v) = redis_levels[&(sku.clone(), loc.clone())];
+        if (count, min, max) != (v, 1, v) {
+            return Err(format!(
+                "{loc}/{sku}: ledger count/min/max {:?}, want versions 1..{v} once",
+                (count, min, max)
+            ));
+        }
+        if (sum_a, sum_r) != (a, r) {
+            return Err(format!(
+                "{loc}/{sku}: ledger deltas sum to {:?}, the row is {:?}",
+                (sum_a, sum_r),
+                (a, r)
+            ));
+        }
+    }
+    Ok(())
 }

@@ -4,10 +4,13 @@
 
 mod common;
 mod concurrency;
+mod crash;
 mod events;
 mod expiry;
 mod faults;
+mod flush;
 mod idempotency;
 mod lifecycle;
 mod model;
+mod proxy;
 mod validation;

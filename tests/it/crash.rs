@@ -1,0 +1,344 @@
+//! Crashes of the real `stockd` binary: kill -9 at random moments under
+//! load, a crash between the Postgres commit and the XACK (fail point), a
+//! dead instance whose pending entries another takes over, and a graceful
+//! SIGTERM. After each, Postgres must end up equal to Redis, with every
+//! version in the ledger exactly once.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use redis::aio::ConnectionManager;
+use stockd::pb;
+use stockd::pb::admin_client::AdminClient;
+use stockd::pb::inventory_client::InventoryClient;
+use tonic::transport::Channel;
+
+use crate::common::*;
+use crate::flush::random_load;
+
+/// A stockd process of the test's own.
+struct Stockd {
+    child: Child,
+    addr: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Stockd {
+    async fn start(namespace: &str, database_url: &str, instance: &str, failpoint: bool) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{namespace}-{instance}-{port}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
+        cmd.args(["--grpc-addr", &addr.to_string()])
+            .args(["--namespace", namespace])
+            .args(["--redis-url", &redis_url()])
+            .args(["--database-url", database_url])
+            .args(["--instance-id", instance])
+            .args(["--flush-claim-idle-ms", "1000"])
+            .args(["--flush-batch", "50"])
+            .args(["--database-max-connections", "4"])
+            .env("STOCKD_LOG", "info")
+            .env_remove("STOCKD_FAILPOINT")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null());
+        if failpoint {
+            cmd.env("STOCKD_FAILPOINT", "crash-after-commit");
+        }
+        let mut child = cmd.spawn().expect("start stockd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "stockd exited while starting ({status}); log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+            {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                if health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stockd did not start within 30 s"
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        Self { child, addr, log }
+    }
+
+    fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_lazy()
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        eventually(deadline, "stockd to exit", || {
+            let status = self.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+
+    async fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        self.wait_exit(Duration::from_secs(20)).await
+    }
+}
+
+impl Drop for Stockd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Random operations against `addr` until `stop`; failures (the server is
+/// being killed) are expected and ignored.
+fn background_load(
+    channel: Channel,
+    skus: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = InventoryClient::new(channel);
+        let mut round = rand::rng().random_range(0..u32::MAX as u64);
+        while !stop.load(Ordering::Relaxed) {
+            round += 1;
+            random_load(&client, &skus, 8, 5, round).await;
+        }
+    })
+}
+
+async fn seed(channel: Channel, skus: &[String]) {
+    let mut admin = AdminClient::new(channel);
+    for sku in skus {
+        admin
+            .set_stock(pb::SetStockRequest {
+                request_id: format!("seed-{sku}"),
+                sku: sku.clone(),
+                location: String::new(),
+                available: 10_000,
+                expected_version: None,
+            })
+            .await
+            .unwrap();
+    }
+}
+
+async fn pending_of(
+    conn: &mut ConnectionManager,
+    namespace: &str,
+    partitions: u32,
+    consumer: &str,
+) -> u64 {
+    let keys = stockd::keys::Keyspace::new(namespace, partitions);
+    let mut total = 0;
+    for p in keys.partitions() {
+        let entries: Vec<redis::Value> = redis::cmd("XPENDING")
+            .arg(keys.events(p))
+            .arg("flusher")
+            .arg("-")
+            .arg("+")
+            .arg(10_000)
+            .arg(consumer)
+            .query_async(conn)
+            .await
+            .unwrap();
+        total += entries.len() as u64;
+    }
+    total
+}
+
+struct Fixture {
+    namespace: String,
+    database: String,
+    database_url: String,
+    redis: ConnectionManager,
+    skus: Vec<String>,
+}
+
+impl Fixture {
+    async fn new(tag: &str) -> Self {
+        let namespace = unique_namespace(tag);
+        let database = namespace.replace('-', "_");
+        Self {
+            database_url: postgres_url(&database),
+            database,
+            redis: stockd::app::connect_redis(&redis_url(), Duration::from_secs(5))
+                .await
+                .unwrap(),
+            skus: (0..12).map(|i| format!("{tag}-{i}")).collect(),
+            namespace,
+        }
+    }
+
+    async fn assert_converged(&self) {
+        let pool = sqlx::PgPool::connect(&self.database_url).await.unwrap();
+        assert_converged(
+            &mut self.redis.clone(),
+            &self.namespace,
+            &pool,
+            Duration::from_secs(60),
+        )
+        .await;
+        pool.close().await;
+    }
+
+    async fn cleanup(self) {
+        delete_namespace(&mut self.redis.clone(), &self.namespace).await;
+        drop_database(&self.database).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_at_random_moments_under_load_loses_nothing() {
+    let fx = Fixture::new("kill").await;
+    for round in 0..6 {
+        let mut stockd = Stockd::start(&fx.namespace, &fx.database_url, "crashy", false).await;
+        if round == 0 {
+            seed(stockd.channel(), &fx.skus).await;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = background_load(stockd.channel(), fx.skus.clone(), stop.clone());
+        // The moment of the crash is the point of the test: chosen at random.
+        let chaos = Duration::from_millis(rand::rng().random_range(150..700));
+        tokio::time::sleep(chaos).await;
+        stockd.kill9();
+        stop.store(true, Ordering::Relaxed);
+        load.await.unwrap();
+    }
+    // A restart replays what the killed instance had read but not acknowledged.
+    let mut stockd = Stockd::start(&fx.namespace, &fx.database_url, "crashy", false).await;
+    fx.assert_converged().await;
+    assert_eq!(
+        stockd.terminate().await.code(),
+        Some(0),
+        "graceful stop exits 0; log {:?}",
+        stockd.log
+    );
+    assert_eq!(
+        pending_of(&mut fx.redis.clone(), &fx.namespace, 16, "crashy").await,
+        0
+    );
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_between_commit_and_xack_is_replayed_by_the_surviving_instance() {
+    let fx = Fixture::new("window").await;
+    {
+        let seeder = Stockd::start(&fx.namespace, &fx.database_url, "seeder", false).await;
+        seed(seeder.channel(), &fx.skus).await;
+        let mut seeder = seeder;
+        assert_eq!(seeder.terminate().await.code(), Some(0));
+    }
+    // Instance "a" aborts right after its first batch commits in Postgres,
+    // before the XACK: the batch is in Postgres AND still pending in Redis.
+    let mut a = Stockd::start(&fx.namespace, &fx.database_url, "a", true).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = background_load(a.channel(), fx.skus.clone(), stop.clone());
+    let status = a.wait_exit(Duration::from_secs(30)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(!status.success(), "the fail point aborts the process");
+    let stranded = pending_of(&mut fx.redis.clone(), &fx.namespace, 16, "a").await;
+    assert!(
+        stranded > 0,
+        "the aborted batch is still pending with consumer a"
+    );
+    let committed: i64 = {
+        let pool = sqlx::PgPool::connect(&fx.database_url).await.unwrap();
+        let n = sqlx::query_scalar("SELECT count(*) FROM stock_ledger")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        n
+    };
+    assert!(committed > 0, "the batch was committed before the crash");
+
+    // Instance "b" claims a's entries once they are idle past the claim
+    // timeout and writes them again, harmlessly.
+    let mut b = Stockd::start(&fx.namespace, &fx.database_url, "b", false).await;
+    fx.assert_converged().await;
+    eventually(
+        Duration::from_secs(30),
+        "b to take over a's pending entries",
+        || {
+            let mut conn = fx.redis.clone();
+            let namespace = fx.namespace.clone();
+            async move { (pending_of(&mut conn, &namespace, 16, "a").await == 0).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(b.terminate().await.code(), Some(0));
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_share_the_flush_and_survive_losing_one() {
+    let fx = Fixture::new("pair").await;
+    let mut a = Stockd::start(&fx.namespace, &fx.database_url, "a", false).await;
+    let mut b = Stockd::start(&fx.namespace, &fx.database_url, "b", false).await;
+    seed(a.channel(), &fx.skus).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = [
+        background_load(a.channel(), fx.skus.clone(), stop.clone()),
+        background_load(b.channel(), fx.skus.clone(), stop.clone()),
+    ];
+    let chaos = Duration::from_millis(rand::rng().random_range(300..900));
+    tokio::time::sleep(chaos).await;
+    a.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for load in loads {
+        load.await.unwrap();
+    }
+    fx.assert_converged().await;
+    eventually(
+        Duration::from_secs(30),
+        "b to hold none of a's entries pending",
+        || {
+            let mut conn = fx.redis.clone();
+            let namespace = fx.namespace.clone();
+            async move { (pending_of(&mut conn, &namespace, 16, "a").await == 0).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(b.terminate().await.code(), Some(0));
+    fx.cleanup().await;
+}

@@ -1,0 +1,351 @@
+//! The write-behind flusher, in process: Postgres ends up holding exactly
+//! what Redis holds, whatever the load; malformed entries are set aside;
+//! a cut Postgres only grows the backlog, and past its limit new demand is
+//! refused until it drains.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rand::{Rng, SeedableRng};
+use stockd::pb;
+use tonic::Code;
+
+use crate::common::*;
+use crate::proxy::FaultProxy;
+
+/// Random operations on `skus` from `clients` concurrent clients.
+pub async fn random_load(
+    inventory: &pb::inventory_client::InventoryClient<tonic::transport::Channel>,
+    skus: &[String],
+    clients: usize,
+    ops: usize,
+    seed: u64,
+) {
+    let tasks = (0..clients).map(|c| {
+        let mut client = inventory.clone();
+        let skus = skus.to_vec();
+        async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + c as u64);
+            let mut held: Vec<String> = Vec::new();
+            for i in 0..ops {
+                let id = format!("c{seed}-{c}-{i}");
+                let pick =
+                    |rng: &mut rand::rngs::StdRng| skus[rng.random_range(0..skus.len())].clone();
+                let _ = match rng.random_range(0..6) {
+                    0 | 1 => {
+                        let a = pick(&mut rng);
+                        let b = pick(&mut rng);
+                        let mut lines = vec![line(&a, "", rng.random_range(1..3))];
+                        if b != a {
+                            lines.push(line(&b, "", 1));
+                        }
+                        let r = client
+                            .reserve(pb::ReserveRequest {
+                                reservation_id: id.clone(),
+                                lines,
+                                ttl_seconds: 600,
+                            })
+                            .await;
+                        if r.is_ok() {
+                            held.push(id);
+                        }
+                        Ok(())
+                    }
+                    2 if !held.is_empty() => {
+                        let rid = held.swap_remove(rng.random_range(0..held.len()));
+                        client
+                            .commit(pb::CommitRequest {
+                                reservation_id: rid,
+                            })
+                            .await
+                            .map(drop)
+                    }
+                    3 if !held.is_empty() => {
+                        let rid = held.swap_remove(rng.random_range(0..held.len()));
+                        client
+                            .release(pb::ReleaseRequest {
+                                reservation_id: rid,
+                            })
+                            .await
+                            .map(drop)
+                    }
+                    4 => client
+                        .decrement(pb::DecrementRequest {
+                            request_id: id,
+                            lines: vec![line(&pick(&mut rng), "", 1)],
+                        })
+                        .await
+                        .map(drop),
+                    _ => client
+                        .adjust(pb::AdjustRequest {
+                            request_id: id,
+                            sku: pick(&mut rng),
+                            location: String::new(),
+                            delta: rng.random_range(1..4),
+                            reason: "restock".into(),
+                        })
+                        .await
+                        .map(drop),
+                };
+            }
+        }
+    });
+    join_all(tasks).await;
+}
+
+pub async fn seed_catalogue(
+    app: &TestApp,
+    prefix: &str,
+    count: usize,
+    available: i64,
+) -> Vec<String> {
+    let skus: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+    for sku in &skus {
+        app.seed(sku, "", available).await;
+    }
+    skus
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_load_from_many_clients_converges_in_postgres() {
+    let app = spawn_app().await;
+    let skus = seed_catalogue(&app, "load", 24, 40).await;
+    random_load(&app.inventory, &skus, 16, 40, 1).await;
+
+    let pool = app.postgres().await;
+    assert_converged(
+        &mut app.redis.clone(),
+        &app.namespace,
+        &pool,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // Reservation rows: every reserved id of the ledger has a row per
+    // partition, and its state follows the last event.
+    let (rows, held): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE state = 'held') FROM reservations")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let expected_rows: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT (ref, partition)) FROM stock_ledger WHERE op = 'reserve'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, expected_rows);
+    let still_held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT ref, partition FROM stock_ledger WHERE op IN ('reserve','commit','release','expire')
+          GROUP BY ref, partition HAVING bool_and(op = 'reserve')) AS t",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(held, still_held);
+    let with_expiry: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE expires_at IS NOT NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(with_expiry, rows, "reserve events carry the expiry");
+    pool.close().await;
+
+    // FlushStatus agrees: nothing pending, checkpoints set where events were.
+    let status = app
+        .admin
+        .clone()
+        .flush_status(pb::FlushStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.partitions.len(), 16);
+    for p in &status.partitions {
+        assert_eq!(p.pending, 0, "partition {}", p.partition);
+        assert_eq!(p.oldest_unflushed_age_ms, 0);
+        assert_eq!(
+            p.last_flushed_id.is_empty(),
+            p.stream_length == 0,
+            "partition {}",
+            p.partition
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_entry_is_dead_lettered_and_the_partition_keeps_flushing() {
+    let app = spawn_app().await;
+    app.seed("good", "", 10).await;
+    let partition = app.keys.partition_of("good");
+    let mut conn = app.redis.clone();
+    let planted: String = redis::cmd("XADD")
+        .arg(app.keys.events(partition))
+        .arg("*")
+        .arg(&["sku", "good", "loc", "default", "op", "steal", "ver", "x"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    app.inventory
+        .clone()
+        .decrement(pb::DecrementRequest {
+            request_id: "after".into(),
+            lines: vec![line("good", "", 3)],
+        })
+        .await
+        .unwrap();
+
+    let pool = app.postgres().await;
+    assert_converged(&mut conn, &app.namespace, &pool, Duration::from_secs(20)).await;
+    let dead: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(app.keys.dead_letters(partition))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1["entry"], planted);
+    assert!(
+        dead[0].1["reason"].contains("unknown op"),
+        "{:?}",
+        dead[0].1
+    );
+    assert_eq!(dead[0].1["f.op"], "steal");
+    let status = app
+        .admin
+        .clone()
+        .flush_status(pb::FlushStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let p = &status.partitions[partition.0 as usize];
+    assert_eq!((p.dead_letters, p.pending), (1, 0));
+    pool.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
+    let proxy = FaultProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let namespace = unique_namespace("cut");
+    let database = namespace.replace('-', "_");
+    let via_proxy = format!("postgres://postgres@{}/{database}", proxy.addr);
+    let app = spawn_app_with(Options {
+        namespace,
+        database_url: Some(via_proxy),
+        extra_args: vec!["--max-unflushed".into(), "60".into()],
+        ..Options::default()
+    })
+    .await;
+    let skus = seed_catalogue(&app, "cut", 1, 1000).await;
+    let sku = &skus[0];
+    let mut inv = app.inventory.clone();
+    inv.reserve(pb::ReserveRequest {
+        reservation_id: "held-before".into(),
+        lines: vec![line(sku, "", 1)],
+        ttl_seconds: 600,
+    })
+    .await
+    .unwrap();
+    let pool = sqlx::PgPool::connect(&postgres_url(&app.database))
+        .await
+        .unwrap();
+    assert_converged(
+        &mut app.redis.clone(),
+        &app.namespace,
+        &pool,
+        Duration::from_secs(20),
+    )
+    .await;
+
+    proxy.cut();
+    // Checkout keeps answering while Postgres is away...
+    for i in 0..40 {
+        inv.decrement(pb::DecrementRequest {
+            request_id: format!("d{i}"),
+            lines: vec![line(sku, "", 1)],
+        })
+        .await
+        .unwrap();
+    }
+    // ...and the backlog shows in FlushStatus (answered without Postgres).
+    let status = app
+        .admin
+        .clone()
+        .flush_status(pb::FlushStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let p = &status.partitions[app.keys.partition_of(sku).0 as usize];
+    assert!(p.pending >= 40, "backlog {p:?}");
+
+    // Past the limit, new demand on the partition is refused and changes nothing.
+    let refused = eventually(Duration::from_secs(10), "the backlog gate to close", || {
+        let mut inv = inv.clone();
+        let sku = sku.clone();
+        async move {
+            let id = format!("gate-{}", unique_namespace("g"));
+            match inv
+                .decrement(pb::DecrementRequest {
+                    request_id: id.clone(),
+                    lines: vec![line(&sku, "", 1)],
+                })
+                .await
+            {
+                Err(s) if s.code() == Code::Unavailable => Some(id),
+                Ok(_) => None,
+                Err(s) => panic!("{s:?}"),
+            }
+        }
+    })
+    .await;
+    let before = app.snapshot().await;
+    assert_eq!(
+        code_of(
+            inv.decrement(pb::DecrementRequest {
+                request_id: refused,
+                lines: vec![line(sku, "", 1)]
+            })
+            .await
+        ),
+        Code::Unavailable
+    );
+    assert_eq!(
+        app.snapshot().await,
+        before,
+        "a refused write changes nothing"
+    );
+    // Holds can still be finished: that is bounded by what is held.
+    inv.commit(pb::CommitRequest {
+        reservation_id: "held-before".into(),
+    })
+    .await
+    .unwrap();
+
+    proxy.restore();
+    eventually(Duration::from_secs(30), "the gate to open again", || {
+        let mut inv = inv.clone();
+        let sku = sku.clone();
+        async move {
+            let id = format!("after-{}", unique_namespace("a"));
+            inv.decrement(pb::DecrementRequest {
+                request_id: id,
+                lines: vec![line(&sku, "", 1)],
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    assert_converged(
+        &mut app.redis.clone(),
+        &app.namespace,
+        &pool,
+        Duration::from_secs(30),
+    )
+    .await;
+    pool.close().await;
+    app.stop().await;
+}
