@@ -19,6 +19,7 @@ use crate::meta::{self, MetaError};
 use crate::pb;
 use crate::reaper::Reaper;
 use crate::store::{Store, StoreError};
+use crate::warmer::{Availability, EpochCheck, Warmer};
 
 /// Why stockd could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub enum StartError {
     RedisPool(#[from] deadpool_redis::CreatePoolError),
     #[error("cannot create the flusher's consumer groups: {0}")]
     Flusher(#[from] FlushError),
+    #[error("cannot warm Redis from Postgres: {0}")]
+    Warm(#[source] crate::error::Error),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
@@ -62,6 +65,50 @@ fn blocking_pool(url: &str, partitions: u32) -> Result<deadpool_redis::Pool, Sta
     Ok(config.create_pool(Some(deadpool_redis::Runtime::Tokio1))?)
 }
 
+/// Checks the epoch until Redis is warm: re-warms it when this instance may,
+/// or waits for the instance that does.
+async fn wait_until_warm(warmer: &Warmer, shutdown: &CancellationToken) -> Result<(), StartError> {
+    loop {
+        match warmer.check_epoch_once().await.map_err(StartError::Warm)? {
+            EpochCheck::Waiting => {}
+            EpochCheck::Rewarmed { items, holds } => {
+                tracing::info!(items, holds, "Redis warmed from Postgres");
+                return Ok(());
+            }
+            EpochCheck::Steady | EpochCheck::Adopted => return Ok(()),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// The health service follows the warmer: NOT_SERVING while re-warming.
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    mut serving: tokio::sync::watch::Receiver<bool>,
+) {
+    while serving.changed().await.is_ok() {
+        let now = *serving.borrow_and_update();
+        if now {
+            health
+                .set_serving::<pb::inventory_server::InventoryServer<InventoryService>>()
+                .await;
+            health
+                .set_serving::<pb::admin_server::AdminServer<AdminService>>()
+                .await;
+        } else {
+            health
+                .set_not_serving::<pb::inventory_server::InventoryServer<InventoryService>>()
+                .await;
+            health
+                .set_not_serving::<pb::admin_server::AdminServer<AdminService>>()
+                .await;
+        }
+    }
+}
+
 /// Serves on `listener` until `shutdown` is cancelled: stops accepting
 /// requests, lets requests in flight finish, then stops the background
 /// tasks (the flusher commits the batch in hand), then returns.
@@ -73,10 +120,20 @@ pub async fn run(
     let mut conn = connect_redis(&config.redis_url, config.redis_timeout()).await?;
     let keys = Keyspace::new(config.namespace.clone(), config.partitions);
     let meta = meta::ensure(&mut conn, &keys).await?;
-    tracing::info!(namespace = %config.namespace, partitions = meta.partitions, epoch = %meta.epoch, "deployment checked");
+    tracing::info!(namespace = %config.namespace, partitions = meta.partitions, epoch = ?meta.epoch, "deployment checked");
 
     let store = Store::connect(&config.database_url, config.database_max_connections).await?;
     tracing::info!("postgres schema up to date");
+
+    // Not serving until Redis is known to be warm: a new deployment, or a
+    // Redis that lost its data, is (re-)warmed from Postgres first.
+    let warmer = Warmer::new(
+        connect_redis(&config.redis_url, config.redis_timeout()).await?,
+        store.clone(),
+        keys.clone(),
+        Availability::new(false),
+    );
+    wait_until_warm(&warmer, &shutdown).await?;
 
     let engine = Engine::new(
         conn,
@@ -84,7 +141,8 @@ pub async fn run(
         EngineSettings {
             idempotency_window: config.idempotency_window(),
         },
-    );
+    )
+    .with_warmer(warmer.clone());
     let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     let flusher = Flusher::new(
         // Its own connection, so flushing never queues behind requests.
@@ -107,6 +165,11 @@ pub async fn run(
     let reaper =
         tokio::spawn(Reaper::new(engine.clone(), config.reaper_interval()).run(background.clone()));
     let flushing = tokio::spawn(flusher.clone().run(background.clone()));
+    let watchdog = tokio::spawn(
+        warmer
+            .clone()
+            .run(config.epoch_check_interval(), background.clone()),
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -115,6 +178,7 @@ pub async fn run(
     health
         .set_serving::<pb::admin_server::AdminServer<AdminService>>()
         .await;
+    tokio::spawn(report_health(health, warmer.availability().subscribe()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -122,7 +186,7 @@ pub async fn run(
 
     let auth = RequireToken::new(config.admin_token.clone());
     let admin = pb::admin_server::AdminServer::with_interceptor(
-        AdminService::new(engine.clone(), flusher),
+        AdminService::new(engine.clone(), flusher, warmer),
         move |req| auth.check(req),
     );
 
@@ -141,7 +205,11 @@ pub async fn run(
     // No request can add events any more: let the background tasks finish
     // what they hold (the flusher commits its batch in hand), then stop.
     background.cancel();
-    for (name, task) in [("reaper", reaper), ("flusher", flushing)] {
+    for (name, task) in [
+        ("reaper", reaper),
+        ("flusher", flushing),
+        ("epoch watchdog", watchdog),
+    ] {
         if let Err(err) = task.await {
             tracing::error!(task = name, error = %err, "background task failed");
         }

@@ -95,6 +95,11 @@ pub struct Config {
     #[arg(long, env = "STOCKD_REAPER_INTERVAL_MS", default_value_t = 250)]
     pub reaper_interval_ms: u64,
 
+    /// How often each instance checks that Redis still holds its data (the
+    /// epoch id in NS:{meta}), in milliseconds.
+    #[arg(long, env = "STOCKD_EPOCH_CHECK_MS", default_value_t = 1_000)]
+    pub epoch_check_ms: u64,
+
     /// Timeout of one Redis command, in milliseconds: past it the request
     /// fails with UNAVAILABLE instead of hanging.
     #[arg(long, env = "STOCKD_REDIS_TIMEOUT_MS", default_value_t = 2_000)]
@@ -115,6 +120,10 @@ impl Config {
 
     pub fn reaper_interval(&self) -> Duration {
         Duration::from_millis(self.reaper_interval_ms)
+    }
+
+    pub fn epoch_check_interval(&self) -> Duration {
+        Duration::from_millis(self.epoch_check_ms)
     }
 
     pub fn redis_timeout(&self) -> Duration {
@@ -153,6 +162,7 @@ impl std::fmt::Debug for Config {
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
             .field("idempotency_window_secs", &self.idempotency_window_secs)
             .field("reaper_interval_ms", &self.reaper_interval_ms)
+            .field("epoch_check_ms", &self.epoch_check_ms)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("log", &self.log)
             .field("log_format", &self.log_format)

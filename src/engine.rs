@@ -22,6 +22,7 @@ use crate::domain::{Delta, Item, Level, Lines, RequestId, StockLevel, Ttl};
 use crate::error::{Error, Shortage};
 use crate::keys::{Keyspace, Partition, fnv1a_64};
 use crate::scripts;
+use crate::warmer::Warmer;
 
 /// Operational settings of the engine.
 #[derive(Debug, Clone)]
@@ -89,6 +90,9 @@ pub struct Engine {
     conn: ConnectionManager,
     keys: Keyspace,
     settings: EngineSettings,
+    /// Loads misses from Postgres and tells whether this instance serves;
+    /// absent when the engine runs without Postgres (tests of the scripts).
+    warmer: Option<Warmer>,
 }
 
 impl Engine {
@@ -97,6 +101,70 @@ impl Engine {
             conn,
             keys,
             settings,
+            warmer: None,
+        }
+    }
+
+    /// Loads items a request misses from Postgres through `warmer`, and
+    /// refuses requests while the warmer's availability is closed.
+    pub fn with_warmer(mut self, warmer: Warmer) -> Self {
+        self.warmer = Some(warmer);
+        self
+    }
+
+    /// UNAVAILABLE while this instance re-warms Redis after a data loss.
+    fn ensure_serving(&self) -> Result<(), Error> {
+        match &self.warmer {
+            Some(w) if !w.availability().is_serving() => Err(Error::Unavailable(
+                "re-warming Redis from Postgres after a data loss".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// After a script answered `missing`: loads the missing items from
+    /// Postgres (once per item, however many requests wait) and says whether
+    /// to run the script again. Items Postgres lacks too stay missing.
+    async fn load_missing(&self, payload: &str) -> Result<Option<Vec<(String, String)>>, Error> {
+        let Some(warmer) = &self.warmer else {
+            return Ok(None);
+        };
+        let missing: Vec<(String, String)> = decode(payload)?;
+        let items = missing
+            .iter()
+            .map(|(sku, location)| Item::parse("", sku.clone(), location.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let unknown = warmer.load_on_miss(&items).await?;
+        Ok(Some(
+            unknown
+                .into_iter()
+                .map(|i| (i.sku.to_string(), i.location.to_string()))
+                .collect(),
+        ))
+    }
+
+    /// Runs a script built by `build`; when it misses items, loads them and
+    /// runs it once more. `build(true)` may create items Postgres lacks too
+    /// (SetStock); otherwise those are NOT_FOUND.
+    async fn call_loading<'s>(
+        &self,
+        build: impl Fn(bool) -> redis::ScriptInvocation<'s>,
+        creates: bool,
+    ) -> Result<(String, String), Error> {
+        self.ensure_serving()?;
+        let (status, payload) = self.call(build(false)).await?;
+        if status != "missing" {
+            return Ok((status, payload));
+        }
+        match self.load_missing(&payload).await? {
+            // No warmer (tests of the scripts alone): creating is allowed.
+            None if creates => self.call(build(true)).await,
+            None => Ok((status, payload)),
+            Some(unknown) if unknown.is_empty() || creates => self.call(build(true)).await,
+            Some(unknown) => Ok((
+                "missing".into(),
+                serde_json::to_string(&unknown).expect("serialise"),
+            )),
         }
     }
 
@@ -122,16 +190,23 @@ impl Engine {
         let home = self
             .keys
             .reservation(self.keys.partition_of(id.as_str()), id.as_str());
-        let invocation = self.reservation_layout(
-            &scripts::RESERVE,
-            home,
-            id.as_str(),
-            &fp,
-            &ttl.as_millis().to_string(),
-            "",
-            &lines,
-        );
-        let (status, payload) = self.call(invocation).await?;
+        let ttl_ms = ttl.as_millis().to_string();
+        let (status, payload) = self
+            .call_loading(
+                |_| {
+                    self.reservation_layout(
+                        &scripts::RESERVE,
+                        home.clone(),
+                        id.as_str(),
+                        &fp,
+                        &ttl_ms,
+                        "",
+                        &lines,
+                    )
+                },
+                false,
+            )
+            .await?;
         let (out, replayed) = interpret(&status, &payload, id)?;
         let out: Outcome = decode(&out)?;
         Ok(Reserved {
@@ -162,6 +237,7 @@ impl Engine {
     }
 
     pub async fn extend(&self, id: &RequestId, ttl: Ttl) -> Result<i64, Error> {
+        self.ensure_serving()?;
         let held = self.lookup(id).await?;
         let invocation = self.reservation_layout(
             &scripts::EXTEND,
@@ -228,18 +304,27 @@ impl Engine {
             ],
             Vec::new(),
         );
-        let line = ScriptLine::new(item, available.get());
-        let invocation = self.line_layout(
-            &scripts::SET,
-            self.keys.idempotency(id.as_str()),
-            id.as_str(),
-            &fp,
-            &expected,
-            &self.window_ms(),
-            &[line],
-            |p| vec![self.keys.events(p), self.keys.backlog_gate(p)],
-        );
-        let (status, payload) = self.call(invocation).await?;
+        let line = [ScriptLine::new(item, available.get())];
+        let window = self.window_ms();
+        let (status, payload) = self
+            .call_loading(
+                |create| {
+                    let mut invocation = self.line_layout(
+                        &scripts::SET,
+                        self.keys.idempotency(id.as_str()),
+                        id.as_str(),
+                        &fp,
+                        &expected,
+                        &window,
+                        &line,
+                        |p| vec![self.keys.events(p), self.keys.backlog_gate(p)],
+                    );
+                    invocation.arg(if create { "create" } else { "" });
+                    invocation
+                },
+                true,
+            )
+            .await?;
         if status == "version" {
             return Err(Error::VersionMismatch {
                 expected: expected_version.unwrap_or_default(),
@@ -252,6 +337,25 @@ impl Engine {
     /// Reads the levels of `items`; items Redis lacks come back in `missing`.
     /// One pipelined round trip.
     pub async fn get(&self, items: &[Item]) -> Result<(Vec<StockLevel>, Vec<Item>), Error> {
+        self.ensure_serving()?;
+        let (mut levels, missing) = self.read(items).await?;
+        let Some(warmer) = self.warmer.as_ref().filter(|_| !missing.is_empty()) else {
+            return Ok((levels, missing));
+        };
+        let unknown = warmer.load_on_miss(&missing).await?;
+        let loaded: Vec<Item> = missing
+            .into_iter()
+            .filter(|i| !unknown.contains(i))
+            .collect();
+        let (more, _) = self.read(&loaded).await?;
+        levels.extend(more);
+        Ok((levels, unknown))
+    }
+
+    async fn read(&self, items: &[Item]) -> Result<(Vec<StockLevel>, Vec<Item>), Error> {
+        if items.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
         let mut pipe = redis::pipe();
         for item in items {
             pipe.cmd("HMGET")
@@ -305,6 +409,7 @@ impl Engine {
     }
 
     async fn finish(&self, id: &RequestId, how: Finish) -> Result<Changed, Error> {
+        self.ensure_serving()?;
         let held = self.lookup(id).await?;
         let invocation = self.reservation_layout(
             &scripts::FINISH,
@@ -331,17 +436,24 @@ impl Engine {
         op: &str,
         lines: &[ScriptLine],
     ) -> Result<Changed, Error> {
-        let invocation = self.line_layout(
-            &scripts::APPLY,
-            self.keys.idempotency(id.as_str()),
-            id.as_str(),
-            fp,
-            op,
-            &self.window_ms(),
-            lines,
-            |p| vec![self.keys.events(p), self.keys.backlog_gate(p)],
-        );
-        let (status, payload) = self.call(invocation).await?;
+        let window = self.window_ms();
+        let (status, payload) = self
+            .call_loading(
+                |_| {
+                    self.line_layout(
+                        &scripts::APPLY,
+                        self.keys.idempotency(id.as_str()),
+                        id.as_str(),
+                        fp,
+                        op,
+                        &window,
+                        lines,
+                        |p| vec![self.keys.events(p), self.keys.backlog_gate(p)],
+                    )
+                },
+                false,
+            )
+            .await?;
         changed(interpret(&status, &payload, id)?)
     }
 

@@ -274,6 +274,16 @@ impl Flusher {
             }
             let batch = match self.read(partition, source).await {
                 Ok(batch) => batch,
+                Err(FlushError::Redis(err)) if err.code() == Some("NOGROUP") => {
+                    // Redis lost its data (or someone deleted the stream):
+                    // the group starts again with the stream.
+                    tracing::warn!(%partition, "consumer group missing; creating it again");
+                    if let Err(err) = self.ensure_groups().await {
+                        tracing::warn!(error = %err, "creating the consumer groups failed");
+                    }
+                    backoff.wait(&shutdown).await;
+                    continue;
+                }
                 Err(err) => {
                     tracing::warn!(%partition, error = %err, "reading the stream failed; backing off");
                     backoff.wait(&shutdown).await;

@@ -16,7 +16,10 @@
 //! - [`flusher`]: reads the partition streams through a consumer group and
 //!   writes them behind to Postgres ([`store`]) in one transaction per batch,
 //!   acknowledging only after the commit; [`events`] parses stream entries.
-//! - [`meta`]: the deployment record in Redis (partition count, epoch).
+//! - [`warmer`]: Preload, load on miss, and re-warming Redis from Postgres
+//!   after a data loss (noticed by the epoch in [`meta`], the deployment
+//!   record: partition count, schema, epoch); [`lock`] keeps such jobs to
+//!   one instance at a time.
 //! - [`app`]: wires config, Redis, the server and the background tasks
 //!   together: `run(config, listener, shutdown)`.
 //! - [`config`], [`telemetry`]: flags/environment and logging.
@@ -32,11 +35,13 @@ pub mod events;
 pub mod flusher;
 pub mod grpc;
 pub mod keys;
+pub mod lock;
 pub mod meta;
 pub mod reaper;
 pub mod scripts;
 pub mod store;
 pub mod telemetry;
+pub mod warmer;
 
 /// Code generated from `proto/stockd/v1/stockd.proto`.
 pub mod pb {

@@ -1,8 +1,6 @@
 //! The deployment's record in Redis, `NS:{meta}`: partition count, schema
 //! version and epoch id, checked at start.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use redis::aio::ConnectionManager;
 
 use crate::error::Error;
@@ -15,7 +13,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
     pub partitions: u32,
-    pub epoch: String,
+    /// Absent on a new deployment, and after Redis lost its data: the
+    /// warmer then (re-)warms Redis from Postgres and writes one.
+    pub epoch: Option<String>,
 }
 
 /// Errors that stop stockd from starting.
@@ -34,8 +34,8 @@ pub enum MetaError {
 }
 
 /// Records the partition count at first start and refuses a different one
-/// later; writes an epoch id when there is none (so that a later loss of the
-/// Redis data shows as a missing epoch).
+/// later. The epoch id is written by the warmer once Redis is warm (so that a
+/// later loss of the Redis data shows as a missing epoch).
 pub async fn ensure(conn: &mut ConnectionManager, keys: &Keyspace) -> Result<Meta, MetaError> {
     let key = keys.meta();
     // HSETNX keeps the first writer's values when several instances start at once.
@@ -44,12 +44,10 @@ pub async fn ensure(conn: &mut ConnectionManager, keys: &Keyspace) -> Result<Met
         .ignore()
         .hset_nx(&key, "schema", SCHEMA_VERSION)
         .ignore()
-        .hset_nx(&key, "epoch", new_epoch_id())
-        .ignore()
         .cmd("HMGET")
         .arg(&key)
         .arg(&["partitions", "schema", "epoch"]);
-    let ((stored, schema, epoch),): ((u32, String, String),) =
+    let ((stored, schema, epoch),): ((u32, String, Option<String>),) =
         pipe.query_async(conn).await.map_err(Error::from)?;
     if schema != SCHEMA_VERSION.to_string() {
         return Err(MetaError::SchemaMismatch { stored: schema });
@@ -64,12 +62,4 @@ pub async fn ensure(conn: &mut ConnectionManager, keys: &Keyspace) -> Result<Met
         partitions: stored,
         epoch,
     })
-}
-
-fn new_epoch_id() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("{nanos:x}-{:x}", std::process::id())
 }

@@ -47,6 +47,16 @@ pub struct LedgerRow {
     pub reference: String,
 }
 
+/// A held reservation's row: this partition's lines and the expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldRow {
+    pub reservation_id: String,
+    pub partition: u32,
+    /// (sku, location, quantity)
+    pub lines: Vec<(String, String, i64)>,
+    pub expires_at_ms: Option<i64>,
+}
+
 /// A partition's flush checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -216,6 +226,61 @@ impl Store {
             .collect())
     }
 
+    /// Every location of each of `skus`.
+    pub async fn stock_rows_of(&self, skus: &[String]) -> Result<Vec<StockRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT sku, location, available, reserved, version FROM stock
+             WHERE sku = ANY($1) ORDER BY sku, location",
+        )
+        .bind(skus)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(stock_row).collect())
+    }
+
+    /// One page of `stock` in key order, after `after` (keyset pagination:
+    /// each page costs the same however deep the scan is).
+    pub async fn stock_page(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: i64,
+    ) -> Result<Vec<StockRow>, sqlx::Error> {
+        let (sku, location) = after.unwrap_or(("", ""));
+        let rows = sqlx::query(
+            "SELECT sku, location, available, reserved, version FROM stock
+             WHERE (sku, location) > ($1, $2) ORDER BY sku, location LIMIT $3",
+        )
+        .bind(sku)
+        .bind(location)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(stock_row).collect())
+    }
+
+    /// Every reservation row still `held`, by reservation and partition.
+    pub async fn held_reservations(&self) -> Result<Vec<HeldRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT reservation_id, partition, lines::text AS lines,
+                    (extract(epoch FROM expires_at) * 1000)::bigint AS expires_at_ms
+             FROM reservations WHERE state = 'held' ORDER BY reservation_id, partition",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let lines: String = r.get("lines");
+                Ok(HeldRow {
+                    reservation_id: r.get("reservation_id"),
+                    partition: r.get::<i32, _>("partition") as u32,
+                    lines: serde_json::from_str(&lines)
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    expires_at_ms: r.get("expires_at_ms"),
+                })
+            })
+            .collect()
+    }
+
     pub async fn stock_row(
         &self,
         sku: &str,
@@ -228,13 +293,7 @@ impl Store {
         .bind(location)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| StockRow {
-            sku: r.get("sku"),
-            location: r.get("location"),
-            available: r.get("available"),
-            reserved: r.get("reserved"),
-            version: r.get("version"),
-        }))
+        Ok(row.map(stock_row))
     }
 
     pub async fn ledger(&self, sku: &str, location: &str) -> Result<Vec<LedgerRow>, sqlx::Error> {
@@ -258,6 +317,16 @@ impl Store {
                 reference: r.get("ref"),
             })
             .collect())
+    }
+}
+
+fn stock_row(r: sqlx::postgres::PgRow) -> StockRow {
+    StockRow {
+        sku: r.get("sku"),
+        location: r.get("location"),
+        available: r.get("available"),
+        reserved: r.get("reserved"),
+        version: r.get("version"),
     }
 }
 

@@ -291,7 +291,7 @@ pub async fn execute(
         }
         Command::Preload { skus, all } => {
             let r = admin
-                .preload(pb::PreloadRequest { skus, all })
+                .preload(pb::PreloadRequest { skus, all, ..Default::default() })
                 .await?
                 .into_inner();
             Output::Preload(PreloadOut::from(r))

@@ -1,30 +1,39 @@
 //! `stockd.v1.Admin`: rpcs for cache warmers and SREs. The admin token is
 //! checked by the interceptor in `auth.rs` before any of these runs.
 //!
-//! Preload and Reconcile come with their own issues; until then the
-//! generated default answers UNIMPLEMENTED.
+//! Reconcile comes with its own issue; until then the generated default
+//! answers UNIMPLEMENTED.
 
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use crate::domain::{Item, Level, RequestId, parse_expected_version};
+use crate::domain::{Item, Level, RequestId, Sku, parse_expected_version};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::flusher::Flusher;
 use crate::pb;
+use crate::warmer::{PreloadCounts, Warmer};
 
 pub struct AdminService {
     engine: Engine,
     flusher: Flusher,
+    warmer: Warmer,
 }
 
 impl AdminService {
-    pub fn new(engine: Engine, flusher: Flusher) -> Self {
-        Self { engine, flusher }
+    pub fn new(engine: Engine, flusher: Flusher, warmer: Warmer) -> Self {
+        Self {
+            engine,
+            flusher,
+            warmer,
+        }
     }
 }
+
+/// Most SKUs one Preload may name.
+const MAX_PRELOAD_SKUS: usize = 10_000;
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
@@ -42,6 +51,60 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::SetStockResponse {
             level: Some(convert::single_level(changed.levels)?),
             replayed: changed.replayed,
+        }))
+    }
+
+    #[tracing::instrument(name = "Preload", skip_all, fields(all = request.get_ref().all, skus = request.get_ref().skus.len()))]
+    async fn preload(
+        &self,
+        request: Request<pb::PreloadRequest>,
+    ) -> Result<Response<pb::PreloadResponse>, Status> {
+        let req = request.into_inner();
+        let (counts, next) = match (req.all, req.skus.is_empty()) {
+            (true, false) => {
+                return Err(Error::invalid("skus", "give SKUs or `all`, not both").into());
+            }
+            (false, true) => return Err(Error::invalid("skus", "give SKUs or `all`").into()),
+            (false, false) => {
+                if req.skus.len() > MAX_PRELOAD_SKUS {
+                    return Err(Error::invalid(
+                        "skus",
+                        format!(
+                            "at most {MAX_PRELOAD_SKUS} SKUs per request, got {}",
+                            req.skus.len()
+                        ),
+                    )
+                    .into());
+                }
+                let skus = req
+                    .skus
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, s)| Sku::parse(&format!("skus[{i}]"), s).map(|s| s.to_string()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (self.warmer.preload_skus(&skus).await?, None)
+            }
+            (true, true) if req.page_size == 0 => (self.warmer.preload_all().await?, None),
+            (true, true) => {
+                let after = parse_cursor(&req.cursor)?;
+                self.warmer
+                    .preload_page(after, i64::from(req.page_size))
+                    .await?
+            }
+        };
+        let PreloadCounts {
+            loaded,
+            skipped,
+            not_found,
+        } = counts;
+        tracing::info!(loaded, skipped, not_found, "preloaded");
+        Ok(Response::new(pb::PreloadResponse {
+            loaded,
+            skipped,
+            not_found,
+            next_cursor: next
+                .map(|(sku, loc)| format!("{sku}\t{loc}"))
+                .unwrap_or_default(),
         }))
     }
 
@@ -84,5 +147,22 @@ impl pb::admin_server::Admin for AdminService {
             });
         }
         Ok(Response::new(pb::FlushStatusResponse { partitions }))
+    }
+}
+
+/// A Preload cursor is `sku<TAB>location` of the last item of the previous
+/// page (neither may hold whitespace, so the tab is unambiguous).
+fn parse_cursor(cursor: &str) -> Result<Option<(String, String)>, Error> {
+    if cursor.is_empty() {
+        return Ok(None);
+    }
+    match cursor.split_once('\t') {
+        Some((sku, loc)) if !sku.is_empty() && !loc.is_empty() => {
+            Ok(Some((sku.to_owned(), loc.to_owned())))
+        }
+        _ => Err(Error::invalid(
+            "cursor",
+            "not a cursor this server returned",
+        )),
     }
 }

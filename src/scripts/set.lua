@@ -6,9 +6,13 @@
 --        with k = 1, W = 2, n = 1).
 -- ARGV   [1] request id, [2] fingerprint, [3] expected version or '' for none
 --        (0 = the item must not exist), [4] 1, [5] 1, [6] idempotency window
---        in ms, [7] sku, [8] location, [9] the new available, [10] 1.
+--        in ms, [7] sku, [8] location, [9] the new available, [10] 1,
+--        [11] 'create' to create an item Redis lacks, else '' (the caller
+--        first tries to load a missing item from Postgres, so a set never
+--        starts a known item over at version 1).
 -- Returns {'ok', out} / {'replay', out} with out = {"levels": [[...]]};
 --         {'exists', ''}; {'version', <current version>} on a CAS mismatch;
+--         {'missing', [[sku, loc]]} when Redis lacks the item and ARGV[11] is not 'create';
 --         {'backlog', gate key} while the partition's flush backlog is over its limit.
 -- Invariants: reserved is untouched; ver + 1 (1 for a new item, whose event
 --         carries deltas from zero); one event; the CAS check and the
@@ -28,6 +32,9 @@ end
 local sku, loc, target = line(1)
 local avail, resv, ver = read_stock(stock_key(W, 1))
 if not avail then
+  if ARGV[11] ~= 'create' then
+    return { 'missing', cjson.encode({ { sku, loc } }) }
+  end
   avail, resv, ver = 0, 0, 0
 end
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= ver then

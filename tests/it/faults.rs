@@ -22,6 +22,16 @@ impl OwnRedis {
             .local_addr()
             .unwrap()
             .port();
+        Self::start_on(port).await
+    }
+
+    /// Stops it and starts a new, empty one on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        *self = Self::start_on(self.port).await;
+    }
+
+    async fn start_on(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",

@@ -14,3 +14,4 @@ mod lifecycle;
 mod model;
 mod proxy;
 mod validation;
+mod warming;

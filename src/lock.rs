@@ -1,0 +1,56 @@
+//! A Redis lock with a token and an expiry: re-warming after data loss and
+//! reconciliation run once at a time across every stockd instance.
+//!
+//! The expiry bounds how long a crashed holder blocks the others; the token
+//! makes sure a holder whose lock expired never deletes the next holder's.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::ConnectionManager;
+
+use crate::error::Error;
+use crate::scripts;
+
+pub struct RedisLock {
+    conn: ConnectionManager,
+    key: String,
+    token: String,
+}
+
+impl RedisLock {
+    /// Takes the lock at `key` for `ttl`, or `None` when someone holds it.
+    pub async fn acquire(
+        conn: &ConnectionManager,
+        key: String,
+        ttl: Duration,
+    ) -> Result<Option<Self>, Error> {
+        let token = format!(
+            "{:x}-{:x}",
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+            std::process::id()
+        );
+        let mut conn = conn.clone();
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        Ok(taken.map(|_| Self { conn, key, token }))
+    }
+
+    /// Releases the lock if it is still ours.
+    pub async fn release(mut self) -> Result<bool, Error> {
+        let released: i64 = scripts::UNLOCK
+            .key(&self.key)
+            .arg(&self.token)
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(released == 1)
+    }
+}
