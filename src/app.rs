@@ -18,6 +18,7 @@ use crate::keys::Keyspace;
 use crate::meta::{self, MetaError};
 use crate::pb;
 use crate::reaper::Reaper;
+use crate::reconcile::Reconciler;
 use crate::store::{Store, StoreError};
 use crate::warmer::{Availability, EpochCheck, Warmer};
 
@@ -148,8 +149,8 @@ pub async fn run(
         // Its own connection, so flushing never queues behind requests.
         connect_redis(&config.redis_url, config.redis_timeout()).await?,
         blocking_pool(&config.redis_url, keys.partition_count())?,
-        store,
-        keys,
+        store.clone(),
+        keys.clone(),
         FlusherSettings {
             consumer: config.consumer_name(port),
             batch_size: config.flush_batch as usize,
@@ -160,6 +161,14 @@ pub async fn run(
         },
     );
     flusher.ensure_groups().await?;
+
+    let reconciler = Reconciler::new(
+        connect_redis(&config.redis_url, config.redis_timeout()).await?,
+        store.clone(),
+        keys.clone(),
+        warmer.clone(),
+        flusher.clone(),
+    );
 
     let background = CancellationToken::new();
     let reaper =
@@ -186,7 +195,7 @@ pub async fn run(
 
     let auth = RequireToken::new(config.admin_token.clone());
     let admin = pb::admin_server::AdminServer::with_interceptor(
-        AdminService::new(engine.clone(), flusher, warmer),
+        AdminService::new(engine.clone(), flusher, warmer, reconciler),
         move |req| auth.check(req),
     );
 

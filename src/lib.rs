@@ -20,6 +20,8 @@
 //!   after a data loss (noticed by the epoch in [`meta`], the deployment
 //!   record: partition count, schema, epoch); [`lock`] keeps such jobs to
 //!   one instance at a time.
+//! - [`reconcile`]: compares Redis and Postgres item by item, classifies
+//!   the differences and repairs them on request.
 //! - [`app`]: wires config, Redis, the server and the background tasks
 //!   together: `run(config, listener, shutdown)`.
 //! - [`config`], [`telemetry`]: flags/environment and logging.
@@ -38,6 +40,7 @@ pub mod keys;
 pub mod lock;
 pub mod meta;
 pub mod reaper;
+pub mod reconcile;
 pub mod scripts;
 pub mod store;
 pub mod telemetry;

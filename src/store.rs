@@ -258,6 +258,79 @@ impl Store {
         Ok(rows.into_iter().map(stock_row).collect())
     }
 
+    /// The rows of `items` that exist.
+    pub async fn stock_rows_for(
+        &self,
+        items: &[(String, String)],
+    ) -> Result<Vec<StockRow>, sqlx::Error> {
+        let (skus, locations): (Vec<&str>, Vec<&str>) =
+            items.iter().map(|(s, l)| (s.as_str(), l.as_str())).unzip();
+        let rows = sqlx::query(
+            "SELECT s.sku, s.location, s.available, s.reserved, s.version
+             FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
+             JOIN stock s ON s.sku = t.sku AND s.location = t.location",
+        )
+        .bind(&skus)
+        .bind(&locations)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(stock_row).collect())
+    }
+
+    /// Per item of `items`: (sum of d_available, sum of d_reserved) over its
+    /// ledger; items without ledger rows are absent.
+    pub async fn ledger_sums(
+        &self,
+        items: &[(String, String)],
+    ) -> Result<HashMap<(String, String), (i64, i64)>, sqlx::Error> {
+        let (skus, locations): (Vec<&str>, Vec<&str>) =
+            items.iter().map(|(s, l)| (s.as_str(), l.as_str())).unzip();
+        let rows = sqlx::query(
+            "SELECT l.sku, l.location, sum(l.d_available)::bigint AS a, sum(l.d_reserved)::bigint AS r
+             FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
+             JOIN stock_ledger l ON l.sku = t.sku AND l.location = t.location
+             GROUP BY l.sku, l.location",
+        )
+        .bind(&skus)
+        .bind(&locations)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ((r.get("sku"), r.get("location")), (r.get("a"), r.get("r"))))
+            .collect())
+    }
+
+    /// The items of `items` whose ledger does not hold versions 1..version
+    /// exactly once, or whose deltas do not sum to the stock row.
+    pub async fn ledger_mismatches(
+        &self,
+        items: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
+        let (skus, locations): (Vec<&str>, Vec<&str>) =
+            items.iter().map(|(s, l)| (s.as_str(), l.as_str())).unzip();
+        let rows = sqlx::query(
+            "SELECT s.sku, s.location
+             FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
+             JOIN stock s ON s.sku = t.sku AND s.location = t.location
+             LEFT JOIN LATERAL (
+                 SELECT count(*) AS n, min(version) AS lo, max(version) AS hi,
+                        coalesce(sum(d_available), 0) AS a, coalesce(sum(d_reserved), 0) AS r
+                 FROM stock_ledger l WHERE l.sku = s.sku AND l.location = s.location
+             ) g ON true
+             WHERE NOT (g.n = s.version AND g.lo = 1 AND g.hi = s.version
+                        AND g.a = s.available AND g.r = s.reserved)",
+        )
+        .bind(&skus)
+        .bind(&locations)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get("sku"), r.get("location")))
+            .collect())
+    }
+
     /// Every reservation row still `held`, by reservation and partition.
     pub async fn held_reservations(&self) -> Result<Vec<HeldRow>, sqlx::Error> {
         let rows = sqlx::query(

@@ -143,7 +143,7 @@ impl Warmer {
 
     /// Copies `rows` into Redis (version-guarded), grouped by partition and
     /// pipelined: one round trip for up to a page of rows.
-    async fn load_rows(&self, rows: &[StockRow]) -> Result<PreloadCounts, Error> {
+    pub async fn load_rows(&self, rows: &[StockRow]) -> Result<PreloadCounts, Error> {
         if rows.is_empty() {
             return Ok(PreloadCounts::default());
         }

@@ -291,7 +291,11 @@ pub async fn execute(
         }
         Command::Preload { skus, all } => {
             let r = admin
-                .preload(pb::PreloadRequest { skus, all, ..Default::default() })
+                .preload(pb::PreloadRequest {
+                    skus,
+                    all,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             Output::Preload(PreloadOut::from(r))
@@ -307,6 +311,7 @@ pub async fn execute(
                     skus,
                     all,
                     mode: mode as i32,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

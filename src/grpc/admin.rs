@@ -1,8 +1,6 @@
 //! `stockd.v1.Admin`: rpcs for cache warmers and SREs. The admin token is
 //! checked by the interceptor in `auth.rs` before any of these runs.
 //!
-//! Reconcile comes with its own issue; until then the generated default
-//! answers UNIMPLEMENTED.
 
 use std::time::Duration;
 
@@ -14,26 +12,52 @@ use crate::engine::Engine;
 use crate::error::Error;
 use crate::flusher::Flusher;
 use crate::pb;
+use crate::reconcile::{Class, Mode, Reconciler, Scope};
 use crate::warmer::{PreloadCounts, Warmer};
 
 pub struct AdminService {
     engine: Engine,
     flusher: Flusher,
     warmer: Warmer,
+    reconciler: Reconciler,
 }
 
 impl AdminService {
-    pub fn new(engine: Engine, flusher: Flusher, warmer: Warmer) -> Self {
+    pub fn new(engine: Engine, flusher: Flusher, warmer: Warmer, reconciler: Reconciler) -> Self {
         Self {
             engine,
             flusher,
             warmer,
+            reconciler,
         }
     }
 }
 
-/// Most SKUs one Preload may name.
-const MAX_PRELOAD_SKUS: usize = 10_000;
+/// SKUs of a Preload or Reconcile: either these or `all`.
+fn skus_or_all(skus: Vec<String>, all: bool) -> Result<Option<Vec<String>>, Error> {
+    match (all, skus.is_empty()) {
+        (true, false) => Err(Error::invalid("skus", "give SKUs or `all`, not both")),
+        (false, true) => Err(Error::invalid("skus", "give SKUs or `all`")),
+        (true, true) => Ok(None),
+        (false, false) => {
+            if skus.len() > MAX_SKUS {
+                return Err(Error::invalid(
+                    "skus",
+                    format!("at most {MAX_SKUS} SKUs per request, got {}", skus.len()),
+                ));
+            }
+            let skus = skus
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| Sku::parse(&format!("skus[{i}]"), s).map(|s| s.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(skus))
+        }
+    }
+}
+
+/// Most SKUs one Preload or Reconcile may name.
+const MAX_SKUS: usize = 10_000;
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
@@ -60,32 +84,10 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::PreloadRequest>,
     ) -> Result<Response<pb::PreloadResponse>, Status> {
         let req = request.into_inner();
-        let (counts, next) = match (req.all, req.skus.is_empty()) {
-            (true, false) => {
-                return Err(Error::invalid("skus", "give SKUs or `all`, not both").into());
-            }
-            (false, true) => return Err(Error::invalid("skus", "give SKUs or `all`").into()),
-            (false, false) => {
-                if req.skus.len() > MAX_PRELOAD_SKUS {
-                    return Err(Error::invalid(
-                        "skus",
-                        format!(
-                            "at most {MAX_PRELOAD_SKUS} SKUs per request, got {}",
-                            req.skus.len()
-                        ),
-                    )
-                    .into());
-                }
-                let skus = req
-                    .skus
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, s)| Sku::parse(&format!("skus[{i}]"), s).map(|s| s.to_string()))
-                    .collect::<Result<Vec<_>, _>>()?;
-                (self.warmer.preload_skus(&skus).await?, None)
-            }
-            (true, true) if req.page_size == 0 => (self.warmer.preload_all().await?, None),
-            (true, true) => {
+        let (counts, next) = match skus_or_all(req.skus, req.all)? {
+            Some(skus) => (self.warmer.preload_skus(&skus).await?, None),
+            None if req.page_size == 0 => (self.warmer.preload_all().await?, None),
+            None => {
                 let after = parse_cursor(&req.cursor)?;
                 self.warmer
                     .preload_page(after, i64::from(req.page_size))
@@ -105,6 +107,54 @@ impl pb::admin_server::Admin for AdminService {
             next_cursor: next
                 .map(|(sku, loc)| format!("{sku}\t{loc}"))
                 .unwrap_or_default(),
+        }))
+    }
+
+    #[tracing::instrument(name = "Reconcile", skip_all, fields(all = request.get_ref().all, mode = request.get_ref().mode))]
+    async fn reconcile(
+        &self,
+        request: Request<pb::ReconcileRequest>,
+    ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let req = request.into_inner();
+        let mode = match pb::ReconcileMode::try_from(req.mode) {
+            Ok(pb::ReconcileMode::Unspecified | pb::ReconcileMode::Report) => Mode::Report,
+            Ok(pb::ReconcileMode::Repair) => Mode::Repair,
+            Err(_) => {
+                return Err(Error::invalid("mode", format!("unknown mode {}", req.mode)).into());
+            }
+        };
+        let scope = match skus_or_all(req.skus, req.all)? {
+            Some(skus) => Scope::Skus(skus),
+            None => Scope::All,
+        };
+        let page_size = (req.page_size > 0).then_some(req.page_size as usize);
+        let report = self
+            .reconciler
+            .reconcile(scope, mode, page_size, &req.cursor)
+            .await?;
+        let level = |l: Option<crate::domain::StockLevel>| l.map(convert::level);
+        Ok(Response::new(pb::ReconcileResponse {
+            checked: report.checked,
+            in_sync: report.count(Class::InSync),
+            pending_flush: report.count(Class::PendingFlush),
+            redis_stale: report.count(Class::RedisStale),
+            drift: report.count(Class::Drift),
+            missing_in_redis: report.count(Class::MissingInRedis),
+            missing_in_postgres: report.count(Class::MissingInPostgres),
+            ledger_mismatch: report.count(Class::LedgerMismatch),
+            repaired: report.repaired,
+            items: report
+                .items
+                .into_iter()
+                .map(|i| pb::ReconcileItem {
+                    sku: i.sku,
+                    location: i.location,
+                    class: i.class.as_str().to_owned(),
+                    redis: level(i.redis),
+                    postgres: level(i.postgres),
+                })
+                .collect(),
+            next_cursor: report.next_cursor.unwrap_or_default(),
         }))
     }
 

@@ -49,6 +49,11 @@ script!(
     "set.lua"
 );
 script!(
+    /// Restate Redis's quantities as a `set` event (reconcile repair).
+    REPAIR,
+    "repair.lua"
+);
+script!(
     /// Reservation ids whose hold has lapsed (the reaper's query).
     DUE,
     "due.lua"

@@ -13,5 +13,6 @@ mod idempotency;
 mod lifecycle;
 mod model;
 mod proxy;
+mod reconcile;
 mod validation;
 mod warming;

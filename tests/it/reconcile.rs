@@ -1,0 +1,348 @@
+//! Reconciliation: every class planted on purpose and counted exactly;
+//! REPORT changes nothing; REPAIR fixes what it may and leaves pending items
+//! alone; a reconcile racing live reservations repairs nothing it should not.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use sqlx::Connection;
+use stockd::pb;
+use tonic::Code;
+
+use crate::common::*;
+
+fn reconcile(mode: pb::ReconcileMode) -> pb::ReconcileRequest {
+    pb::ReconcileRequest {
+        all: true,
+        mode: mode as i32,
+        ..Default::default()
+    }
+}
+
+fn counts(r: &pb::ReconcileResponse) -> [u64; 8] {
+    [
+        r.checked,
+        r.in_sync,
+        r.pending_flush,
+        r.redis_stale,
+        r.drift,
+        r.missing_in_redis,
+        r.missing_in_postgres,
+        r.ledger_mismatch,
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_class_is_planted_counted_and_repaired() {
+    let app = spawn_app_with(Options {
+        extra_args: vec!["--database-max-connections".into(), "24".into()],
+        ..Options::default()
+    })
+    .await;
+    for sku in [
+        "ok-1",
+        "ok-2",
+        "pending",
+        "stale",
+        "drift-qty",
+        "drift-gap",
+        "gone",
+        "pg-lost",
+        "ledger-bad",
+    ] {
+        app.seed(sku, "", 10).await;
+    }
+    let mut inv = app.inventory.clone();
+    inv.adjust(pb::AdjustRequest {
+        request_id: "a".into(),
+        sku: "stale".into(),
+        location: String::new(),
+        delta: 5,
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let pool = app.postgres().await;
+    assert_converged(
+        &mut app.redis.clone(),
+        &app.namespace,
+        &pool,
+        Duration::from_secs(20),
+    )
+    .await;
+
+    // Plant the classes.
+    let mut conn = app.redis.clone();
+    let hset = |sku: &str, fields: &[&str]| {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(app.keys.stock(sku, "default")).arg(fields);
+        cmd
+    };
+    let _: () = hset("stale", &["avail", "10", "ver", "1"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = hset("drift-qty", &["avail", "3"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = hset("drift-gap", &["ver", "9"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.stock("gone", "default"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM stock WHERE sku = 'pg-lost'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE stock_ledger SET d_available = d_available + 1 WHERE sku = 'ledger-bad'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // Hold the flusher: its first statement (INSERT into the ledger) waits
+    // for this lock, while reads go on.
+    let mut blocker = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE stock_ledger IN EXCLUSIVE MODE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    inv.decrement(pb::DecrementRequest {
+        request_id: "d".into(),
+        lines: vec![line("pending", "", 1)],
+    })
+    .await
+    .unwrap();
+    app.seed("pending-new", "", 6).await;
+
+    let redis_before = app.snapshot().await;
+    let postgres_before = levels_in_postgres(&pool).await;
+    let mut admin = app.admin.clone();
+    let report = admin
+        .reconcile(reconcile(pb::ReconcileMode::Report))
+        .await
+        .unwrap()
+        .into_inner();
+    // checked, in_sync, pending_flush, redis_stale, drift, missing_in_redis, missing_in_postgres, ledger
+    assert_eq!(counts(&report), [10, 3, 2, 1, 2, 1, 1, 1], "{report:#?}");
+    assert_eq!(report.repaired, 0);
+    let classes: HashMap<String, String> = report
+        .items
+        .iter()
+        .map(|i| (i.sku.clone(), i.class.clone()))
+        .collect();
+    assert_eq!(classes["pending"], "pending_flush");
+    assert_eq!(classes["pending-new"], "pending_flush");
+    assert_eq!(classes["stale"], "redis_stale");
+    assert_eq!(classes["drift-qty"], "drift");
+    assert_eq!(classes["drift-gap"], "drift");
+    assert_eq!(classes["gone"], "missing_in_redis");
+    assert_eq!(classes["pg-lost"], "missing_in_postgres");
+    assert_eq!(classes["ledger-bad"], "ledger_mismatch");
+    let drifted = report.items.iter().find(|i| i.sku == "drift-qty").unwrap();
+    assert_eq!(drifted.redis.as_ref().unwrap().available, 3);
+    assert_eq!(drifted.postgres.as_ref().unwrap().available, 10);
+    assert_eq!(
+        app.snapshot().await,
+        redis_before,
+        "REPORT changes nothing in Redis"
+    );
+    assert_eq!(
+        levels_in_postgres(&pool).await,
+        postgres_before,
+        "nor in Postgres"
+    );
+
+    // Paged, the same counts.
+    let mut paged = [0u64; 8];
+    let mut cursor = String::new();
+    loop {
+        let page = admin
+            .reconcile(pb::ReconcileRequest {
+                page_size: 3,
+                cursor,
+                ..reconcile(pb::ReconcileMode::Report)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for (total, n) in paged.iter_mut().zip(counts(&page)) {
+            *total += n;
+        }
+        if page.next_cursor.is_empty() {
+            break;
+        }
+        cursor = page.next_cursor;
+    }
+    assert_eq!(paged, [10, 3, 2, 1, 2, 1, 1, 1]);
+
+    // One at a time: a second reconcile while one holds the lock is refused.
+    let lock = format!("{}:reconcile", app.keys.meta());
+    let _: () = redis::cmd("SET")
+        .arg(&lock)
+        .arg("someone")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let refused = admin
+        .reconcile(reconcile(pb::ReconcileMode::Report))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let _: () = redis::cmd("DEL")
+        .arg(&lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let pending_before = app.level("pending", "").await.unwrap();
+    let repair = admin
+        .reconcile(reconcile(pb::ReconcileMode::Repair))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        repair.repaired, 5,
+        "stale, gone, two drifts, pg-lost: {repair:#?}"
+    );
+    assert_eq!(
+        app.level("pending", "").await.unwrap(),
+        pending_before,
+        "a pending item is never repaired"
+    );
+    assert_eq!(
+        app.level("stale", "").await.unwrap().version,
+        2,
+        "Postgres's newer state loaded"
+    );
+    assert_eq!(app.level("gone", "").await.unwrap().available, 10);
+    assert_eq!(
+        app.level("drift-qty", "").await.unwrap().available,
+        3,
+        "Redis stays the truth"
+    );
+
+    // Let the flusher go; undo the ledger tamper (a ledger mismatch is
+    // reported for a person to look at, not repaired).
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    sqlx::query("UPDATE stock_ledger SET d_available = d_available - 1 WHERE sku = 'ledger-bad'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "Postgres to follow the repairs",
+        || async {
+            let redis_levels = levels_in_redis(&mut app.redis.clone(), &app.namespace).await;
+            (levels_in_postgres(&pool).await == redis_levels).then_some(())
+        },
+    )
+    .await;
+    let after = admin
+        .reconcile(reconcile(pb::ReconcileMode::Report))
+        .await
+        .unwrap()
+        .into_inner();
+    // Zero drift. The version gap planted in Redis stays visible in the
+    // ledger audit: those versions never had events.
+    assert_eq!(counts(&after), [10, 10, 0, 0, 0, 0, 0, 1], "{after:#?}");
+    assert_eq!(after.items.len(), 1);
+    assert_eq!(
+        (after.items[0].sku.as_str(), after.items[0].class.as_str()),
+        ("drift-gap", "ledger_mismatch")
+    );
+    // Where only Postgres lost the row, the repair's deltas complete the
+    // ledger again: it sums to the row.
+    let (n, sum_a): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), sum(d_available)::bigint FROM stock_ledger WHERE sku = 'pg-lost'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((n, sum_a), (2, 10));
+    let ops: Vec<String> = app
+        .events()
+        .await
+        .iter()
+        .filter(|e| e.get("sku") == "drift-qty")
+        .map(|e| e.get("op").to_owned())
+        .collect();
+    assert_eq!(
+        ops,
+        vec!["set", "set"],
+        "the repair is a `set` event in the ledger"
+    );
+    pool.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconcile_racing_live_reservations_repairs_nothing() {
+    let app = spawn_app().await;
+    let skus: Vec<String> = (0..5).map(|i| format!("live-{i}")).collect();
+    for sku in &skus {
+        app.seed(sku, "", 10_000).await;
+    }
+    let mut successes: HashMap<String, i64> = HashMap::new();
+    for round in 0..8 {
+        let reserves = (0..60).map(|i| {
+            let mut inv = app.inventory.clone();
+            let sku = skus[i % skus.len()].clone();
+            async move {
+                let ok = inv
+                    .reserve(pb::ReserveRequest {
+                        reservation_id: format!("r{round}-{i}"),
+                        lines: vec![line(&sku, "", 1)],
+                        ttl_seconds: 600,
+                    })
+                    .await
+                    .is_ok();
+                (sku, ok)
+            }
+        });
+        let mut admin = app.admin.clone();
+        let repair = async move {
+            match admin.reconcile(reconcile(pb::ReconcileMode::Repair)).await {
+                Ok(r) => r.into_inner().repaired,
+                Err(s) => panic!("{s:?}"),
+            }
+        };
+        let (results, repaired) = tokio::join!(join_all(reserves), repair);
+        assert_eq!(
+            repaired, 0,
+            "round {round}: live traffic is pending, never drift"
+        );
+        for (sku, ok) in results {
+            *successes.entry(sku).or_default() += i64::from(ok);
+        }
+    }
+    for sku in &skus {
+        let n = successes[sku];
+        let level = app.level(sku, "").await.unwrap();
+        assert_eq!(
+            (level.available, level.reserved, level.version),
+            (10_000 - n, n, 1 + n),
+            "{sku}"
+        );
+    }
+    let pool = app.postgres().await;
+    assert_converged(
+        &mut app.redis.clone(),
+        &app.namespace,
+        &pool,
+        Duration::from_secs(20),
+    )
+    .await;
+    pool.close().await;
+    app.stop().await;
+}
