@@ -8,12 +8,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineSettings};
 use crate::flusher::{FlushError, Flusher, FlusherSettings};
-use crate::grpc::{AdminService, InventoryService, RequireToken};
+use crate::grpc::{AdminService, AdmissionLayer, InventoryService, RequireToken};
 use crate::keys::Keyspace;
 use crate::meta::{self, MetaError};
 use crate::pb;
@@ -37,6 +38,8 @@ pub enum StartError {
     Flusher(#[from] FlushError),
     #[error("cannot warm Redis from Postgres: {0}")]
     Warm(#[source] crate::error::Error),
+    #[error("cannot read the TLS files: {0}")]
+    Tls(String),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
@@ -64,6 +67,22 @@ fn blocking_pool(url: &str, partitions: u32) -> Result<deadpool_redis::Pool, Sta
     let mut config = deadpool_redis::Config::from_url(url);
     config.pool = Some(deadpool_redis::PoolConfig::new(partitions as usize + 2));
     Ok(config.create_pool(Some(deadpool_redis::Runtime::Tokio1))?)
+}
+
+/// TLS from `--tls-cert`/`--tls-key`, and client certificates from
+/// `--tls-client-ca` (mutual TLS); `None` for plaintext.
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, StartError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
 }
 
 /// Checks the epoch until Redis is warm: re-warms it when this instance may,
@@ -193,20 +212,40 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let auth = RequireToken::new(config.admin_token.clone());
-    let admin = pb::admin_server::AdminServer::with_interceptor(
-        AdminService::new(engine.clone(), flusher, warmer, reconciler),
-        move |req| auth.check(req),
+    let admin_auth = RequireToken::new(config.admin_token.clone());
+    let admin = InterceptedService::new(
+        pb::admin_server::AdminServer::new(AdminService::new(
+            engine.clone(),
+            flusher,
+            warmer,
+            reconciler,
+        ))
+        .max_decoding_message_size(config.max_request_bytes),
+        move |req| admin_auth.check(req),
+    );
+    let client_auth = RequireToken::new(config.client_token.clone());
+    let inventory = InterceptedService::new(
+        pb::inventory_server::InventoryServer::new(InventoryService::new(engine))
+            .max_decoding_message_size(config.max_request_bytes),
+        move |req| client_auth.check(req),
     );
 
+    let mut server = Server::builder();
+    if let Some(tls) = tls_config(&config)? {
+        server = server.tls_config(tls)?;
+    }
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "serving gRPC");
-    let served = Server::builder()
+    tracing::info!(
+        ?addr,
+        tls = config.tls_cert.is_some(),
+        mtls = config.tls_client_ca.is_some(),
+        "serving gRPC"
+    );
+    let served = server
+        .layer(AdmissionLayer::new(config.max_concurrent_requests as usize))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::inventory_server::InventoryServer::new(
-            InventoryService::new(engine),
-        ))
+        .add_service(inventory)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await;

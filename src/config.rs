@@ -20,6 +20,32 @@ pub struct Config {
     #[arg(long, env = "STOCKD_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the Prometheus endpoint (`/metrics`); empty = none.
+    #[arg(long, env = "STOCKD_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
+
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "STOCKD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "STOCKD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "STOCKD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// Largest request accepted, in bytes; larger ones are refused.
+    #[arg(long, env = "STOCKD_MAX_REQUEST_BYTES", default_value_t = 256 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Requests served at once; past it requests are refused at once with
+    /// RESOURCE_EXHAUSTED instead of queueing.
+    #[arg(long, env = "STOCKD_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
     /// Redis URL (may carry a password; it is never logged).
     #[arg(
         long,
@@ -85,6 +111,10 @@ pub struct Config {
     /// When set, every Admin rpc needs `authorization: Bearer <token>`.
     #[arg(long, env = "STOCKD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// When set, every Inventory rpc needs `authorization: Bearer <token>`.
+    #[arg(long, env = "STOCKD_CLIENT_TOKEN", hide_env_values = true)]
+    pub client_token: Option<String>,
 
     /// How long finished reservations and request outcomes are kept for
     /// replays, in seconds.
@@ -160,6 +190,12 @@ impl std::fmt::Debug for Config {
             .field("instance_id", &self.instance_id)
             .field("partitions", &self.partitions)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("client_token", &self.client_token.as_ref().map(|_| "<set>"))
+            .field("metrics_addr", &self.metrics_addr)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_client_ca", &self.tls_client_ca)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("idempotency_window_secs", &self.idempotency_window_secs)
             .field("reaper_interval_ms", &self.reaper_interval_ms)
             .field("epoch_check_ms", &self.epoch_check_ms)

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use metrics::counter;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::RequestId;
@@ -48,7 +49,10 @@ impl Reaper {
                         Err(_) => Expiry::Unknown,
                     };
                     match result {
-                        Expiry::Expired => outcome.expired += 1,
+                        Expiry::Expired => {
+                            outcome.expired += 1;
+                            counter!("stockd_reservations_expired_total").increment(1);
+                        }
                         Expiry::NotDue => outcome.raced += 1,
                         Expiry::Unknown => self.engine.forget_expiry(partition, &raw).await?,
                     }

@@ -80,7 +80,7 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        migrate(&pool).await?;
         Ok(Self { pool })
     }
 
@@ -401,6 +401,27 @@ fn stock_row(r: sqlx::postgres::PgRow) -> StockRow {
         reserved: r.get("reserved"),
         version: r.get("version"),
     }
+}
+
+/// The schema's migrations, embedded in the binary.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Runs the migrations that have not run yet. When all have, nothing is
+/// asked of the database but a read, so stockd can run as a role without
+/// DDL rights once the schema exists (docs: deploy/postgres-grants.sql).
+async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+    let pending = MIGRATOR
+        .iter()
+        .any(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version));
+    if pending {
+        MIGRATOR.run(pool).await?;
+    }
+    Ok(())
 }
 
 /// Creates the database named in `options` when it does not exist, through

@@ -11,6 +11,10 @@ async fn main() -> std::process::ExitCode {
     let config = Config::parse();
     telemetry::init(&config.log, config.log_format);
     tracing::info!(?config, "starting stockd");
+    if let Err(err) = telemetry::install_metrics(&config.metrics_addr) {
+        tracing::error!(addr = %config.metrics_addr, error = %err, "cannot serve metrics");
+        return std::process::ExitCode::FAILURE;
+    }
 
     let listener = match TcpListener::bind(config.grpc_addr).await {
         Ok(listener) => listener,

@@ -1,11 +1,14 @@
 //! The gRPC surface: the `Inventory` and `Admin` services, request
-//! conversion, and the admin token check.
+//! conversion, bearer-token checks, and admission (load shedding, request
+//! spans and metrics).
 
 mod admin;
+mod admission;
 mod auth;
 mod convert;
 mod inventory;
 
 pub use admin::AdminService;
+pub use admission::AdmissionLayer;
 pub use auth::RequireToken;
 pub use inventory::InventoryService;

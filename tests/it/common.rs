@@ -73,6 +73,8 @@ pub struct Options {
     /// Another Redis than the shared test one (a fault test's own).
     pub redis_url: Option<String>,
     pub extra_args: Vec<String>,
+    /// How the test's own clients reach a server that serves TLS.
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for Options {
@@ -83,6 +85,7 @@ impl Default for Options {
             partitions: 16,
             redis_url: None,
             extra_args: Vec::new(),
+            client_tls: None,
         }
     }
 }
@@ -127,8 +130,14 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let mut server = tokio::spawn(app::run(config, listener, shutdown.clone()));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
+    let endpoint = match &options.client_tls {
+        None => Channel::from_shared(format!("http://{addr}")).unwrap(),
+        Some(tls) => Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls.clone())
+            .unwrap(),
+    };
+    let channel = endpoint
         .connect()
         .await
         .expect("connect to the test server");

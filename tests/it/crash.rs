@@ -4,11 +4,9 @@
 //! SIGTERM. After each, Postgres must end up equal to Redis, with every
 //! version in the ledger exactly once.
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
 use redis::aio::ConnectionManager;
@@ -19,113 +17,7 @@ use tonic::transport::Channel;
 
 use crate::common::*;
 use crate::flush::random_load;
-
-/// A stockd process of the test's own.
-struct Stockd {
-    child: Child,
-    addr: SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl Stockd {
-    async fn start(namespace: &str, database_url: &str, instance: &str, failpoint: bool) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("{namespace}-{instance}-{port}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
-        cmd.args(["--grpc-addr", &addr.to_string()])
-            .args(["--namespace", namespace])
-            .args(["--redis-url", &redis_url()])
-            .args(["--database-url", database_url])
-            .args(["--instance-id", instance])
-            .args(["--flush-claim-idle-ms", "1000"])
-            .args(["--flush-batch", "50"])
-            .args(["--database-max-connections", "4"])
-            .env("STOCKD_LOG", "info")
-            .env_remove("STOCKD_FAILPOINT")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::null());
-        if failpoint {
-            cmd.env("STOCKD_FAILPOINT", "crash-after-commit");
-        }
-        let mut child = cmd.spawn().expect("start stockd");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "stockd exited while starting ({status}); log: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect()
-                .await
-            {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-                if health
-                    .check(tonic_health::pb::HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .is_ok()
-                {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stockd did not start within 30 s"
-            );
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-        Self { child, addr, log }
-    }
-
-    fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect_lazy()
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
-        eventually(deadline, "stockd to exit", || {
-            let status = self.child.try_wait().unwrap();
-            async move { status }
-        })
-        .await
-    }
-
-    async fn terminate(&mut self) -> ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        self.wait_exit(Duration::from_secs(20)).await
-    }
-}
-
-impl Drop for Stockd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::process::Stockd;
 
 /// Random operations against `addr` until `stop`; failures (the server is
 /// being killed) are expected and ignored.

@@ -12,6 +12,8 @@ mod flush;
 mod idempotency;
 mod lifecycle;
 mod model;
+mod operability;
+mod process;
 mod proxy;
 mod reconcile;
 mod validation;

@@ -1,0 +1,693 @@
+//! Operability and security: metrics, tokens, TLS and mutual TLS, request
+//! size and concurrency limits, least-privilege Redis and Postgres users, and
+//! secrets kept out of logs.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures::future::join_all;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+use stockd::pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::common::*;
+use crate::faults::OwnRedis;
+use crate::process::Stockd;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn scrape(port: u16) -> String {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// The value of the first sample of `name` whose labels contain all of `labels`.
+fn sample(scrape: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_are_exported_and_move_after_traffic() {
+    let namespace = unique_namespace("metrics");
+    let database = namespace.replace('-', "_");
+    let port = free_port();
+    let stockd = Stockd::start_with(
+        &namespace,
+        &postgres_url(&database),
+        "metrics",
+        false,
+        &[
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--reaper-interval-ms".into(),
+            "50".into(),
+        ],
+    )
+    .await;
+    let channel = stockd.channel();
+    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+    let mut inv = pb::inventory_client::InventoryClient::new(channel);
+    admin
+        .set_stock(pb::SetStockRequest {
+            request_id: "s".into(),
+            sku: "m".into(),
+            location: String::new(),
+            available: 5,
+            expected_version: None,
+        })
+        .await
+        .unwrap();
+    let hold = |id: &str, qty: i64, ttl: u32| pb::ReserveRequest {
+        reservation_id: id.into(),
+        lines: vec![line("m", "", qty)],
+        ttl_seconds: ttl,
+    };
+    inv.reserve(hold("lapses", 1, 1)).await.unwrap();
+    inv.reserve(hold("sold", 1, 600)).await.unwrap();
+    inv.commit(pb::CommitRequest {
+        reservation_id: "sold".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        code_of(inv.reserve(hold("too-many", 99, 600)).await),
+        Code::FailedPrecondition
+    );
+
+    eventually(
+        Duration::from_secs(20),
+        "the hold to expire and the flush to show",
+        || async {
+            let text = scrape(port).await;
+            let expired = sample(&text, "stockd_reservations_expired_total", &[])?;
+            let flushed = sample(&text, "stockd_flushed_events_total", &[])?;
+            (expired >= 1.0 && flushed >= 5.0).then_some(text)
+        },
+    )
+    .await;
+    // Once flushed, a reconcile finds the item in sync.
+    let report = admin
+        .reconcile(pb::ReconcileRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.in_sync, 1, "{report:?}");
+    let text = scrape(port).await;
+    assert!(
+        sample(
+            &text,
+            "stockd_requests_total",
+            &["rpc=\"Reserve\"", "code=\"Ok\""]
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "stockd_requests_total",
+            &["rpc=\"Reserve\"", "code=\"FailedPrecondition\""]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "stockd_request_duration_seconds_bucket",
+            &["rpc=\"Commit\"", "le=\"+Inf\""]
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(sample(&text, "stockd_flush_batch_duration_seconds_count", &[]).unwrap() >= 1.0);
+    assert_eq!(
+        sample(&text, "stockd_reconcile_items", &["class=\"in_sync\""]),
+        Some(1.0)
+    );
+    for name in [
+        "stockd_unflushed_events",
+        "stockd_oldest_unflushed_age_seconds",
+        "stockd_flush_retries_total",
+        "stockd_dead_letters_total",
+        "stockd_redis_epoch_changes_total",
+    ] {
+        assert!(
+            sample(&text, name, &[]).is_some(),
+            "{name} missing from:\n{text}"
+        );
+    }
+    let mut stockd = stockd;
+    assert_eq!(stockd.terminate().await.code(), Some(0));
+    delete_namespace(
+        &mut stockd::app::connect_redis(&redis_url(), Duration::from_secs(5))
+            .await
+            .unwrap(),
+        &namespace,
+    )
+    .await;
+    drop_database(&database).await;
+}
+
+fn with<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn tokens_guard_admin_and_inventory_rpcs() {
+    let app = spawn_app_with(Options {
+        extra_args: vec![
+            "--admin-token".into(),
+            "adm1n".into(),
+            "--client-token".into(),
+            "cl1ent".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+
+    let get = || pb::GetStockRequest {
+        items: vec![pb::ItemRef {
+            sku: "x".into(),
+            location: String::new(),
+        }],
+    };
+    let mut inv = app.inventory.clone();
+    assert_eq!(code_of(inv.get_stock(get()).await), Code::Unauthenticated);
+    assert_eq!(
+        code_of(inv.get_stock(with("adm1n", get())).await),
+        Code::Unauthenticated,
+        "tokens are per service"
+    );
+    inv.get_stock(with("cl1ent", get())).await.unwrap();
+    let mut admin = app.admin.clone();
+    assert_eq!(
+        code_of(
+            admin
+                .flush_status(with("cl1ent", pb::FlushStatusRequest {}))
+                .await
+        ),
+        Code::Unauthenticated
+    );
+    admin
+        .flush_status(with("adm1n", pb::FlushStatusRequest {}))
+        .await
+        .unwrap();
+    app.stop().await;
+}
+
+/// A certificate authority for the test, and leaf certificates it signs.
+struct TestCa {
+    params: CertificateParams,
+    key: KeyPair,
+    pem: String,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Self { params, key, pem }
+    }
+
+    /// (certificate PEM, key PEM) for `name`, for a server or a client.
+    fn leaf(&self, name: &str, usage: ExtendedKeyUsagePurpose) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.extended_key_usages = vec![usage];
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        (
+            params.signed_by(&key, &issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    }
+}
+
+fn write(dir: &std::path::Path, name: &str, content: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+async fn get_stock(channel: Result<Channel, tonic::transport::Error>) -> Result<(), String> {
+    let channel = channel.map_err(|e| e.to_string())?;
+    pb::inventory_client::InventoryClient::new(channel)
+        .get_stock(pb::GetStockRequest {
+            items: vec![pb::ItemRef {
+                sku: "x".into(),
+                location: String::new(),
+            }],
+        })
+        .await
+        .map(drop)
+        .map_err(|s| s.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls_refuse_plaintext_and_untrusted_clients() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_namespace("tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = TestCa::new("stockd test CA");
+    let stranger = TestCa::new("someone else");
+    let (server_cert, server_key) = ca.leaf("localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    let (client_cert, client_key) = ca.leaf("checkout", ExtendedKeyUsagePurpose::ClientAuth);
+    let (rogue_cert, rogue_key) = stranger.leaf("rogue", ExtendedKeyUsagePurpose::ClientAuth);
+    let server_tls = |identity: Option<(&str, &str)>| {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ca.pem))
+            .domain_name("localhost");
+        match identity {
+            Some((cert, key)) => tls.identity(Identity::from_pem(cert, key)),
+            None => tls,
+        }
+    };
+    let args = vec![
+        "--tls-cert".into(),
+        write(&dir, "server.pem", &server_cert),
+        "--tls-key".into(),
+        write(&dir, "server.key", &server_key),
+        "--tls-client-ca".into(),
+        write(&dir, "ca.pem", &ca.pem),
+    ];
+    let app = spawn_app_with(Options {
+        extra_args: args,
+        client_tls: Some(server_tls(Some((&client_cert, &client_key)))),
+        ..Options::default()
+    })
+    .await;
+    let https = || Channel::from_shared(format!("https://{}", app.addr)).unwrap();
+
+    // mutual TLS: a trusted client certificate is let in...
+    get_stock(
+        https()
+            .tls_config(server_tls(Some((&client_cert, &client_key))))
+            .unwrap()
+            .connect()
+            .await,
+    )
+    .await
+    .unwrap();
+    // ...plaintext, no certificate, or one from another CA are not.
+    assert!(
+        get_stock(
+            Channel::from_shared(format!("http://{}", app.addr))
+                .unwrap()
+                .connect()
+                .await
+        )
+        .await
+        .is_err()
+    );
+    assert!(
+        get_stock(
+            https()
+                .tls_config(server_tls(None))
+                .unwrap()
+                .connect()
+                .await
+        )
+        .await
+        .is_err()
+    );
+    assert!(
+        get_stock(
+            https()
+                .tls_config(server_tls(Some((&rogue_cert, &rogue_key))))
+                .unwrap()
+                .connect()
+                .await
+        )
+        .await
+        .is_err()
+    );
+    app.stop().await;
+
+    // TLS without client certificates: any client that trusts the server.
+    let app = spawn_app_with(Options {
+        extra_args: vec![
+            "--tls-cert".into(),
+            write(&dir, "server.pem", &server_cert),
+            "--tls-key".into(),
+            write(&dir, "server.key", &server_key),
+        ],
+        client_tls: Some(server_tls(None)),
+        ..Options::default()
+    })
+    .await;
+    let https = || Channel::from_shared(format!("https://{}", app.addr)).unwrap();
+    get_stock(
+        https()
+            .tls_config(server_tls(None))
+            .unwrap()
+            .connect()
+            .await,
+    )
+    .await
+    .unwrap();
+    assert!(
+        get_stock(
+            Channel::from_shared(format!("http://{}", app.addr))
+                .unwrap()
+                .connect()
+                .await
+        )
+        .await
+        .is_err()
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_requests_and_floods_are_refused_fast() {
+    let app = spawn_app_with(Options {
+        extra_args: vec!["--max-concurrent-requests".into(), "2".into()],
+        ..Options::default()
+    })
+    .await;
+    app.seed("limit", "", 1_000_000).await;
+    let before = app.level("limit", "").await.unwrap();
+    let status = app
+        .inventory
+        .clone()
+        .adjust(pb::AdjustRequest {
+            request_id: "big".into(),
+            sku: "limit".into(),
+            location: String::new(),
+            delta: 1,
+            reason: "x".repeat(300 * 1024),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    assert_eq!(
+        app.level("limit", "").await.unwrap(),
+        before,
+        "a refused request changes nothing"
+    );
+
+    // A flood far beyond the limit: some are refused at once, none queue
+    // forever, none fail otherwise.
+    let flood = (0..400).map(|i| {
+        let mut inv = app.inventory.clone();
+        async move {
+            inv.reserve(pb::ReserveRequest {
+                reservation_id: format!("f{i}"),
+                lines: vec![line("limit", "", 1)],
+                ttl_seconds: 600,
+            })
+            .await
+        }
+    });
+    let results = join_all(flood).await;
+    let shed = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted))
+        .count();
+    let served = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(shed + served, 400, "only refusals or successes");
+    assert!(shed > 0, "the flood was shed");
+    let level = app.level("limit", "").await.unwrap();
+    assert_eq!(
+        level.reserved, served as i64,
+        "every served reservation counted, no refused one"
+    );
+
+    // A well-behaved client backs off on RESOURCE_EXHAUSTED and gets through.
+    let mut inv = app.inventory.clone();
+    let mut backoff = POLL_INTERVAL;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match inv
+            .reserve(pb::ReserveRequest {
+                reservation_id: "polite".into(),
+                lines: vec![line("limit", "", 1)],
+                ttl_seconds: 600,
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::ResourceExhausted && attempts < 50 => {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stockd_runs_as_a_restricted_redis_user() {
+    let redis = OwnRedis::start().await;
+    let namespace = unique_namespace("acl");
+    let admin_url = redis.url();
+    let client = redis::Client::open(admin_url.as_str()).unwrap();
+    let mut root = client.get_multiplexed_async_connection().await.unwrap();
+    // deploy/redis-acl.txt, with this test's namespace for `stockd`.
+    let rules =
+        include_str!("../../deploy/redis-acl.txt").replace("~stockd:*", &format!("~{namespace}:*"));
+    let mut setuser = redis::cmd("ACL");
+    setuser.arg("SETUSER").arg("stockd").arg(">s3cret-acl");
+    for rule in rules.split_whitespace() {
+        setuser.arg(rule);
+    }
+    let () = setuser.query_async(&mut root).await.unwrap();
+    let restricted = format!("redis://stockd:s3cret-acl@127.0.0.1:{}", redis.port);
+
+    let app = spawn_app_with(Options {
+        namespace,
+        redis_url: Some(admin_url),
+        extra_args: vec!["--redis-url".into(), restricted.clone()],
+        ..Options::default()
+    })
+    .await;
+    // The full path: stock, holds, expiry, flush, warming, reconcile, status.
+    app.seed("acl", "", 10).await;
+    let mut inv = app.inventory.clone();
+    let hold = |id: &str, ttl: u32| pb::ReserveRequest {
+        reservation_id: id.into(),
+        lines: vec![line("acl", "", 1)],
+        ttl_seconds: ttl,
+    };
+    inv.reserve(hold("a", 600)).await.unwrap();
+    inv.commit(pb::CommitRequest {
+        reservation_id: "a".into(),
+    })
+    .await
+    .unwrap();
+    inv.reserve(hold("b", 1)).await.unwrap();
+    inv.decrement(pb::DecrementRequest {
+        request_id: "d".into(),
+        lines: vec![line("acl", "", 2)],
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(15), "the hold to expire", || async {
+        (app.level("acl", "").await.unwrap().reserved == 0).then_some(())
+    })
+    .await;
+    let pool = app.postgres().await;
+    assert_converged(
+        &mut app.redis.clone(),
+        &app.namespace,
+        &pool,
+        Duration::from_secs(20),
+    )
+    .await;
+    let mut admin = app.admin.clone();
+    admin
+        .preload(pb::PreloadRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let report = admin
+        .reconcile(pb::ReconcileRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((report.checked, report.in_sync), (1, 1));
+    admin.flush_status(pb::FlushStatusRequest {}).await.unwrap();
+
+    // What the user may not do.
+    let mut user = redis::Client::open(restricted.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for cmd in [
+        redis::cmd("FLUSHALL"),
+        redis::cmd("CONFIG").arg("GET").arg("maxmemory").to_owned(),
+        redis::cmd("GET").arg("other:key").to_owned(),
+    ] {
+        let err = cmd
+            .query_async::<redis::Value>(&mut user)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("NOPERM"), "{err:?}");
+    }
+    pool.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stockd_runs_as_a_postgres_role_without_ddl_rights() {
+    // The first start creates the schema as the owner...
+    let first = spawn_app().await;
+    first.seed("pg", "", 10).await;
+    let namespace = first.namespace.clone();
+    let database = first.database.clone();
+    first.stop_keep_data().await;
+    // ...then deploy/postgres-grants.sql gives a role what it needs.
+    let role = format!("stockd_app_{}", database.rsplit('_').next().unwrap());
+    let grants = include_str!("../../deploy/postgres-grants.sql")
+        .replace("stockd_app", &role)
+        .replace("DATABASE stockd", &format!("DATABASE \"{database}\""));
+    let owner = sqlx::PgPool::connect(&postgres_url(&database))
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(grants))
+        .execute(&owner)
+        .await
+        .unwrap();
+
+    let app = spawn_app_with(Options {
+        namespace,
+        database_url: Some(format!("postgres://{role}@127.0.0.1:5432/{database}")),
+        ..Options::default()
+    })
+    .await;
+    let mut inv = app.inventory.clone();
+    inv.reserve(pb::ReserveRequest {
+        reservation_id: "r".into(),
+        lines: vec![line("pg", "", 2)],
+        ttl_seconds: 600,
+    })
+    .await
+    .unwrap();
+    inv.release(pb::ReleaseRequest {
+        reservation_id: "r".into(),
+    })
+    .await
+    .unwrap();
+    assert_converged(
+        &mut app.redis.clone(),
+        &app.namespace,
+        &owner,
+        Duration::from_secs(20),
+    )
+    .await;
+    let mut admin = app.admin.clone();
+    admin
+        .reconcile(pb::ReconcileRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .preload(pb::PreloadRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let denied = sqlx::query("DELETE FROM stock")
+        .execute(
+            &sqlx::PgPool::connect(&format!("postgres://{role}@127.0.0.1:5432/{database}"))
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+    owner.close().await;
+    app.stop().await;
+    let server = sqlx::PgPool::connect(&postgres_url("postgres"))
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS \"{role}\""
+    )))
+    .execute(&server)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn passwords_never_reach_the_logs() {
+    let closed = free_port();
+    for (redis, database) in [
+        (
+            format!("redis://:Sup3rS3cretR@127.0.0.1:{closed}"),
+            postgres_url("unused"),
+        ),
+        (
+            redis_url(),
+            format!("postgres://postgres:Sup3rS3cretP@127.0.0.1:{closed}/x"),
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_stockd"))
+            .args(["--grpc-addr", "127.0.0.1:0", "--metrics-addr", ""])
+            .args(["--namespace", &unique_namespace("secret")])
+            .args(["--redis-url", &redis, "--database-url", &database])
+            .args(["--redis-timeout-ms", "500"])
+            .env("STOCKD_LOG", "debug")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            !output.status.success(),
+            "stockd cannot start without its stores"
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!text.contains("Sup3rS3cret"), "a password leaked:\n{text}");
+        assert!(text.contains("cannot"), "the failure is explained:\n{text}");
+    }
+}

@@ -1,0 +1,136 @@
+//! The real `stockd` binary as a child process of a test: started with a
+//! namespace, database and instance id of the test's own, killed or stopped
+//! by it.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+
+use crate::common::*;
+
+/// A stockd process of the test's own.
+pub struct Stockd {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: std::path::PathBuf,
+}
+
+impl Stockd {
+    pub async fn start(
+        namespace: &str,
+        database_url: &str,
+        instance: &str,
+        failpoint: bool,
+    ) -> Self {
+        Self::start_with(namespace, database_url, instance, failpoint, &[]).await
+    }
+
+    /// As `start`, with more command-line arguments.
+    pub async fn start_with(
+        namespace: &str,
+        database_url: &str,
+        instance: &str,
+        failpoint: bool,
+        extra: &[String],
+    ) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{namespace}-{instance}-{port}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
+        cmd.args(["--grpc-addr", &addr.to_string()])
+            .args(["--namespace", namespace])
+            .args(["--redis-url", &redis_url()])
+            .args(["--database-url", database_url])
+            .args(["--instance-id", instance])
+            .args(["--flush-claim-idle-ms", "1000"])
+            .args(["--flush-batch", "50"])
+            .args(["--database-max-connections", "4"])
+            .args(["--metrics-addr", ""])
+            .args(extra)
+            .env("STOCKD_LOG", "info")
+            .env_remove("STOCKD_FAILPOINT")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null());
+        if failpoint {
+            cmd.env("STOCKD_FAILPOINT", "crash-after-commit");
+        }
+        let mut child = cmd.spawn().expect("start stockd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "stockd exited while starting ({status}); log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+            {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                if health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stockd did not start within 30 s"
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        Self { child, addr, log }
+    }
+
+    pub fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_lazy()
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        eventually(deadline, "stockd to exit", || {
+            let status = self.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        self.wait_exit(Duration::from_secs(20)).await
+    }
+}
+
+impl Drop for Stockd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
