@@ -4,7 +4,8 @@
 -- role that may create tables, e.g. the database owner: stockd creates the
 -- database when missing and runs the pending migrations. Afterwards stockd
 -- only reads which migrations ran, and reads and writes rows: it never
--- deletes rows, truncates or changes the schema.
+-- truncates or changes the schema, and deletes only webhook rows (a removed
+-- subscription, delivered webhooks past their keep time).
 --
 --   psql -d stockd -v ON_ERROR_STOP=1 -f deploy/postgres-grants.sql
 --
@@ -16,3 +17,6 @@ GRANT CONNECT ON DATABASE stockd TO stockd_app;
 GRANT USAGE ON SCHEMA public TO stockd_app;
 GRANT SELECT ON _sqlx_migrations TO stockd_app;
 GRANT SELECT, INSERT, UPDATE ON stock, stock_ledger, reservations, flush_checkpoint TO stockd_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON webhook_subscriptions, webhook_deliveries TO stockd_app;
+GRANT SELECT ON webhook_dead_letters TO stockd_app;
+GRANT USAGE ON SEQUENCE webhook_subscriptions_id_seq, webhook_deliveries_id_seq TO stockd_app;

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config::Config;
@@ -22,6 +23,8 @@ use crate::reaper::Reaper;
 use crate::reconcile::Reconciler;
 use crate::store::{Store, StoreError};
 use crate::warmer::{Availability, EpochCheck, Warmer};
+use crate::watch::{Hub, WatchSettings};
+use crate::webhooks::{Detector, Dispatcher, Subscriptions, Wakeup, WebhookSettings};
 
 /// Why stockd could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,8 @@ pub enum StartError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot start webhooks: {0}")]
+    Webhooks(String),
 }
 
 /// Opens a multiplexed Redis connection (requests share one). It reconnects
@@ -189,6 +194,50 @@ pub async fn run(
         flusher.clone(),
     );
 
+    // Watch: one stream reader for every watcher of this instance, on a
+    // connection of its own whose reply may take the whole XREAD BLOCK.
+    let watch_settings = WatchSettings::from_config(&config);
+    let hub = Hub::start(
+        connect_redis(
+            &config.redis_url,
+            config.redis_timeout() + watch_settings.block,
+        )
+        .await?,
+        connect_redis(&config.redis_url, config.redis_timeout()).await?,
+        keys.clone(),
+        watch_settings,
+    )
+    .await
+    .map_err(StartError::Redis)?;
+
+    // Webhooks: the detector's group exists before any request is served,
+    // so no change after the start is missed.
+    let webhook_settings = WebhookSettings::from_config(&config, config.consumer_name(port));
+    let wakeup = Wakeup::default();
+    let detector = Detector::new(
+        connect_redis(&config.redis_url, config.redis_timeout()).await?,
+        blocking_pool(&config.redis_url, keys.partition_count())?,
+        store.pool().clone(),
+        keys.clone(),
+        webhook_settings.clone(),
+        wakeup.clone(),
+    );
+    detector
+        .ensure_groups()
+        .await
+        .map_err(|e| StartError::Webhooks(e.to_string()))?;
+    let dispatcher = Dispatcher::new(
+        store.pool().clone(),
+        webhook_settings.clone(),
+        wakeup.clone(),
+    )
+    .map_err(StartError::Webhooks)?;
+    let subscriptions = Subscriptions::new(
+        store.pool().clone(),
+        webhook_settings.server_secret.is_some(),
+        wakeup,
+    );
+
     let background = CancellationToken::new();
     let reaper =
         tokio::spawn(Reaper::new(engine.clone(), config.reaper_interval()).run(background.clone()));
@@ -198,6 +247,11 @@ pub async fn run(
             .clone()
             .run(config.epoch_check_interval(), background.clone()),
     );
+    // The watch reader stops with the server (not after it): open watches
+    // must end for the graceful shutdown to finish.
+    let watching = tokio::spawn(hub.clone().run(shutdown.clone()));
+    let detecting = tokio::spawn(detector.run(background.clone()));
+    let dispatching = tokio::spawn(dispatcher.run(background.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -214,18 +268,16 @@ pub async fn run(
 
     let admin_auth = RequireToken::new(config.admin_token.clone());
     let admin = InterceptedService::new(
-        pb::admin_server::AdminServer::new(AdminService::new(
-            engine.clone(),
-            flusher,
-            warmer,
-            reconciler,
-        ))
+        pb::admin_server::AdminServer::new(
+            AdminService::new(engine.clone(), flusher, warmer, reconciler)
+                .with_webhooks(subscriptions),
+        )
         .max_decoding_message_size(config.max_request_bytes),
         move |req| admin_auth.check(req),
     );
     let client_auth = RequireToken::new(config.client_token.clone());
     let inventory = InterceptedService::new(
-        pb::inventory_server::InventoryServer::new(InventoryService::new(engine))
+        pb::inventory_server::InventoryServer::new(InventoryService::new(engine, hub))
             .max_decoding_message_size(config.max_request_bytes),
         move |req| client_auth.check(req),
     );
@@ -247,7 +299,12 @@ pub async fn run(
         .add_service(reflection)
         .add_service(inventory)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY a response can wait for the client's delayed ACK
+            // (40 ms): serve_with_incoming ignores the builder's TCP settings.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled(),
+        )
         .await;
 
     // No request can add events any more: let the background tasks finish
@@ -257,6 +314,9 @@ pub async fn run(
         ("reaper", reaper),
         ("flusher", flushing),
         ("epoch watchdog", watchdog),
+        ("watch reader", watching),
+        ("webhook detector", detecting),
+        ("webhook dispatcher", dispatching),
     ] {
         if let Err(err) = task.await {
             tracing::error!(task = name, error = %err, "background task failed");

@@ -141,6 +141,39 @@ pub struct Config {
 
     #[arg(long, env = "STOCKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Events a Watch client may have waiting before it is cut off as too
+    /// slow (RESOURCE_EXHAUSTED, with the id to resume from).
+    #[arg(long, env = "STOCKD_WATCH_BUFFER", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub watch_buffer: u32,
+
+    /// Signs webhook deliveries of subscriptions added without a secret of
+    /// their own (unset: such subscriptions get a generated secret).
+    #[arg(long, env = "STOCKD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Attempts of a webhook delivery before it is parked in dead letters.
+    #[arg(long, env = "STOCKD_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub webhook_max_attempts: u32,
+
+    /// Delay before the first webhook retry, in milliseconds; doubles per
+    /// attempt up to --webhook-backoff-max-ms.
+    #[arg(long, env = "STOCKD_WEBHOOK_BACKOFF_MS", default_value_t = 1_000)]
+    pub webhook_backoff_ms: u64,
+
+    #[arg(long, env = "STOCKD_WEBHOOK_BACKOFF_MAX_MS", default_value_t = 300_000)]
+    pub webhook_backoff_max_ms: u64,
+
+    /// Timeout of one webhook POST, in milliseconds.
+    #[arg(long, env = "STOCKD_WEBHOOK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub webhook_timeout_ms: u64,
+
+    /// Webhook POSTs in flight at once from this instance.
+    #[arg(long, env = "STOCKD_WEBHOOK_CONCURRENCY", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub webhook_concurrency: u32,
 }
 
 impl Config {
@@ -202,6 +235,16 @@ impl std::fmt::Debug for Config {
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
+            .field("watch_buffer", &self.watch_buffer)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<set>"),
+            )
+            .field("webhook_max_attempts", &self.webhook_max_attempts)
+            .field("webhook_backoff_ms", &self.webhook_backoff_ms)
+            .field("webhook_backoff_max_ms", &self.webhook_backoff_max_ms)
+            .field("webhook_timeout_ms", &self.webhook_timeout_ms)
+            .field("webhook_concurrency", &self.webhook_concurrency)
             .finish_non_exhaustive()
     }
 }

@@ -54,6 +54,19 @@ pub enum Error {
     #[error("missing or invalid token")]
     Unauthenticated,
 
+    /// A position that is no longer (or never was) available, e.g. a Watch
+    /// resume id older than the retained stream.
+    #[error("{0}")]
+    OutOfRange(String),
+
+    /// A client that cannot keep up, e.g. a watcher whose queue is full.
+    #[error("{0}")]
+    ResourceExhausted(String),
+
+    /// This instance is stopping; the message says how to go on.
+    #[error("{0}")]
+    ShuttingDown(String),
+
     /// Anything else: a bug, a corrupted record, an unexpected reply.
     #[error("internal error: {0}")]
     Internal(String),
@@ -126,6 +139,9 @@ impl From<Error> for Status {
                 Status::unavailable("too many changes not yet written to Postgres, retry later")
             }
             Error::Unauthenticated => Status::unauthenticated("missing or invalid token"),
+            Error::OutOfRange(msg) => Status::out_of_range(msg),
+            Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
+            Error::ShuttingDown(msg) => Status::unavailable(msg),
             Error::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error")

@@ -2,13 +2,9 @@
 //!
 //! Every stockd instance runs one, as a consumer of the consumer group
 //! `flusher` on each partition stream, so instances share the work and none
-//! is special. Per partition, a loop:
-//!
-//! 1. replays this consumer's own pending entries (read but not acknowledged
-//!    before a crash), then
-//! 2. claims entries idle longer than the claim timeout from consumers that
-//!    died (XAUTOCLAIM), then
-//! 3. reads new entries, going back to 2 every claim timeout.
+//! is special. Per partition, a loop reads as `consumer::GroupReader` does:
+//! its own pending entries first (read but not acknowledged before a crash),
+//! then entries claimed from consumers that died, then new ones.
 //!
 //! Each batch is written in ONE Postgres transaction (`Store::write_batch`)
 //! and acknowledged (XACK) only after the commit: a crash in between replays
@@ -27,13 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
-use rand::Rng;
 use redis::Value;
 use redis::aio::ConnectionManager;
-use redis::streams::{
-    StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamPendingReply, StreamReadReply,
-};
+use redis::streams::{StreamId, StreamInfoGroupsReply, StreamPendingReply};
 use tokio_util::sync::CancellationToken;
+
+pub use crate::consumer::Source;
+use crate::consumer::{Backoff, ConsumeError, GroupReader};
 
 use crate::error::Error;
 use crate::events::{ChangeEvent, parse_entry_id};
@@ -59,17 +55,6 @@ pub struct FlusherSettings {
     /// How far back the stream is kept, below the oldest unflushed entry,
     /// for `Watch` resumption.
     pub retention: Duration,
-}
-
-/// Where a read takes its entries from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// This consumer's pending entries (after a restart).
-    OwnPending,
-    /// Entries idle past the claim timeout with other consumers.
-    Claimed,
-    /// New entries, waiting up to the interval for some.
-    New,
 }
 
 /// What one `flush_once` did.
@@ -114,6 +99,15 @@ pub enum FlushError {
     Postgres(#[from] sqlx::Error),
 }
 
+impl From<ConsumeError> for FlushError {
+    fn from(err: ConsumeError) -> Self {
+        match err {
+            ConsumeError::Redis(e) => FlushError::Redis(e),
+            ConsumeError::Pool(e) => FlushError::Pool(e),
+        }
+    }
+}
+
 impl From<FlushError> for Error {
     fn from(err: FlushError) -> Self {
         match err {
@@ -132,9 +126,7 @@ struct Batch {
 #[derive(Clone)]
 pub struct Flusher {
     redis: ConnectionManager,
-    /// Connections for blocking reads (XREADGROUP BLOCK must not hold up the
-    /// multiplexed connection every request shares).
-    blocking: deadpool_redis::Pool,
+    reader: GroupReader,
     store: Store,
     keys: Keyspace,
     settings: Arc<FlusherSettings>,
@@ -148,9 +140,19 @@ impl Flusher {
         keys: Keyspace,
         settings: FlusherSettings,
     ) -> Self {
+        let reader = GroupReader::new(
+            redis.clone(),
+            blocking,
+            keys.clone(),
+            GROUP,
+            settings.consumer.clone(),
+            settings.batch_size,
+            settings.interval,
+            settings.claim_idle,
+        );
         Self {
             redis,
-            blocking,
+            reader,
             store,
             keys,
             settings: Arc::new(settings),
@@ -165,23 +167,7 @@ impl Flusher {
     /// itself) where missing. The group starts at the stream's beginning, so
     /// events written before the first flusher started are flushed too.
     pub async fn ensure_groups(&self) -> Result<(), FlushError> {
-        let mut conn = self.redis.clone();
-        for p in self.keys.partitions() {
-            let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(self.keys.events(p))
-                .arg(GROUP)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
-                .await;
-            match created {
-                Ok(()) => {}
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
+        Ok(self.reader.ensure_groups("0").await?)
     }
 
     /// Reads one batch of `partition` from `source`, writes it to Postgres
@@ -191,7 +177,7 @@ impl Flusher {
         partition: Partition,
         source: Source,
     ) -> Result<FlushOutcome, FlushError> {
-        let batch = self.read(partition, source).await?;
+        let batch = self.read(partition, source, &mut None).await?;
         let dead = self.dead_letter(partition, &batch.dead).await?;
         if batch.events.is_empty() {
             return Ok(FlushOutcome { flushed: 0, dead });
@@ -265,16 +251,17 @@ impl Flusher {
     }
 
     async fn run_partition(self, partition: Partition, shutdown: CancellationToken) {
+        let mut blocking = None;
         let mut source = Source::OwnPending;
         let mut last_claim = Instant::now();
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
         while !shutdown.is_cancelled() {
             if source == Source::New && last_claim.elapsed() >= self.settings.claim_idle {
                 source = Source::Claimed;
             }
-            let batch = match self.read(partition, source).await {
+            let batch = match self.read(partition, source, &mut blocking).await {
                 Ok(batch) => batch,
-                Err(FlushError::Redis(err)) if err.code() == Some("NOGROUP") => {
+                Err(err) if err.is_missing_group() => {
                     // Redis lost its data (or someone deleted the stream):
                     // the group starts again with the stream.
                     tracing::warn!(%partition, "consumer group missing; creating it again");
@@ -291,14 +278,10 @@ impl Flusher {
                 }
             };
             if batch.events.is_empty() && batch.dead.is_empty() {
-                source = match source {
-                    Source::OwnPending => Source::Claimed,
-                    Source::Claimed => {
-                        last_claim = Instant::now();
-                        Source::New
-                    }
-                    Source::New => Source::New,
-                };
+                if source == Source::Claimed {
+                    last_claim = Instant::now();
+                }
+                source = source.after_empty();
                 continue;
             }
             // The batch in hand is finished even when shutdown is requested
@@ -338,50 +321,15 @@ impl Flusher {
     }
 
     /// Reads up to a batch of entries from `source`.
-    async fn read(&self, partition: Partition, source: Source) -> Result<Batch, FlushError> {
-        let stream = self.keys.events(partition);
-        let count = self.settings.batch_size;
-        let entries: Vec<StreamId> = match source {
-            Source::OwnPending | Source::New => {
-                let mut cmd = redis::cmd("XREADGROUP");
-                cmd.arg("GROUP")
-                    .arg(GROUP)
-                    .arg(&self.settings.consumer)
-                    .arg("COUNT")
-                    .arg(count);
-                let reply: Option<StreamReadReply> = if source == Source::New {
-                    cmd.arg("BLOCK")
-                        .arg(self.settings.interval.as_millis() as u64)
-                        .arg("STREAMS")
-                        .arg(&stream)
-                        .arg(">");
-                    let mut conn = self.blocking.get().await?;
-                    cmd.query_async(&mut *conn).await?
-                } else {
-                    cmd.arg("STREAMS").arg(&stream).arg("0");
-                    cmd.query_async(&mut self.redis.clone()).await?
-                };
-                reply
-                    .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-                    .unwrap_or_default()
-            }
-            Source::Claimed => {
-                let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                    .arg(&stream)
-                    .arg(GROUP)
-                    .arg(&self.settings.consumer)
-                    .arg(self.settings.claim_idle.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(count)
-                    .query_async(&mut self.redis.clone())
-                    .await?;
-                if !reply.claimed.is_empty() {
-                    tracing::info!(%partition, entries = reply.claimed.len(), "took over entries of a silent consumer");
-                }
-                reply.claimed
-            }
-        };
+    /// Reads up to a batch and sorts it into events and entries that can
+    /// never be written.
+    async fn read(
+        &self,
+        partition: Partition,
+        source: Source,
+        held: &mut Option<deadpool_redis::Connection>,
+    ) -> Result<Batch, ConsumeError> {
+        let entries: Vec<StreamId> = self.reader.read(partition, source, held).await?;
         let mut batch = Batch {
             events: Vec::with_capacity(entries.len()),
             dead: Vec::new(),
@@ -406,13 +354,10 @@ impl Flusher {
     }
 
     async fn ack(&self, partition: Partition, events: &[ChangeEvent]) -> Result<(), FlushError> {
-        let mut cmd = redis::cmd("XACK");
-        cmd.arg(self.keys.events(partition)).arg(GROUP);
-        for e in events {
-            cmd.arg(&e.entry_id);
-        }
-        let _: i64 = cmd.query_async(&mut self.redis.clone()).await?;
-        Ok(())
+        Ok(self
+            .reader
+            .ack(partition, events.iter().map(|e| e.entry_id.as_str()))
+            .await?)
     }
 
     /// Moves entries that can never be written to `NS:{pNN}:dead` (with the
@@ -583,37 +528,6 @@ fn value_text(value: &Value) -> String {
         Value::SimpleString(s) => s.clone(),
         Value::Int(i) => i.to_string(),
         other => format!("{other:?}"),
-    }
-}
-
-/// Capped exponential backoff with full jitter: 100 ms doubling to 5 s.
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    const BASE: Duration = Duration::from_millis(100);
-    const CAP: Duration = Duration::from_secs(5);
-
-    fn new() -> Self {
-        Self { attempt: 0 }
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    /// Sleeps the next delay; false when shutdown came first.
-    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
-        let ceiling = Self::BASE
-            .saturating_mul(1 << self.attempt.min(10))
-            .min(Self::CAP);
-        self.attempt += 1;
-        let delay = rand::rng().random_range(Duration::ZERO..=ceiling);
-        tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(delay) => true,
-        }
     }
 }
 

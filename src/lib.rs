@@ -22,6 +22,10 @@
 //!   one instance at a time.
 //! - [`reconcile`]: compares Redis and Postgres item by item, classifies
 //!   the differences and repairs them on request.
+//! - [`watch`]: `Inventory.Watch`, one stream reader per instance fanned
+//!   out to every watcher; [`webhooks`]: stock transitions detected from
+//!   the streams (a consumer group of their own) and POSTed, signed, to
+//!   subscribed URLs from a Postgres outbox.
 //! - [`app`]: wires config, Redis, the server and the background tasks
 //!   together: `run(config, listener, shutdown)`.
 //! - [`config`], [`telemetry`]: flags/environment and logging.
@@ -29,6 +33,7 @@
 
 pub mod app;
 pub mod config;
+pub mod consumer;
 pub mod ctl;
 pub mod domain;
 pub mod engine;
@@ -45,6 +50,8 @@ pub mod scripts;
 pub mod store;
 pub mod telemetry;
 pub mod warmer;
+pub mod watch;
+pub mod webhooks;
 
 /// Code generated from `proto/stockd/v1/stockd.proto`.
 pub mod pb {

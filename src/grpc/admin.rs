@@ -14,12 +14,15 @@ use crate::flusher::Flusher;
 use crate::pb;
 use crate::reconcile::{Class, Mode, Reconciler, Scope};
 use crate::warmer::{PreloadCounts, Warmer};
+use crate::webhooks::Subscriptions;
 
 pub struct AdminService {
     engine: Engine,
     flusher: Flusher,
     warmer: Warmer,
     reconciler: Reconciler,
+    /// Webhook subscriptions (src/webhooks/); `None`: UNIMPLEMENTED.
+    webhooks: Option<Subscriptions>,
 }
 
 impl AdminService {
@@ -29,7 +32,19 @@ impl AdminService {
             flusher,
             warmer,
             reconciler,
+            webhooks: None,
         }
+    }
+
+    pub fn with_webhooks(mut self, webhooks: Subscriptions) -> Self {
+        self.webhooks = Some(webhooks);
+        self
+    }
+
+    fn webhooks(&self) -> Result<&Subscriptions, Status> {
+        self.webhooks
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("webhooks are not enabled on this server"))
     }
 }
 
@@ -197,6 +212,52 @@ impl pb::admin_server::Admin for AdminService {
             });
         }
         Ok(Response::new(pb::FlushStatusResponse { partitions }))
+    }
+
+    // Webhooks: the work is in src/webhooks/subscriptions.rs.
+
+    #[tracing::instrument(name = "AddWebhook", skip_all)]
+    async fn add_webhook(
+        &self,
+        request: Request<pb::AddWebhookRequest>,
+    ) -> Result<Response<pb::AddWebhookResponse>, Status> {
+        let added = self.webhooks()?.add(request.into_inner()).await?;
+        Ok(Response::new(added))
+    }
+
+    #[tracing::instrument(name = "ListWebhooks", skip_all)]
+    async fn list_webhooks(
+        &self,
+        _request: Request<pb::ListWebhooksRequest>,
+    ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
+        Ok(Response::new(self.webhooks()?.list().await?))
+    }
+
+    #[tracing::instrument(name = "RemoveWebhook", skip_all, fields(id = request.get_ref().id))]
+    async fn remove_webhook(
+        &self,
+        request: Request<pb::RemoveWebhookRequest>,
+    ) -> Result<Response<pb::RemoveWebhookResponse>, Status> {
+        let removed = self.webhooks()?.remove(request.into_inner()).await?;
+        Ok(Response::new(removed))
+    }
+
+    #[tracing::instrument(name = "ListWebhookDeadLetters", skip_all)]
+    async fn list_webhook_dead_letters(
+        &self,
+        request: Request<pb::ListWebhookDeadLettersRequest>,
+    ) -> Result<Response<pb::ListWebhookDeadLettersResponse>, Status> {
+        let listed = self.webhooks()?.dead_letters(request.into_inner()).await?;
+        Ok(Response::new(listed))
+    }
+
+    #[tracing::instrument(name = "RedeliverWebhook", skip_all)]
+    async fn redeliver_webhook(
+        &self,
+        request: Request<pb::RedeliverWebhookRequest>,
+    ) -> Result<Response<pb::RedeliverWebhookResponse>, Status> {
+        let requeued = self.webhooks()?.redeliver(request.into_inner()).await?;
+        Ok(Response::new(requeued))
     }
 }
 

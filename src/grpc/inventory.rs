@@ -1,19 +1,23 @@
 //! `stockd.v1.Inventory`: the checkout-facing rpcs.
 
+use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::domain::{Delta, Item, RequestId, Ttl, parse_reason};
 use crate::engine::Engine;
 use crate::pb;
+use crate::watch::Hub;
 
 pub struct InventoryService {
     engine: Engine,
+    /// The instance's Watch fan-out (src/watch.rs).
+    hub: Hub,
 }
 
 impl InventoryService {
-    pub fn new(engine: Engine) -> Self {
-        Self { engine }
+    pub fn new(engine: Engine, hub: Hub) -> Self {
+        Self { engine, hub }
     }
 }
 
@@ -119,5 +123,14 @@ impl pb::inventory_server::Inventory for InventoryService {
             levels: convert::levels(levels),
             missing: missing.into_iter().map(convert::item_ref).collect(),
         }))
+    }
+
+    #[tracing::instrument(name = "Watch", skip_all, fields(skus = request.get_ref().skus.len(), from = %request.get_ref().from_event_id))]
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<BoxStream<pb::StockEvent>>, Status> {
+        let stream = self.hub.watch(request.into_inner()).await?;
+        Ok(Response::new(stream))
     }
 }

@@ -18,3 +18,5 @@ mod proxy;
 mod reconcile;
 mod validation;
 mod warming;
+mod watch;
+mod webhooks;

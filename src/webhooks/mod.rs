@@ -1,0 +1,220 @@
+//! Stock webhooks: transitions of `available` POSTed as signed JSON to
+//! subscribed URLs.
+//!
+//! - [`Subscriptions`] (`subscriptions.rs`): the Admin rpcs that add, list
+//!   and remove subscriptions, and list and redeliver dead letters, all in
+//!   Postgres (`migrations/0002_webhooks.sql`).
+//! - [`Detector`] (`detect.rs`): reads the partition streams through a
+//!   consumer group of its own, `webhooks` (the flusher's group is
+//!   untouched), finds transitions — `out_of_stock` (available reaches 0),
+//!   `back_in_stock` (rises from 0), `low_stock` (falls from >= the
+//!   subscription's threshold to below it) — and writes one delivery per
+//!   (subscription, transition) to the `webhook_deliveries` outbox in ONE
+//!   statement per batch, then XACKs (a crash in between writes the same
+//!   rows again, which the unique key ignores).
+//! - [`Dispatcher`] (`deliver.rs`): POSTs the outbox, oldest version first
+//!   per (subscription, item), retrying with capped exponential backoff,
+//!   and parks a delivery in the dead letters after the last allowed
+//!   attempt.
+//! - `signing.rs`: the HMAC-SHA256 signature scheme.
+//!
+//! Checkout never waits for any of this: detection runs off the stream,
+//! and a dead endpoint only grows its own rows in the outbox.
+
+mod deliver;
+mod detect;
+pub mod signing;
+mod subscriptions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::error::Error;
+
+pub use deliver::{DeliverOutcome, Dispatcher};
+pub use detect::{DetectOutcome, Detector, GROUP};
+pub use subscriptions::Subscriptions;
+
+/// The transitions a subscription can ask for.
+pub const KINDS: [&str; 3] = ["out_of_stock", "back_in_stock", "low_stock"];
+
+#[derive(Clone)]
+pub struct WebhookSettings {
+    /// Signs deliveries of subscriptions without a secret of their own.
+    pub server_secret: Option<String>,
+    /// Attempts before a delivery is parked in the dead letters.
+    pub max_attempts: u32,
+    /// First retry delay, doubling per attempt up to `backoff_max`.
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    /// Timeout of one POST (connect, send, answer).
+    pub timeout: Duration,
+    /// POSTs in flight at once from this instance.
+    pub concurrency: usize,
+    /// POSTs in flight at once to one subscription, so that a slow
+    /// endpoint cannot take every slot.
+    pub per_subscription: usize,
+    /// How often the dispatcher looks for due deliveries when nothing woke it.
+    pub poll: Duration,
+    /// Delivered rows are deleted after this long.
+    pub keep_delivered: Duration,
+    /// The detector's consumer name (the instance id) and batch.
+    pub consumer: String,
+    pub batch_size: usize,
+    pub read_block: Duration,
+    pub claim_idle: Duration,
+}
+
+impl std::fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field(
+                "server_secret",
+                &self.server_secret.as_ref().map(|_| "<set>"),
+            )
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff", &self.backoff)
+            .field("backoff_max", &self.backoff_max)
+            .field("timeout", &self.timeout)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            server_secret: None,
+            max_attempts: 8,
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            timeout: Duration::from_secs(5),
+            concurrency: 32,
+            per_subscription: 4,
+            poll: Duration::from_millis(250),
+            keep_delivered: Duration::from_secs(7 * 24 * 3600),
+            consumer: "stockd".into(),
+            batch_size: 500,
+            read_block: Duration::from_millis(50),
+            claim_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+impl WebhookSettings {
+    /// The settings of `config` (flags and environment); `consumer` is this
+    /// instance's consumer name in the `webhooks` group.
+    pub fn from_config(config: &crate::config::Config, consumer: String) -> Self {
+        Self {
+            server_secret: config.webhook_secret.clone().filter(|s| !s.is_empty()),
+            max_attempts: config.webhook_max_attempts,
+            backoff: Duration::from_millis(config.webhook_backoff_ms),
+            backoff_max: Duration::from_millis(
+                config.webhook_backoff_max_ms.max(config.webhook_backoff_ms),
+            ),
+            timeout: Duration::from_millis(config.webhook_timeout_ms.max(1)),
+            concurrency: config.webhook_concurrency as usize,
+            consumer,
+            batch_size: config.flush_batch as usize,
+            // Detection is not latency-critical: fewer idle reads.
+            read_block: Duration::from_millis(config.flush_interval_ms.max(250)),
+            claim_idle: Duration::from_millis(config.flush_claim_idle_ms),
+            ..Self::default()
+        }
+    }
+}
+
+/// Describes the webhook metrics and registers them at zero.
+pub fn describe_metrics() {
+    use metrics::{counter, describe_counter};
+    describe_counter!(
+        "stockd_webhook_deliveries_queued_total",
+        "webhook deliveries queued (one per subscription and transition)"
+    );
+    describe_counter!(
+        "stockd_webhook_deliveries_total",
+        "webhook attempts by outcome: delivered, retry, dead"
+    );
+    counter!("stockd_webhook_deliveries_queued_total").increment(0);
+    for outcome in ["delivered", "retry", "dead"] {
+        counter!("stockd_webhook_deliveries_total", "outcome" => outcome).increment(0);
+    }
+}
+
+/// Wakes the dispatcher when the detector (or a redeliver) queued work.
+#[derive(Clone, Default)]
+pub struct Wakeup(Arc<Notify>);
+
+impl Wakeup {
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+
+    pub async fn woken(&self) {
+        self.0.notified().await
+    }
+}
+
+/// Errors of one step of the detector or the dispatcher; the loops log them
+/// and retry.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis pool: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+}
+
+impl From<crate::consumer::ConsumeError> for WebhookError {
+    fn from(err: crate::consumer::ConsumeError) -> Self {
+        match err {
+            crate::consumer::ConsumeError::Redis(e) => WebhookError::Redis(e),
+            crate::consumer::ConsumeError::Pool(e) => WebhookError::Pool(e),
+        }
+    }
+}
+
+impl From<WebhookError> for Error {
+    fn from(err: WebhookError) -> Self {
+        match err {
+            WebhookError::Redis(e) => e.into(),
+            WebhookError::Postgres(e) => postgres_error(e),
+            other => Error::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// A Postgres failure at the boundary: unreachable is UNAVAILABLE, anything
+/// else (a bug, a constraint) INTERNAL.
+pub(crate) fn postgres_error(err: sqlx::Error) -> Error {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => Error::Unavailable(format!("postgres: {err}")),
+        other => Error::Internal(format!("postgres: {other}")),
+    }
+}
+
+pub use crate::consumer::{Backoff, retry_ceiling};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_ceiling_doubles_up_to_the_cap() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(1);
+        let ceilings: Vec<u128> = (0..6)
+            .map(|a| retry_ceiling(base, cap, a).as_millis())
+            .collect();
+        assert_eq!(ceilings, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(retry_ceiling(base, cap, u32::MAX), cap);
+    }
+}
