@@ -14,7 +14,7 @@ pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 #[derive(Debug, Parser)]
 #[command(name = "stockctl", version)]
 pub struct Cli {
-    /// Server address (an http:// URL; this build has no TLS).
+    /// Server address: http://HOST:PORT, or https://HOST:PORT for TLS.
     #[arg(
         long,
         env = "STOCKD_ADDR",
@@ -47,6 +47,36 @@ pub struct Cli {
         value_name = "TOKEN"
     )]
     pub client_token: Option<Secret>,
+
+    /// With https://: the CA that signed the server's certificate (PEM).
+    #[arg(long, env = "STOCKD_TLS_CA", global = true, value_name = "PEM")]
+    pub tls_ca: Option<std::path::PathBuf>,
+
+    /// With https://: this client's certificate (PEM), for servers that
+    /// require one (mutual TLS); needs --tls-key.
+    #[arg(
+        long,
+        env = "STOCKD_TLS_CLIENT_CERT",
+        global = true,
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(
+        long,
+        env = "STOCKD_TLS_CLIENT_KEY",
+        global = true,
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// With https://: the server name its certificate must carry, when it
+    /// differs from the address's host.
+    #[arg(long, env = "STOCKD_TLS_DOMAIN", global = true, value_name = "NAME")]
+    pub tls_domain: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -144,6 +174,12 @@ pub enum Command {
         #[arg(long = "from", value_name = "EVENT_ID")]
         from_event_id: Option<String>,
     },
+    /// Load the server with a workload; report throughput, latency, flush lag,
+    /// and check that nothing was oversold (see docs/benchmarks.md).
+    Bench(super::bench::BenchArgs),
+    /// Webhook subscriptions and their dead letters (Admin.*Webhook*).
+    #[command(subcommand)]
+    Webhook(super::webhook::WebhookCommand),
 }
 
 #[derive(Debug, Args)]
@@ -199,10 +235,8 @@ impl Secret {
 fn parse_addr(s: &str) -> Result<String, String> {
     let uri: tonic::transport::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        // tonic is built without a TLS feature in this crate.
-        Some("https") => return Err("https is not supported by this build; use http://".into()),
-        _ => return Err("expected an http:// URL, e.g. http://127.0.0.1:50051".into()),
+        Some("http") | Some("https") => {}
+        _ => return Err("expected an http:// or https:// URL, e.g. http://127.0.0.1:50051".into()),
     }
     if uri.host().is_none() {
         return Err("the URL has no host".into());
@@ -324,11 +358,27 @@ mod tests {
     }
 
     #[test]
-    fn addr_must_be_an_http_url() {
+    fn addr_must_be_an_http_or_https_url() {
         assert!(parse(&["--addr", "127.0.0.1:50051", "flush-status"]).is_err());
         assert!(parse(&["--addr", "ftp://x", "flush-status"]).is_err());
-        assert!(parse(&["--addr", "https://stock.example", "flush-status"]).is_err());
+        assert!(parse(&["--addr", "https://stock.example", "flush-status"]).is_ok());
         assert!(parse(&["--addr", "http://stock.example", "flush-status"]).is_ok());
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        assert!(parse(&["--tls-cert", "c.pem", "flush-status"]).is_err());
+        let cli = parse(&[
+            "--tls-ca",
+            "ca.pem",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "flush-status",
+        ])
+        .unwrap();
+        assert_eq!(cli.tls_key.unwrap().to_str(), Some("k.pem"));
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! Runs one `stockctl` command against the server.
 
 use std::io::{self, Write};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tonic::codegen::InterceptedService;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 use super::args::{Command, RequestIdArg, Secret};
@@ -31,6 +31,8 @@ pub enum Failure {
     Usage(String),
     /// Writing the output failed.
     Io(io::Error),
+    /// The command ran but failed otherwise (e.g. a bench run's checks).
+    Other(String),
 }
 
 impl From<Status> for Failure {
@@ -81,6 +83,38 @@ pub struct Target {
     pub addr: String,
     pub admin_token: Option<Secret>,
     pub client_token: Option<Secret>,
+    /// TLS settings for an https:// address.
+    pub tls: TlsFiles,
+}
+
+/// Where the client's TLS material is.
+#[derive(Debug, Default, Clone)]
+pub struct TlsFiles {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    pub domain: Option<String>,
+}
+
+impl TlsFiles {
+    /// The TLS configuration of an https:// channel.
+    fn config(&self) -> Result<ClientTlsConfig, Failure> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))
+        };
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(domain) = &self.domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        Ok(tls)
+    }
 }
 
 /// A fresh request id: `ctl-<unix-nanos>-<pid>`.
@@ -105,14 +139,18 @@ fn request_id(arg: RequestIdArg) -> RequestId {
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, Status> {
-    let endpoint = Endpoint::from_shared(addr.to_owned())
+async fn connect(addr: &str, tls: &TlsFiles) -> Result<Channel, Failure> {
+    let mut endpoint = Endpoint::from_shared(addr.to_owned())
         .map_err(|e| Status::invalid_argument(format!("bad address {addr}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT);
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot connect to {addr}: {}", error_chain(&e))))
+    if addr.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(tls.config()?)
+            .map_err(|e| Failure::Usage(format!("TLS settings: {}", error_chain(&e))))?;
+    }
+    endpoint.connect().await.map_err(|e| {
+        Status::unavailable(format!("cannot connect to {addr}: {}", error_chain(&e))).into()
+    })
 }
 
 /// `e: cause: cause` — tonic's transport error alone says only "transport
@@ -139,7 +177,8 @@ pub fn is_admin(command: &Command) -> bool {
         Command::Set { .. }
         | Command::Preload { .. }
         | Command::Reconcile { .. }
-        | Command::FlushStatus => true,
+        | Command::FlushStatus
+        | Command::Webhook(_) => true,
         Command::Get { .. }
         | Command::Reserve { .. }
         | Command::Commit { .. }
@@ -147,7 +186,111 @@ pub fn is_admin(command: &Command) -> bool {
         | Command::Extend { .. }
         | Command::Decrement { .. }
         | Command::Adjust { .. }
-        | Command::Watch { .. } => false,
+        | Command::Watch { .. }
+        | Command::Bench(_) => false,
+    }
+}
+
+/// Items per page of `preload --all` and `reconcile --all`: each page is one
+/// rpc, so progress shows between them.
+const PAGE_SIZE: u32 = 50_000;
+/// Items of a paged reconcile shown with both sides.
+const MAX_RECONCILE_ITEMS: usize = 100;
+
+/// One progress line on standard error (tables only: JSON output stays clean).
+fn progress(
+    err: &mut dyn Write,
+    format: Format,
+    started: Instant,
+    done: u64,
+    what: &str,
+) -> Result<(), Failure> {
+    if format == Format::Table {
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        writeln!(
+            err,
+            "{what}: {done} items, {:.1} s, {:.0} items/s",
+            secs,
+            done as f64 / secs
+        )?;
+    }
+    Ok(())
+}
+
+/// `preload --all`, page by page with progress; the totals.
+async fn preload_everything(
+    admin: &mut Admin,
+    format: Format,
+    err: &mut dyn Write,
+) -> Result<pb::PreloadResponse, Failure> {
+    let started = Instant::now();
+    let mut total = pb::PreloadResponse::default();
+    let mut cursor = String::new();
+    loop {
+        let page = admin
+            .preload(pb::PreloadRequest {
+                all: true,
+                page_size: PAGE_SIZE,
+                cursor,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        total.loaded += page.loaded;
+        total.skipped += page.skipped;
+        total.not_found += page.not_found;
+        progress(
+            err,
+            format,
+            started,
+            total.loaded + total.skipped,
+            "preloaded",
+        )?;
+        if page.next_cursor.is_empty() {
+            return Ok(total);
+        }
+        cursor = page.next_cursor;
+    }
+}
+
+/// `reconcile --all`, page by page with progress; the totals and the first
+/// items that are not in sync.
+async fn reconcile_everything(
+    admin: &mut Admin,
+    mode: pb::ReconcileMode,
+    format: Format,
+    err: &mut dyn Write,
+) -> Result<pb::ReconcileResponse, Failure> {
+    let started = Instant::now();
+    let mut total = pb::ReconcileResponse::default();
+    let mut cursor = String::new();
+    loop {
+        let page = admin
+            .reconcile(pb::ReconcileRequest {
+                all: true,
+                mode: mode as i32,
+                page_size: PAGE_SIZE,
+                cursor,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        total.checked += page.checked;
+        total.in_sync += page.in_sync;
+        total.pending_flush += page.pending_flush;
+        total.redis_stale += page.redis_stale;
+        total.drift += page.drift;
+        total.missing_in_redis += page.missing_in_redis;
+        total.missing_in_postgres += page.missing_in_postgres;
+        total.ledger_mismatch += page.ledger_mismatch;
+        total.repaired += page.repaired;
+        let room = MAX_RECONCILE_ITEMS.saturating_sub(total.items.len());
+        total.items.extend(page.items.into_iter().take(room));
+        progress(err, format, started, total.checked, "reconciled")?;
+        if page.next_cursor.is_empty() {
+            return Ok(total);
+        }
+        cursor = page.next_cursor;
     }
 }
 
@@ -159,6 +302,11 @@ pub async fn execute(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<(), Failure> {
+    // bench connects by itself, with both tokens.
+    let command = match command {
+        Command::Bench(args) => return super::bench::run(args, target, format, out, err).await,
+        command => command,
+    };
     // Only the token of the service the command uses is checked and sent,
     // before connecting, so a bad token is reported as such.
     let (client_auth, admin_auth) = if is_admin(&command) {
@@ -174,7 +322,7 @@ pub async fn execute(
         )?;
         (auth, BearerAuth::default())
     };
-    let channel = connect(&target.addr).await?;
+    let channel = connect(&target.addr, &target.tls).await?;
     let mut inventory: Inventory = InventoryClient::with_interceptor(channel.clone(), client_auth);
     let mut admin: Admin = AdminClient::with_interceptor(channel, admin_auth);
 
@@ -290,14 +438,17 @@ pub async fn execute(
             Output::Level(LevelOut::from_adjust(rid, r))
         }
         Command::Preload { skus, all } => {
-            let r = admin
-                .preload(pb::PreloadRequest {
-                    skus,
-                    all,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
+            let r = if all {
+                preload_everything(&mut admin, format, err).await?
+            } else {
+                admin
+                    .preload(pb::PreloadRequest {
+                        skus,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+            };
             Output::Preload(PreloadOut::from(r))
         }
         Command::Reconcile { skus, all, repair } => {
@@ -306,15 +457,18 @@ pub async fn execute(
             } else {
                 pb::ReconcileMode::Report
             };
-            let r = admin
-                .reconcile(pb::ReconcileRequest {
-                    skus,
-                    all,
-                    mode: mode as i32,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
+            let r = if all {
+                reconcile_everything(&mut admin, mode, format, err).await?
+            } else {
+                admin
+                    .reconcile(pb::ReconcileRequest {
+                        skus,
+                        mode: mode as i32,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+            };
             Output::Reconcile(ReconcileOut::from(r))
         }
         Command::FlushStatus => {
@@ -323,6 +477,10 @@ pub async fn execute(
                 .await?
                 .into_inner();
             Output::FlushStatus(r.into())
+        }
+        Command::Bench(_) => unreachable!("handled above"),
+        Command::Webhook(command) => {
+            return super::webhook::execute(&mut admin, command, format, out).await;
         }
         Command::Watch {
             skus,

@@ -6,13 +6,17 @@
 //! - [`commands`]: one rpc per command, with bearer tokens and generated
 //!   request ids.
 //! - [`render`]: tables, JSON documents and error reports.
+//! - [`bench`]: `stockctl bench`, the load generator and its checks.
+//! - [`webhook`]: `stockctl webhook add|list|remove|dead-letters|redeliver`.
 //!
 //! Exit codes: 0 on success, 1 on an rpc error, 2 on a usage error.
 
 pub mod args;
+pub mod bench;
 pub mod commands;
 pub mod render;
 pub mod syntax;
+pub mod webhook;
 
 use std::io::{self, Write};
 
@@ -40,6 +44,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         addr: cli.addr,
         admin_token: cli.admin_token,
         client_token: cli.client_token,
+        tls: commands::TlsFiles {
+            ca: cli.tls_ca,
+            cert: cli.tls_cert,
+            key: cli.tls_key,
+            domain: cli.tls_domain,
+        },
     };
     let result = commands::execute(cli.command, &target, format, out, err).await;
     match result {
@@ -58,6 +68,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         Err(Failure::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => EXIT_OK,
         Err(Failure::Io(e)) => {
             let _ = writeln!(err, "error: cannot write the output: {e}");
+            EXIT_RPC_ERROR
+        }
+        Err(Failure::Other(message)) => {
+            let _ = writeln!(err, "error: {message}");
             EXIT_RPC_ERROR
         }
     }

@@ -229,6 +229,7 @@ pub struct ReconcileOut {
     pub drift: u64,
     pub missing_in_redis: u64,
     pub missing_in_postgres: u64,
+    pub ledger_mismatch: u64,
     pub repaired: u64,
     pub items: Vec<ReconcileItemOut>,
 }
@@ -243,6 +244,7 @@ impl From<pb::ReconcileResponse> for ReconcileOut {
             drift: r.drift,
             missing_in_redis: r.missing_in_redis,
             missing_in_postgres: r.missing_in_postgres,
+            ledger_mismatch: r.ledger_mismatch,
             repaired: r.repaired,
             items: r
                 .items
@@ -437,6 +439,7 @@ impl Output {
                         ("drift", o.drift.to_string()),
                         ("missing_in_redis", o.missing_in_redis.to_string()),
                         ("missing_in_postgres", o.missing_in_postgres.to_string()),
+                        ("ledger_mismatch", o.ledger_mismatch.to_string()),
                         ("repaired", o.repaired.to_string()),
                     ],
                 )?;

@@ -354,6 +354,48 @@ async fn tls_and_mutual_tls_refuse_plaintext_and_untrusted_clients() {
         .await
         .is_err()
     );
+    // stockctl speaks TLS too.
+    let stockctl = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_stockctl"))
+            .args([
+                "--addr",
+                &format!("https://{}", app.addr),
+                "--tls-domain",
+                "localhost",
+            ])
+            .args(extra)
+            .args(["get", "x"])
+            .env_remove("STOCKD_CLIENT_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let ca_file = write(&dir, "ca.pem", &ca.pem);
+    let cert_file = write(&dir, "client.pem", &client_cert);
+    let key_file = write(&dir, "client.key", &client_key);
+    let ok = stockctl(&[
+        "--tls-ca",
+        &ca_file,
+        "--tls-cert",
+        &cert_file,
+        "--tls-key",
+        &key_file,
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("missing"),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    assert_eq!(
+        stockctl(&["--tls-ca", &ca_file]).status.code(),
+        Some(1),
+        "no client certificate"
+    );
     app.stop().await;
 
     // TLS without client certificates: any client that trusts the server.

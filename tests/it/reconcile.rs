@@ -346,3 +346,60 @@ async fn reconcile_racing_live_reservations_repairs_nothing() {
     pool.close().await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stockctl_pages_through_preload_and_reconcile_with_progress() {
+    let app = spawn_app().await;
+    app.seed("cli-1", "", 3).await;
+    app.seed("cli-2", "berlin", 4).await;
+    let pool = app.postgres().await;
+    assert_converged(
+        &mut app.redis.clone(),
+        &app.namespace,
+        &pool,
+        Duration::from_secs(20),
+    )
+    .await;
+    let stockctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stockctl"))
+            .args(["--addr", &format!("http://{}", app.addr)])
+            .args(args)
+            .env_remove("STOCKD_ADMIN_TOKEN")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for (args, progress, summary) in [
+        (
+            &["preload", "--all"][..],
+            "preloaded: 2 items",
+            "skipped:   2",
+        ),
+        (
+            &["reconcile", "--all"][..],
+            "reconciled: 2 items",
+            "in_sync:             2",
+        ),
+    ] {
+        let output = stockctl(args);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        assert!(output.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(progress), "{args:?} progress: {stderr}");
+        assert!(stdout.contains(summary), "{args:?} summary: {stdout}");
+    }
+    let json = stockctl(&["--json", "reconcile", "--all"]);
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        (doc["checked"].as_u64(), doc["ledger_mismatch"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert!(
+        json.stderr.is_empty(),
+        "JSON output keeps standard error clean"
+    );
+    pool.close().await;
+    app.stop().await;
+}
