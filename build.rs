@@ -13,8 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
-        // Rpcs whose issue has not landed yet answer UNIMPLEMENTED through
-        // these generated defaults instead of hand-written stubs.
+        // Generated default bodies answer UNIMPLEMENTED, so that an rpc
+        // added to the proto compiles before it is implemented (today every
+        // rpc of the contract is), and Watch returns a boxed stream.
         .generate_default_stubs(true)
         .file_descriptor_set_path(out_dir.join("stockd_descriptor.bin"))
         .compile_protos(&["proto/stockd/v1/stockd.proto"], &["proto"])?;
