@@ -240,6 +240,18 @@ impl Warmer {
                 .clone();
             let result = cell
                 .get_or_init(|| async {
+                    // A request that missed the item just before another's
+                    // load finished arrives here after that load: Redis has
+                    // the item by now, and Postgres need not be asked again.
+                    let present: Result<bool, redis::RedisError> = redis::cmd("EXISTS")
+                        .arg(self.keys.stock(&key.0, &key.1))
+                        .query_async(&mut self.conn.clone())
+                        .await;
+                    match present {
+                        Ok(true) => return Ok(true),
+                        Ok(false) => {}
+                        Err(e) => return Err(format!("redis: {e}")),
+                    }
                     self.loads_on_miss.fetch_add(1, Ordering::Relaxed);
                     counter!("stockd_loads_on_miss_total").increment(1);
                     match self.store.stock_row(&key.0, &key.1).await {
