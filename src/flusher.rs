@@ -243,6 +243,11 @@ impl Flusher {
                 _ = ticker.tick() => {}
             }
             for p in self.keys.partitions() {
+                // With Redis gone each partition takes its retries: stop
+                // between partitions rather than after all of them.
+                if shutdown.is_cancelled() {
+                    return;
+                }
                 if let Err(err) = self.housekeeping(p).await {
                     tracing::warn!(partition = %p, error = %err, "flusher housekeeping failed");
                 }
