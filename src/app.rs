@@ -114,22 +114,20 @@ async fn report_health(
     health: tonic_health::server::HealthReporter,
     mut serving: tokio::sync::watch::Receiver<bool>,
 ) {
+    use tonic::server::NamedService;
+    use tonic_health::ServingStatus;
+    let services = [
+        <pb::inventory_server::InventoryServer<InventoryService> as NamedService>::NAME,
+        <pb::admin_server::AdminServer<AdminService> as NamedService>::NAME,
+    ];
     while serving.changed().await.is_ok() {
-        let now = *serving.borrow_and_update();
-        if now {
-            health
-                .set_serving::<pb::inventory_server::InventoryServer<InventoryService>>()
-                .await;
-            health
-                .set_serving::<pb::admin_server::AdminServer<AdminService>>()
-                .await;
+        let status = if *serving.borrow_and_update() {
+            ServingStatus::Serving
         } else {
-            health
-                .set_not_serving::<pb::inventory_server::InventoryServer<InventoryService>>()
-                .await;
-            health
-                .set_not_serving::<pb::admin_server::AdminServer<AdminService>>()
-                .await;
+            ServingStatus::NotServing
+        };
+        for service in services {
+            health.set_service_status(service, status).await;
         }
     }
 }

@@ -12,6 +12,7 @@ use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Error;
 use crate::keys::{Keyspace, Partition};
 
 /// Where a read takes its entries from.
@@ -35,18 +36,32 @@ impl Source {
     }
 }
 
+/// Errors of one step of a stream consumer (flusher, webhook detector and
+/// dispatcher); their loops log them and retry.
 #[derive(Debug, thiserror::Error)]
-pub enum ConsumeError {
+pub enum StepError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("redis pool: {0}")]
     Pool(#[from] deadpool_redis::PoolError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
 }
 
-impl ConsumeError {
+impl From<StepError> for Error {
+    fn from(err: StepError) -> Self {
+        match err {
+            StepError::Redis(e) => e.into(),
+            StepError::Postgres(e) => e.into(),
+            other => Error::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl StepError {
     /// The group (or the stream) is gone: Redis lost its data.
     pub fn is_missing_group(&self) -> bool {
-        matches!(self, ConsumeError::Redis(e) if e.code() == Some("NOGROUP"))
+        matches!(self, StepError::Redis(e) if e.code() == Some("NOGROUP"))
     }
 }
 
@@ -103,7 +118,7 @@ impl GroupReader {
 
     /// Creates the group on every partition stream (and the stream itself)
     /// where missing, starting at `start` (`0`: every entry; `$`: new ones).
-    pub async fn ensure_groups(&self, start: &str) -> Result<(), ConsumeError> {
+    pub async fn ensure_groups(&self, start: &str) -> Result<(), StepError> {
         let mut conn = self.redis.clone();
         for p in self.keys.partitions() {
             let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
@@ -131,7 +146,7 @@ impl GroupReader {
         partition: Partition,
         source: Source,
         held: &mut Option<deadpool_redis::Connection>,
-    ) -> Result<Vec<StreamId>, ConsumeError> {
+    ) -> Result<Vec<StreamId>, StepError> {
         let stream = self.keys.events(partition);
         if source == Source::Claimed {
             let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
@@ -187,7 +202,7 @@ impl GroupReader {
         &self,
         partition: Partition,
         ids: impl IntoIterator<Item = &'a str>,
-    ) -> Result<(), ConsumeError> {
+    ) -> Result<(), StepError> {
         let mut cmd = redis::cmd("XACK");
         cmd.arg(self.keys.events(partition)).arg(self.group);
         let mut any = false;

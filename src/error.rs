@@ -99,6 +99,21 @@ impl From<redis::RedisError> for Error {
     }
 }
 
+impl From<sqlx::Error> for Error {
+    /// Postgres unreachable is "retry later"; anything else (a bug, a
+    /// constraint) is internal.
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => Error::Unavailable(format!("postgres: {err}")),
+            other => Error::Internal(format!("postgres: {other}")),
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {

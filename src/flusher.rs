@@ -29,9 +29,8 @@ use redis::streams::{StreamId, StreamInfoGroupsReply, StreamPendingReply};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::consumer::Source;
-use crate::consumer::{Backoff, ConsumeError, GroupReader};
+use crate::consumer::{Backoff, GroupReader, StepError};
 
-use crate::error::Error;
 use crate::events::{ChangeEvent, parse_entry_id};
 use crate::keys::{Keyspace, Partition};
 use crate::store::Store;
@@ -89,33 +88,7 @@ pub struct Backlog {
 }
 
 /// Errors of one step; the run loop logs them and retries.
-#[derive(Debug, thiserror::Error)]
-pub enum FlushError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
-    #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
-}
-
-impl From<ConsumeError> for FlushError {
-    fn from(err: ConsumeError) -> Self {
-        match err {
-            ConsumeError::Redis(e) => FlushError::Redis(e),
-            ConsumeError::Pool(e) => FlushError::Pool(e),
-        }
-    }
-}
-
-impl From<FlushError> for Error {
-    fn from(err: FlushError) -> Self {
-        match err {
-            FlushError::Redis(e) => e.into(),
-            other => Error::Unavailable(other.to_string()),
-        }
-    }
-}
+pub type FlushError = StepError;
 
 /// A batch read from a stream: events to write, entries to dead-letter.
 struct Batch {
@@ -167,7 +140,7 @@ impl Flusher {
     /// itself) where missing. The group starts at the stream's beginning, so
     /// events written before the first flusher started are flushed too.
     pub async fn ensure_groups(&self) -> Result<(), FlushError> {
-        Ok(self.reader.ensure_groups("0").await?)
+        self.reader.ensure_groups("0").await
     }
 
     /// Reads one batch of `partition` from `source`, writes it to Postgres
@@ -333,7 +306,7 @@ impl Flusher {
         partition: Partition,
         source: Source,
         held: &mut Option<deadpool_redis::Connection>,
-    ) -> Result<Batch, ConsumeError> {
+    ) -> Result<Batch, StepError> {
         let entries: Vec<StreamId> = self.reader.read(partition, source, held).await?;
         let mut batch = Batch {
             events: Vec::with_capacity(entries.len()),
@@ -359,10 +332,9 @@ impl Flusher {
     }
 
     async fn ack(&self, partition: Partition, events: &[ChangeEvent]) -> Result<(), FlushError> {
-        Ok(self
-            .reader
+        self.reader
             .ack(partition, events.iter().map(|e| e.entry_id.as_str()))
-            .await?)
+            .await
     }
 
     /// Moves entries that can never be written to `NS:{pNN}:dead` (with the

@@ -359,15 +359,15 @@ impl Reconciler {
         match phase {
             Phase::Postgres(after) => {
                 let rows = match scope {
-                    Scope::All => self
-                        .store
-                        .stock_page(
-                            after.as_ref().map(|(s, l)| (s.as_str(), l.as_str())),
-                            size as i64,
-                        )
-                        .await
-                        .map_err(postgres)?,
-                    Scope::Skus(skus) => self.store.stock_rows_of(skus).await.map_err(postgres)?,
+                    Scope::All => {
+                        self.store
+                            .stock_page(
+                                after.as_ref().map(|(s, l)| (s.as_str(), l.as_str())),
+                                size as i64,
+                            )
+                            .await?
+                    }
+                    Scope::Skus(skus) => self.store.stock_rows_of(skus).await?,
                 };
                 let next = match scope {
                     Scope::All if rows.len() == size => {
@@ -419,12 +419,7 @@ impl Reconciler {
         }
         self.judge_suspects(&suspects, mode, run_id, &mut report)
             .await?;
-        for key in self
-            .store
-            .ledger_mismatches(&keys)
-            .await
-            .map_err(postgres)?
-        {
+        for key in self.store.ledger_mismatches(&keys).await? {
             let row = rows.iter().find(|r| r.sku == key.0 && r.location == key.1);
             report.add(
                 Class::LedgerMismatch,
@@ -481,8 +476,7 @@ impl Reconciler {
         let known: HashSet<ItemKey> = self
             .store
             .stock_rows_for(&items)
-            .await
-            .map_err(postgres)?
+            .await?
             .into_iter()
             .map(|r| (r.sku, r.location))
             .collect();
@@ -512,8 +506,7 @@ impl Reconciler {
         let rows: HashMap<ItemKey, Quantities> = self
             .store
             .stock_rows_for(keys)
-            .await
-            .map_err(postgres)?
+            .await?
             .into_iter()
             .map(|r| ((r.sku, r.location), (r.available, r.reserved, r.version)))
             .collect();
@@ -535,7 +528,7 @@ impl Reconciler {
         }
         if mode == Mode::Repair && !to_restate.is_empty() {
             let keys: Vec<ItemKey> = to_restate.iter().map(|(k, _)| k.clone()).collect();
-            let sums = self.store.ledger_sums(&keys).await.map_err(postgres)?;
+            let sums = self.store.ledger_sums(&keys).await?;
             for (key, redis) in to_restate {
                 let (sum_a, sum_r) = sums.get(&key).copied().unwrap_or((0, 0));
                 if self
@@ -653,10 +646,6 @@ impl Reconciler {
         }
         Ok(unflushed)
     }
-}
-
-fn postgres(err: sqlx::Error) -> Error {
-    Error::Unavailable(format!("postgres: {err}"))
 }
 
 #[cfg(test)]

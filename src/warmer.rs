@@ -184,7 +184,7 @@ impl Warmer {
 
     /// Preloads every location of each SKU; SKUs Postgres lacks are counted.
     pub async fn preload_skus(&self, skus: &[String]) -> Result<PreloadCounts, Error> {
-        let rows = self.store.stock_rows_of(skus).await.map_err(postgres)?;
+        let rows = self.store.stock_rows_of(skus).await?;
         let mut counts = self.load_rows(&rows).await?;
         let known: std::collections::HashSet<&str> = rows.iter().map(|r| r.sku.as_str()).collect();
         counts.not_found = skus.iter().filter(|s| !known.contains(s.as_str())).count() as u64;
@@ -201,8 +201,7 @@ impl Warmer {
         let rows = self
             .store
             .stock_page(after.as_ref().map(|(s, l)| (s.as_str(), l.as_str())), limit)
-            .await
-            .map_err(postgres)?;
+            .await?;
         let counts = self.load_rows(&rows).await?;
         let next = (rows.len() as i64 == limit)
             .then(|| rows.last().map(|r| (r.sku.clone(), r.location.clone())))
@@ -345,7 +344,7 @@ impl Warmer {
             );
         }
         let counts = self.preload_all().await?;
-        let holds = self.store.held_reservations().await.map_err(postgres)?;
+        let holds = self.store.held_reservations().await?;
         let restored = self.restore_holds(&holds).await?;
         let epoch = new_epoch_id();
         let mut conn = self.conn.clone();
@@ -444,10 +443,6 @@ impl Warmer {
             }
         }
     }
-}
-
-fn postgres(err: sqlx::Error) -> Error {
-    Error::Unavailable(format!("postgres: {err}"))
 }
 
 fn new_epoch_id() -> String {

@@ -80,7 +80,7 @@ impl Detector {
     }
 
     async fn create_groups(&self, start: &str) -> Result<(), WebhookError> {
-        Ok(self.reader.ensure_groups(start).await?)
+        self.reader.ensure_groups(start).await
     }
 
     /// Reads one batch of `partition` from `source`, queues its
@@ -237,10 +237,9 @@ impl Detector {
     }
 
     async fn ack(&self, partition: Partition, entries: &[StreamId]) -> Result<(), WebhookError> {
-        Ok(self
-            .reader
+        self.reader
             .ack(partition, entries.iter().map(|e| e.id.as_str()))
-            .await?)
+            .await
     }
 }
 

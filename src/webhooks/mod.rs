@@ -31,8 +31,6 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::error::Error;
-
 pub use deliver::{DeliverOutcome, Dispatcher};
 pub use detect::{DetectOutcome, Detector, GROUP};
 pub use subscriptions::Subscriptions;
@@ -159,47 +157,7 @@ impl Wakeup {
 
 /// Errors of one step of the detector or the dispatcher; the loops log them
 /// and retry.
-#[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
-    #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
-}
-
-impl From<crate::consumer::ConsumeError> for WebhookError {
-    fn from(err: crate::consumer::ConsumeError) -> Self {
-        match err {
-            crate::consumer::ConsumeError::Redis(e) => WebhookError::Redis(e),
-            crate::consumer::ConsumeError::Pool(e) => WebhookError::Pool(e),
-        }
-    }
-}
-
-impl From<WebhookError> for Error {
-    fn from(err: WebhookError) -> Self {
-        match err {
-            WebhookError::Redis(e) => e.into(),
-            WebhookError::Postgres(e) => postgres_error(e),
-            other => Error::Unavailable(other.to_string()),
-        }
-    }
-}
-
-/// A Postgres failure at the boundary: unreachable is UNAVAILABLE, anything
-/// else (a bug, a constraint) INTERNAL.
-pub(crate) fn postgres_error(err: sqlx::Error) -> Error {
-    match err {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::WorkerCrashed => Error::Unavailable(format!("postgres: {err}")),
-        other => Error::Internal(format!("postgres: {other}")),
-    }
-}
+pub type WebhookError = crate::consumer::StepError;
 
 pub use crate::consumer::{Backoff, retry_ceiling};
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use rand::Rng;
 use sqlx::{PgPool, Row};
 
-use super::{KINDS, Wakeup, postgres_error};
+use super::{KINDS, Wakeup};
 use crate::domain::Sku;
 use crate::error::Error;
 use crate::pb;
@@ -210,7 +210,7 @@ impl Subscriptions {
         .bind(&secret)
         .fetch_one(&self.pool)
         .await
-        .map_err(postgres_error)?;
+        .map_err(Error::from)?;
         let webhook = webhook(&row);
         tracing::info!(id = webhook.id, %url, ?events, "webhook subscription added");
         Ok(pb::AddWebhookResponse {
@@ -227,7 +227,7 @@ impl Subscriptions {
         ))
         .fetch_all(&self.pool)
         .await
-        .map_err(postgres_error)?;
+        .map_err(Error::from)?;
         Ok(pb::ListWebhooksResponse {
             webhooks: rows.iter().map(webhook).collect(),
         })
@@ -253,7 +253,7 @@ impl Subscriptions {
         .bind(id)
         .fetch_one(&self.pool)
         .await
-        .map_err(postgres_error)?;
+        .map_err(Error::from)?;
         if row.get::<i64, _>("removed") == 0 {
             return Err(Error::NotFound(format!("webhook {id} does not exist")));
         }
@@ -292,7 +292,7 @@ impl Subscriptions {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(postgres_error)?;
+        .map_err(Error::from)?;
         Ok(pb::ListWebhookDeadLettersResponse {
             dead_letters: rows
                 .into_iter()
@@ -339,7 +339,7 @@ impl Subscriptions {
         .bind(req.subscription_id as i64)
         .fetch_all(&self.pool)
         .await
-        .map_err(postgres_error)?;
+        .map_err(Error::from)?;
         let requeued: BTreeSet<u64> = rows.iter().map(|r| r.get::<i64, _>("id") as u64).collect();
         if !requeued.is_empty() {
             tracing::info!(
