@@ -1,18 +1,20 @@
-//! Wiring: connects to Redis and Postgres, checks the deployment's meta
-//! record, and runs the gRPC server and the background tasks (reaper,
-//! flusher) until shutdown.
+//! Wiring: [`Application::build`] connects to Redis and Postgres, checks the
+//! deployment's meta record, binds the listener and assembles every
+//! component; [`Application::run_until_stopped`] warms Redis when it must,
+//! then runs the gRPC server and the background tasks until shutdown.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
-
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::config::Config;
+use crate::config::{Config, SecurityConfig};
 use crate::engine::{Engine, EngineSettings};
 use crate::flusher::{FlushError, Flusher, FlusherSettings};
 use crate::grpc::{AdminService, AdmissionLayer, InventoryService, RequireToken};
@@ -29,6 +31,12 @@ use crate::webhooks::{Detector, Dispatcher, Subscriptions, Wakeup, WebhookSettin
 /// Why stockd could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot connect to Redis: {0}")]
     Redis(#[source] redis::RedisError),
     #[error(transparent)]
@@ -41,8 +49,12 @@ pub enum StartError {
     Flusher(#[from] FlushError),
     #[error("cannot warm Redis from Postgres: {0}")]
     Warm(#[source] crate::error::Error),
-    #[error("cannot read the TLS files: {0}")]
-    Tls(String),
+    #[error("cannot read the TLS file {path}: {source}")]
+    Tls {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
@@ -76,15 +88,18 @@ fn blocking_pool(url: &str, partitions: u32) -> Result<deadpool_redis::Pool, Sta
 
 /// TLS from `--tls-cert`/`--tls-key`, and client certificates from
 /// `--tls-client-ca` (mutual TLS); `None` for plaintext.
-fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, StartError> {
-    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+fn tls_config(security: &SecurityConfig) -> Result<Option<ServerTlsConfig>, StartError> {
+    let (Some(cert), Some(key)) = (&security.tls_cert, &security.tls_key) else {
         return Ok(None);
     };
     let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))
+        std::fs::read(path).map_err(|source| StartError::Tls {
+            path: path.to_owned(),
+            source,
+        })
     };
     let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &config.tls_client_ca {
+    if let Some(ca) = &security.tls_client_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
     }
     Ok(Some(tls))
@@ -132,125 +147,253 @@ async fn report_health(
     }
 }
 
-/// Serves on `listener` until `shutdown` is cancelled: stops accepting
-/// requests, lets requests in flight finish, then stops the background
-/// tasks (the flusher commits the batch in hand), then returns.
-pub async fn run(
+/// Every component of one stockd instance, connected and ready to run.
+pub struct Application {
     config: Config,
     listener: TcpListener,
+    engine: Engine,
+    warmer: Warmer,
+    flusher: Flusher,
+    reconciler: Reconciler,
+    hub: Hub,
+    detector: Detector,
+    dispatcher: Dispatcher,
+    subscriptions: Subscriptions,
+}
+
+impl Application {
+    /// Connects to Redis and Postgres, checks the deployment record (a
+    /// partition count or schema that does not match refuses to start),
+    /// runs the migrations, binds the gRPC listener and assembles the
+    /// components. Nothing is served yet.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let addr = config.server.grpc_addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let redis_url = config.redis.redis_url.expose();
+        let redis_timeout = config.redis.timeout();
+
+        let mut conn = connect_redis(redis_url, redis_timeout).await?;
+        let keys = Keyspace::new(
+            config.deployment.namespace.clone(),
+            config.deployment.partitions,
+        );
+        let meta = meta::ensure(&mut conn, &keys).await?;
+        tracing::info!(namespace = %keys.namespace(), partitions = meta.partitions, epoch = ?meta.epoch, "deployment checked");
+
+        let store = Store::connect(
+            config.postgres.database_url.expose(),
+            config.postgres.database_max_connections,
+        )
+        .await?;
+        tracing::info!("postgres schema up to date");
+
+        // Not serving until Redis is known to be warm (see run_until_stopped).
+        let warmer = Warmer::new(
+            connect_redis(redis_url, redis_timeout).await?,
+            store.clone(),
+            keys.clone(),
+            Availability::new(false),
+        );
+        let engine = Engine::new(
+            conn,
+            keys.clone(),
+            EngineSettings {
+                idempotency_window: config.reservations.idempotency_window(),
+            },
+        )
+        .with_warmer(warmer.clone());
+        let flusher = Flusher::new(
+            // Its own connection, so flushing never queues behind requests.
+            connect_redis(redis_url, redis_timeout).await?,
+            blocking_pool(redis_url, keys.partition_count())?,
+            store.clone(),
+            keys.clone(),
+            FlusherSettings {
+                consumer: config.consumer_name(port),
+                batch_size: config.flusher.flush_batch as usize,
+                interval: config.flusher.interval(),
+                claim_idle: config.flusher.claim_idle(),
+                max_unflushed: config.flusher.max_unflushed,
+                retention: config.flusher.retention(),
+            },
+        );
+        flusher.ensure_groups().await?;
+        let reconciler = Reconciler::new(
+            connect_redis(redis_url, redis_timeout).await?,
+            store.clone(),
+            keys.clone(),
+            warmer.clone(),
+            flusher.clone(),
+        );
+
+        // Watch: one stream reader for every watcher of this instance, on a
+        // connection of its own whose reply may take the whole XREAD BLOCK.
+        let watch_settings = WatchSettings::from_config(&config);
+        let hub = Hub::start(
+            connect_redis(redis_url, redis_timeout + watch_settings.block).await?,
+            connect_redis(redis_url, redis_timeout).await?,
+            keys.clone(),
+            watch_settings,
+        )
+        .await
+        .map_err(StartError::Redis)?;
+
+        // Webhooks: the detector's group exists before any request is
+        // served, so no change after the start is missed.
+        let webhook_settings = WebhookSettings::from_config(&config, config.consumer_name(port));
+        let wakeup = Wakeup::default();
+        let detector = Detector::new(
+            connect_redis(redis_url, redis_timeout).await?,
+            blocking_pool(redis_url, keys.partition_count())?,
+            store.pool().clone(),
+            keys.clone(),
+            webhook_settings.clone(),
+            wakeup.clone(),
+        );
+        detector
+            .ensure_groups()
+            .await
+            .map_err(|e| StartError::Webhooks(e.to_string()))?;
+        let dispatcher = Dispatcher::new(
+            store.pool().clone(),
+            webhook_settings.clone(),
+            wakeup.clone(),
+        )
+        .map_err(StartError::Webhooks)?;
+        let subscriptions = Subscriptions::new(
+            store.pool().clone(),
+            webhook_settings.server_secret.is_some(),
+            wakeup,
+        );
+
+        Ok(Self {
+            config,
+            listener,
+            engine,
+            warmer,
+            flusher,
+            reconciler,
+            hub,
+            detector,
+            dispatcher,
+            subscriptions,
+        })
+    }
+
+    /// Where the gRPC server listens (the real port when configured with 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` is cancelled: stops accepting requests, lets
+    /// requests in flight finish, then stops the background tasks (the
+    /// flusher commits the batch in hand), then returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let Self {
+            config,
+            listener,
+            engine,
+            warmer,
+            flusher,
+            reconciler,
+            hub,
+            detector,
+            dispatcher,
+            subscriptions,
+        } = self;
+
+        // A new deployment, or a Redis that lost its data, is (re-)warmed
+        // from Postgres before anything is served.
+        wait_until_warm(&warmer, &shutdown).await?;
+
+        let background = CancellationToken::new();
+        let tasks: Vec<(&str, JoinHandle<()>)> = vec![
+            (
+                "reaper",
+                tokio::spawn(
+                    Reaper::new(engine.clone(), config.reservations.reaper_interval())
+                        .run(background.clone()),
+                ),
+            ),
+            (
+                "flusher",
+                tokio::spawn(flusher.clone().run(background.clone())),
+            ),
+            (
+                "epoch watchdog",
+                tokio::spawn(
+                    warmer
+                        .clone()
+                        .run(config.redis.epoch_check_interval(), background.clone()),
+                ),
+            ),
+            // The watch reader stops with the server (not after it): open
+            // watches must end for the graceful shutdown to finish.
+            (
+                "watch reader",
+                tokio::spawn(hub.clone().run(shutdown.clone())),
+            ),
+            (
+                "webhook detector",
+                tokio::spawn(detector.run(background.clone())),
+            ),
+            (
+                "webhook dispatcher",
+                tokio::spawn(dispatcher.run(background.clone())),
+            ),
+        ];
+
+        let served = serve(
+            &config,
+            listener,
+            Services {
+                engine,
+                warmer,
+                flusher,
+                reconciler,
+                hub,
+                subscriptions,
+            },
+            shutdown,
+        )
+        .await;
+
+        // No request can add events any more: let the background tasks
+        // finish what they hold (the flusher commits its batch in hand).
+        background.cancel();
+        for (name, task) in tasks {
+            if let Err(err) = task.await {
+                tracing::error!(task = name, error = %err, "background task failed");
+            }
+        }
+        tracing::info!("stopped");
+        served
+    }
+}
+
+/// What the gRPC services are built from.
+struct Services {
+    engine: Engine,
+    warmer: Warmer,
+    flusher: Flusher,
+    reconciler: Reconciler,
+    hub: Hub,
+    subscriptions: Subscriptions,
+}
+
+/// The gRPC server: health, reflection, Inventory and Admin behind the
+/// admission layer and the token checks, until `shutdown`.
+async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    services: Services,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
-    let mut conn = connect_redis(&config.redis_url, config.redis_timeout()).await?;
-    let keys = Keyspace::new(config.namespace.clone(), config.partitions);
-    let meta = meta::ensure(&mut conn, &keys).await?;
-    tracing::info!(namespace = %config.namespace, partitions = meta.partitions, epoch = ?meta.epoch, "deployment checked");
-
-    let store = Store::connect(&config.database_url, config.database_max_connections).await?;
-    tracing::info!("postgres schema up to date");
-
-    // Not serving until Redis is known to be warm: a new deployment, or a
-    // Redis that lost its data, is (re-)warmed from Postgres first.
-    let warmer = Warmer::new(
-        connect_redis(&config.redis_url, config.redis_timeout()).await?,
-        store.clone(),
-        keys.clone(),
-        Availability::new(false),
-    );
-    wait_until_warm(&warmer, &shutdown).await?;
-
-    let engine = Engine::new(
-        conn,
-        keys.clone(),
-        EngineSettings {
-            idempotency_window: config.idempotency_window(),
-        },
-    )
-    .with_warmer(warmer.clone());
-    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-    let flusher = Flusher::new(
-        // Its own connection, so flushing never queues behind requests.
-        connect_redis(&config.redis_url, config.redis_timeout()).await?,
-        blocking_pool(&config.redis_url, keys.partition_count())?,
-        store.clone(),
-        keys.clone(),
-        FlusherSettings {
-            consumer: config.consumer_name(port),
-            batch_size: config.flush_batch as usize,
-            interval: Duration::from_millis(config.flush_interval_ms),
-            claim_idle: Duration::from_millis(config.flush_claim_idle_ms),
-            max_unflushed: config.max_unflushed,
-            retention: Duration::from_secs(config.stream_retention_secs),
-        },
-    );
-    flusher.ensure_groups().await?;
-
-    let reconciler = Reconciler::new(
-        connect_redis(&config.redis_url, config.redis_timeout()).await?,
-        store.clone(),
-        keys.clone(),
-        warmer.clone(),
-        flusher.clone(),
-    );
-
-    // Watch: one stream reader for every watcher of this instance, on a
-    // connection of its own whose reply may take the whole XREAD BLOCK.
-    let watch_settings = WatchSettings::from_config(&config);
-    let hub = Hub::start(
-        connect_redis(
-            &config.redis_url,
-            config.redis_timeout() + watch_settings.block,
-        )
-        .await?,
-        connect_redis(&config.redis_url, config.redis_timeout()).await?,
-        keys.clone(),
-        watch_settings,
-    )
-    .await
-    .map_err(StartError::Redis)?;
-
-    // Webhooks: the detector's group exists before any request is served,
-    // so no change after the start is missed.
-    let webhook_settings = WebhookSettings::from_config(&config, config.consumer_name(port));
-    let wakeup = Wakeup::default();
-    let detector = Detector::new(
-        connect_redis(&config.redis_url, config.redis_timeout()).await?,
-        blocking_pool(&config.redis_url, keys.partition_count())?,
-        store.pool().clone(),
-        keys.clone(),
-        webhook_settings.clone(),
-        wakeup.clone(),
-    );
-    detector
-        .ensure_groups()
-        .await
-        .map_err(|e| StartError::Webhooks(e.to_string()))?;
-    let dispatcher = Dispatcher::new(
-        store.pool().clone(),
-        webhook_settings.clone(),
-        wakeup.clone(),
-    )
-    .map_err(StartError::Webhooks)?;
-    let subscriptions = Subscriptions::new(
-        store.pool().clone(),
-        webhook_settings.server_secret.is_some(),
-        wakeup,
-    );
-
-    let background = CancellationToken::new();
-    let reaper =
-        tokio::spawn(Reaper::new(engine.clone(), config.reaper_interval()).run(background.clone()));
-    let flushing = tokio::spawn(flusher.clone().run(background.clone()));
-    let watchdog = tokio::spawn(
-        warmer
-            .clone()
-            .run(config.epoch_check_interval(), background.clone()),
-    );
-    // The watch reader stops with the server (not after it): open watches
-    // must end for the graceful shutdown to finish.
-    let watching = tokio::spawn(hub.clone().run(shutdown.clone()));
-    let detecting = tokio::spawn(detector.run(background.clone()));
-    let dispatching = tokio::spawn(dispatcher.run(background.clone()));
-
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::inventory_server::InventoryServer<InventoryService>>()
@@ -258,68 +401,65 @@ pub async fn run(
     health
         .set_serving::<pb::admin_server::AdminServer<AdminService>>()
         .await;
-    tokio::spawn(report_health(health, warmer.availability().subscribe()));
+    tokio::spawn(report_health(
+        health,
+        services.warmer.availability().subscribe(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let admin_auth = RequireToken::new(config.admin_token.clone());
+    let token = |t: &Option<crate::config::Secret>| t.as_ref().map(|s| s.expose().to_owned());
+    let admin_auth = RequireToken::new(token(&config.security.admin_token));
     let admin = InterceptedService::new(
         pb::admin_server::AdminServer::new(
-            AdminService::new(engine.clone(), flusher, warmer, reconciler)
-                .with_webhooks(subscriptions),
+            AdminService::new(
+                services.engine.clone(),
+                services.flusher,
+                services.warmer,
+                services.reconciler,
+            )
+            .with_webhooks(services.subscriptions),
         )
-        .max_decoding_message_size(config.max_request_bytes),
+        .max_decoding_message_size(config.server.max_request_bytes),
         move |req| admin_auth.check(req),
     );
-    let client_auth = RequireToken::new(config.client_token.clone());
+    let client_auth = RequireToken::new(token(&config.security.client_token));
     let inventory = InterceptedService::new(
-        pb::inventory_server::InventoryServer::new(InventoryService::new(engine, hub))
-            .max_decoding_message_size(config.max_request_bytes),
+        pb::inventory_server::InventoryServer::new(InventoryService::new(
+            services.engine,
+            services.hub,
+        ))
+        .max_decoding_message_size(config.server.max_request_bytes),
         move |req| client_auth.check(req),
     );
 
     let mut server = Server::builder();
-    if let Some(tls) = tls_config(&config)? {
+    if let Some(tls) = tls_config(&config.security)? {
         server = server.tls_config(tls)?;
     }
-    let addr = listener.local_addr().ok();
     tracing::info!(
-        ?addr,
-        tls = config.tls_cert.is_some(),
-        mtls = config.tls_client_ca.is_some(),
+        addr = ?listener.local_addr().ok(),
+        tls = config.security.tls_cert.is_some(),
+        mtls = config.security.tls_client_ca.is_some(),
         "serving gRPC"
     );
-    let served = server
-        .layer(AdmissionLayer::new(config.max_concurrent_requests as usize))
+    server
+        .layer(AdmissionLayer::new(
+            config.server.max_concurrent_requests as usize,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inventory)
         .add_service(admin)
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY a response can wait for the client's delayed ACK
-            // (40 ms): serve_with_incoming ignores the builder's TCP settings.
+            // Without TCP_NODELAY a response can wait for the client's
+            // delayed ACK (40 ms): serve_with_incoming ignores the builder's
+            // TCP settings.
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled(),
         )
-        .await;
-
-    // No request can add events any more: let the background tasks finish
-    // what they hold (the flusher commits its batch in hand), then stop.
-    background.cancel();
-    for (name, task) in [
-        ("reaper", reaper),
-        ("flusher", flushing),
-        ("epoch watchdog", watchdog),
-        ("watch reader", watching),
-        ("webhook detector", detecting),
-        ("webhook dispatcher", dispatching),
-    ] {
-        if let Err(err) = task.await {
-            tracing::error!(task = name, error = %err, "background task failed");
-        }
-    }
-    tracing::info!("stopped");
-    Ok(served?)
+        .await?;
+    Ok(())
 }

@@ -1,21 +1,47 @@
 //! Typed configuration: every setting is a flag and an environment variable
-//! (DESIGN.md, "Running it").
+//! (DESIGN.md, "Running it"), grouped by the part of stockd it configures.
+//!
+//! Secrets (tokens, the webhook secret, passwords inside URLs) are wrapped
+//! in [`Secret`] and [`ServiceUrl`], whose `Debug` never shows them, so the
+//! whole configuration can be logged at start.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+use clap::{Args, Parser, ValueEnum};
 
 /// stockd: real-time inventory server (gRPC, Redis, write-behind to Postgres).
-#[derive(Clone, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "stockd", version, about, args_override_self = true)]
 pub struct Config {
+    #[command(flatten, next_help_heading = "Server")]
+    pub server: ServerConfig,
+    #[command(flatten, next_help_heading = "Deployment")]
+    pub deployment: DeploymentConfig,
+    #[command(flatten, next_help_heading = "Redis")]
+    pub redis: RedisConfig,
+    #[command(flatten, next_help_heading = "Postgres")]
+    pub postgres: PostgresConfig,
+    #[command(flatten, next_help_heading = "Write-behind flusher")]
+    pub flusher: FlusherConfig,
+    #[command(flatten, next_help_heading = "Reservations and idempotency")]
+    pub reservations: ReservationConfig,
+    #[command(flatten, next_help_heading = "Watch")]
+    pub watch: WatchConfig,
+    #[command(flatten, next_help_heading = "Webhooks")]
+    pub webhooks: WebhookConfig,
+    #[command(flatten, next_help_heading = "Security")]
+    pub security: SecurityConfig,
+    #[command(flatten, next_help_heading = "Logging")]
+    pub logging: LogConfig,
+}
+
+/// Listeners and request limits.
+#[derive(Debug, Clone, Args)]
+pub struct ServerConfig {
     /// Address the gRPC server listens on.
     #[arg(long, env = "STOCKD_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
@@ -23,18 +49,6 @@ pub struct Config {
     /// Address of the Prometheus endpoint (`/metrics`); empty = none.
     #[arg(long, env = "STOCKD_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
-
-    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
-    #[arg(long, env = "STOCKD_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<std::path::PathBuf>,
-
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, env = "STOCKD_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<std::path::PathBuf>,
-
-    /// Require client certificates signed by this CA (PEM): mutual TLS.
-    #[arg(long, env = "STOCKD_TLS_CLIENT_CA", requires = "tls_cert")]
-    pub tls_client_ca: Option<std::path::PathBuf>,
 
     /// Largest request accepted, in bytes; larger ones are refused.
     #[arg(long, env = "STOCKD_MAX_REQUEST_BYTES", default_value_t = 256 * 1024)]
@@ -45,7 +59,31 @@ pub struct Config {
     #[arg(long, env = "STOCKD_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
+}
 
+/// What identifies a deployment and this instance in it.
+#[derive(Debug, Clone, Args)]
+pub struct DeploymentConfig {
+    /// Prefix of every Redis key of this deployment.
+    #[arg(long, env = "STOCKD_NAMESPACE", default_value = "stockd")]
+    pub namespace: String,
+
+    /// Partition count; fixed for the life of a deployment (recorded in
+    /// Redis and Postgres at first start; a different value later refuses
+    /// to start).
+    #[arg(long, env = "STOCKD_PARTITIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub partitions: u32,
+
+    /// This instance's name among the stream consumers; keep it stable
+    /// across restarts (default: `<hostname>:<grpc port>`).
+    #[arg(long, env = "STOCKD_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+}
+
+/// The Redis that holds the live stock.
+#[derive(Debug, Clone, Args)]
+pub struct RedisConfig {
     /// Redis URL (may carry a password; it is never logged).
     #[arg(
         long,
@@ -53,8 +91,32 @@ pub struct Config {
         default_value = "redis://127.0.0.1:6379",
         hide_env_values = true
     )]
-    pub redis_url: String,
+    pub redis_url: ServiceUrl,
 
+    /// Timeout of one Redis command, in milliseconds: past it the request
+    /// fails with UNAVAILABLE instead of hanging.
+    #[arg(long, env = "STOCKD_REDIS_TIMEOUT_MS", default_value_t = 2_000)]
+    pub redis_timeout_ms: u64,
+
+    /// How often each instance checks that Redis still holds its data (the
+    /// epoch id in NS:{meta}), in milliseconds.
+    #[arg(long, env = "STOCKD_EPOCH_CHECK_MS", default_value_t = 1_000)]
+    pub epoch_check_ms: u64,
+}
+
+impl RedisConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    pub fn epoch_check_interval(&self) -> Duration {
+        Duration::from_millis(self.epoch_check_ms)
+    }
+}
+
+/// The Postgres that holds the durable copy.
+#[derive(Debug, Clone, Args)]
+pub struct PostgresConfig {
     /// Postgres URL; the database is created when missing.
     #[arg(
         long,
@@ -62,12 +124,16 @@ pub struct Config {
         default_value = "postgres://postgres@127.0.0.1:5432/stockd",
         hide_env_values = true
     )]
-    pub database_url: String,
+    pub database_url: ServiceUrl,
 
     /// Postgres connections of this instance.
     #[arg(long, env = "STOCKD_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
+}
 
+/// The write-behind flusher and the streams it reads.
+#[derive(Debug, Clone, Args)]
+pub struct FlusherConfig {
     /// Most stream entries the flusher writes in one Postgres transaction.
     #[arg(long, env = "STOCKD_FLUSH_BATCH", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -92,30 +158,25 @@ pub struct Config {
     /// seconds.
     #[arg(long, env = "STOCKD_STREAM_RETENTION_SECS", default_value_t = 300)]
     pub stream_retention_secs: u64,
+}
 
-    /// This instance's name among the flusher's consumers; keep it stable
-    /// across restarts (default: `<hostname>:<grpc port>`).
-    #[arg(long, env = "STOCKD_INSTANCE_ID")]
-    pub instance_id: Option<String>,
+impl FlusherConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.flush_interval_ms)
+    }
 
-    /// Prefix of every Redis key of this deployment.
-    #[arg(long, env = "STOCKD_NAMESPACE", default_value = "stockd")]
-    pub namespace: String,
+    pub fn claim_idle(&self) -> Duration {
+        Duration::from_millis(self.flush_claim_idle_ms)
+    }
 
-    /// Partition count; fixed for the life of a deployment (stored in Redis at
-    /// first start, a different value later refuses to start).
-    #[arg(long, env = "STOCKD_PARTITIONS", default_value_t = 16,
-          value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub partitions: u32,
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.stream_retention_secs)
+    }
+}
 
-    /// When set, every Admin rpc needs `authorization: Bearer <token>`.
-    #[arg(long, env = "STOCKD_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
-
-    /// When set, every Inventory rpc needs `authorization: Bearer <token>`.
-    #[arg(long, env = "STOCKD_CLIENT_TOKEN", hide_env_values = true)]
-    pub client_token: Option<String>,
-
+/// Holds, their expiry, and how long outcomes are kept for replays.
+#[derive(Debug, Clone, Args)]
+pub struct ReservationConfig {
     /// How long finished reservations and request outcomes are kept for
     /// replays, in seconds.
     #[arg(long, env = "STOCKD_IDEMPOTENCY_WINDOW_SECS", default_value_t = 86_400)]
@@ -124,34 +185,35 @@ pub struct Config {
     /// How often the reaper looks for lapsed reservations, in milliseconds.
     #[arg(long, env = "STOCKD_REAPER_INTERVAL_MS", default_value_t = 250)]
     pub reaper_interval_ms: u64,
+}
 
-    /// How often each instance checks that Redis still holds its data (the
-    /// epoch id in NS:{meta}), in milliseconds.
-    #[arg(long, env = "STOCKD_EPOCH_CHECK_MS", default_value_t = 1_000)]
-    pub epoch_check_ms: u64,
+impl ReservationConfig {
+    pub fn idempotency_window(&self) -> Duration {
+        Duration::from_secs(self.idempotency_window_secs)
+    }
 
-    /// Timeout of one Redis command, in milliseconds: past it the request
-    /// fails with UNAVAILABLE instead of hanging.
-    #[arg(long, env = "STOCKD_REDIS_TIMEOUT_MS", default_value_t = 2_000)]
-    pub redis_timeout_ms: u64,
+    pub fn reaper_interval(&self) -> Duration {
+        Duration::from_millis(self.reaper_interval_ms)
+    }
+}
 
-    /// Log filter, e.g. `info` or `stockd=debug,tower=warn`.
-    #[arg(long, env = "STOCKD_LOG", default_value = "info")]
-    pub log: String,
-
-    #[arg(long, env = "STOCKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
+/// `Inventory.Watch`.
+#[derive(Debug, Clone, Args)]
+pub struct WatchConfig {
     /// Events a Watch client may have waiting before it is cut off as too
     /// slow (RESOURCE_EXHAUSTED, with the id to resume from).
     #[arg(long, env = "STOCKD_WATCH_BUFFER", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub watch_buffer: u32,
+}
 
+/// Stock webhooks.
+#[derive(Debug, Clone, Args)]
+pub struct WebhookConfig {
     /// Signs webhook deliveries of subscriptions added without a secret of
     /// their own (unset: such subscriptions get a generated secret).
     #[arg(long, env = "STOCKD_WEBHOOK_SECRET", hide_env_values = true)]
-    pub webhook_secret: Option<String>,
+    pub webhook_secret: Option<Secret>,
 
     /// Attempts of a webhook delivery before it is parked in dead letters.
     #[arg(long, env = "STOCKD_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8,
@@ -176,27 +238,52 @@ pub struct Config {
     pub webhook_concurrency: u32,
 }
 
+/// Tokens and TLS.
+#[derive(Debug, Clone, Args)]
+pub struct SecurityConfig {
+    /// When set, every Admin rpc needs `authorization: Bearer <token>`.
+    #[arg(long, env = "STOCKD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+
+    /// When set, every Inventory rpc needs `authorization: Bearer <token>`.
+    #[arg(long, env = "STOCKD_CLIENT_TOKEN", hide_env_values = true)]
+    pub client_token: Option<Secret>,
+
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "STOCKD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "STOCKD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "STOCKD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs (metrics are configured under Server).
+#[derive(Debug, Clone, Args)]
+pub struct LogConfig {
+    /// Log filter, e.g. `info` or `stockd=debug,tower=warn`.
+    #[arg(long, env = "STOCKD_LOG", default_value = "info")]
+    pub log: String,
+
+    #[arg(long, env = "STOCKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
 impl Config {
-    pub fn idempotency_window(&self) -> Duration {
-        Duration::from_secs(self.idempotency_window_secs)
-    }
-
-    pub fn reaper_interval(&self) -> Duration {
-        Duration::from_millis(self.reaper_interval_ms)
-    }
-
-    pub fn epoch_check_interval(&self) -> Duration {
-        Duration::from_millis(self.epoch_check_ms)
-    }
-
-    pub fn redis_timeout(&self) -> Duration {
-        Duration::from_millis(self.redis_timeout_ms)
-    }
-
-    /// The flusher's consumer name: `--instance-id`, else
+    /// This instance's consumer name: `--instance-id`, else
     /// `<hostname>:<port>`, stable across restarts of the same instance.
     pub fn consumer_name(&self, port: u16) -> String {
-        self.instance_id.clone().unwrap_or_else(|| {
+        self.deployment.instance_id.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .ok()
                 .or_else(|| std::env::var("HOSTNAME").ok())
@@ -208,43 +295,165 @@ impl Config {
     }
 }
 
-impl std::fmt::Debug for Config {
-    /// Secrets (the Redis URL may hold a password, the token) stay out of logs.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("grpc_addr", &self.grpc_addr)
-            .field("namespace", &self.namespace)
-            .field("database_max_connections", &self.database_max_connections)
-            .field("flush_batch", &self.flush_batch)
-            .field("flush_interval_ms", &self.flush_interval_ms)
-            .field("max_unflushed", &self.max_unflushed)
-            .field("flush_claim_idle_ms", &self.flush_claim_idle_ms)
-            .field("stream_retention_secs", &self.stream_retention_secs)
-            .field("instance_id", &self.instance_id)
-            .field("partitions", &self.partitions)
-            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
-            .field("client_token", &self.client_token.as_ref().map(|_| "<set>"))
-            .field("metrics_addr", &self.metrics_addr)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_client_ca", &self.tls_client_ca)
-            .field("max_request_bytes", &self.max_request_bytes)
-            .field("max_concurrent_requests", &self.max_concurrent_requests)
-            .field("idempotency_window_secs", &self.idempotency_window_secs)
-            .field("reaper_interval_ms", &self.reaper_interval_ms)
-            .field("epoch_check_ms", &self.epoch_check_ms)
-            .field("redis_timeout_ms", &self.redis_timeout_ms)
-            .field("log", &self.log)
-            .field("log_format", &self.log_format)
-            .field("watch_buffer", &self.watch_buffer)
-            .field(
-                "webhook_secret",
-                &self.webhook_secret.as_ref().map(|_| "<set>"),
-            )
-            .field("webhook_max_attempts", &self.webhook_max_attempts)
-            .field("webhook_backoff_ms", &self.webhook_backoff_ms)
-            .field("webhook_backoff_max_ms", &self.webhook_backoff_max_ms)
-            .field("webhook_timeout_ms", &self.webhook_timeout_ms)
-            .field("webhook_concurrency", &self.webhook_concurrency)
-            .finish_non_exhaustive()
+/// A value that must never reach a log line: tokens, signing secrets.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// A server URL that may carry a password (`redis://:pw@host`,
+/// `postgres://user:pw@host/db`); `Debug` shows it with the password
+/// replaced, so the host stays visible in logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServiceUrl(String);
+
+impl ServiceUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL itself, password included, for the client that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`. Handles a list of URLs
+    /// separated by commas (the seed nodes of a Redis Cluster).
+    pub fn redacted(&self) -> String {
+        self.0
+            .split(',')
+            .map(redact_one)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn redact_one(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                // A bare userinfo is a password for Redis (`redis://pw@host`)
+                // and a user for Postgres; mask it either way.
+                "***".to_owned()
+            };
+            format!("{scheme}://{masked}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+impl fmt::Debug for ServiceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl FromStr for ServiceUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_a_secret() {
+        let config = Config::try_parse_from([
+            "stockd",
+            "--admin-token",
+            "tok-admin-123",
+            "--client-token",
+            "tok-client-456",
+            "--webhook-secret",
+            "whs-789",
+            "--redis-url",
+            "redis://:redispw@10.0.0.1:6379",
+            "--database-url",
+            "postgres://app:pgpw@db:5432/stockd",
+        ])
+        .unwrap();
+        let printed = format!("{config:?}");
+        for secret in [
+            "tok-admin-123",
+            "tok-client-456",
+            "whs-789",
+            "redispw",
+            "pgpw",
+        ] {
+            assert!(!printed.contains(secret), "{secret} leaked: {printed}");
+        }
+        assert!(printed.contains("10.0.0.1:6379") && printed.contains("db:5432"));
+    }
+
+    #[test]
+    fn urls_are_redacted_one_by_one() {
+        let url = ServiceUrl::new("redis://:a@h1:1,redis://u:b@h2:2/0,redis://h3:3");
+        assert_eq!(
+            url.redacted(),
+            "redis://:***@h1:1,redis://u:***@h2:2/0,redis://h3:3"
+        );
+        assert_eq!(
+            ServiceUrl::new("redis://pw@h:1").redacted(),
+            "redis://***@h:1"
+        );
+        assert_eq!(
+            ServiceUrl::new("postgres://user@h/db").redacted(),
+            "postgres://***@h/db"
+        );
+    }
+
+    #[test]
+    fn flags_keep_their_names_in_sections() {
+        let config = Config::try_parse_from([
+            "stockd",
+            "--grpc-addr",
+            "127.0.0.1:1",
+            "--partitions",
+            "8",
+            "--flush-batch",
+            "7",
+            "--watch-buffer",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(config.server.grpc_addr.port(), 1);
+        assert_eq!(config.deployment.partitions, 8);
+        assert_eq!(config.flusher.flush_batch, 7);
+        assert_eq!(config.watch.watch_buffer, 3);
     }
 }

@@ -91,7 +91,7 @@ impl WatchSettings {
     /// The settings of `config` (flags and environment).
     pub fn from_config(config: &crate::config::Config) -> Self {
         Self {
-            buffer: config.watch_buffer as usize,
+            buffer: config.watch.watch_buffer as usize,
             ..Self::default()
         }
     }

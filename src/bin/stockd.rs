@@ -1,32 +1,29 @@
-//! The stockd server: config, telemetry, then `app::run` until a signal.
+//! The stockd server: config, telemetry, then the application until a signal.
 
 use clap::Parser;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use stockd::{app, config::Config, telemetry};
+use stockd::app::Application;
+use stockd::config::Config;
+use stockd::telemetry;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    telemetry::init(&config.log, config.log_format);
+    telemetry::init(&config.logging.log, config.logging.log_format);
     tracing::info!(?config, "starting stockd");
-    if let Err(err) = telemetry::install_metrics(&config.metrics_addr) {
-        tracing::error!(addr = %config.metrics_addr, error = %err, "cannot serve metrics");
+    if let Err(err) = telemetry::install_metrics(&config.server.metrics_addr) {
+        tracing::error!(addr = %config.server.metrics_addr, error = %err, "cannot serve metrics");
         return std::process::ExitCode::FAILURE;
     }
 
-    let listener = match TcpListener::bind(config.grpc_addr).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(addr = %config.grpc_addr, error = %err, "cannot listen");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-
-    match app::run(config, listener, shutdown).await {
+    let started = match Application::build(config).await {
+        Ok(app) => app.run_until_stopped(shutdown).await,
+        Err(err) => Err(err),
+    };
+    match started {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "stockd failed");

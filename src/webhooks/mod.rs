@@ -105,20 +105,25 @@ impl WebhookSettings {
     /// The settings of `config` (flags and environment); `consumer` is this
     /// instance's consumer name in the `webhooks` group.
     pub fn from_config(config: &crate::config::Config, consumer: String) -> Self {
+        let hooks = &config.webhooks;
         Self {
-            server_secret: config.webhook_secret.clone().filter(|s| !s.is_empty()),
-            max_attempts: config.webhook_max_attempts,
-            backoff: Duration::from_millis(config.webhook_backoff_ms),
+            server_secret: hooks
+                .webhook_secret
+                .as_ref()
+                .map(|s| s.expose().to_owned())
+                .filter(|s| !s.is_empty()),
+            max_attempts: hooks.webhook_max_attempts,
+            backoff: Duration::from_millis(hooks.webhook_backoff_ms),
             backoff_max: Duration::from_millis(
-                config.webhook_backoff_max_ms.max(config.webhook_backoff_ms),
+                hooks.webhook_backoff_max_ms.max(hooks.webhook_backoff_ms),
             ),
-            timeout: Duration::from_millis(config.webhook_timeout_ms.max(1)),
-            concurrency: config.webhook_concurrency as usize,
+            timeout: Duration::from_millis(hooks.webhook_timeout_ms.max(1)),
+            concurrency: hooks.webhook_concurrency as usize,
             consumer,
-            batch_size: config.flush_batch as usize,
+            batch_size: config.flusher.flush_batch as usize,
             // Detection is not latency-critical: fewer idle reads.
-            read_block: Duration::from_millis(config.flush_interval_ms.max(250)),
-            claim_idle: Duration::from_millis(config.flush_claim_idle_ms),
+            read_block: config.flusher.interval().max(Duration::from_millis(250)),
+            claim_idle: config.flusher.claim_idle(),
             ..Self::default()
         }
     }

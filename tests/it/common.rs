@@ -8,13 +8,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use redis::aio::ConnectionManager;
-use stockd::app::{self, StartError};
+use stockd::app::{self, Application, StartError};
 use stockd::config::Config;
 use stockd::keys::Keyspace;
 use stockd::pb::admin_client::AdminClient;
 use stockd::pb::inventory_client::InventoryClient;
 use stockd::pb::{self};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -97,6 +96,8 @@ pub async fn spawn_app() -> TestApp {
 pub fn config_for(options: &Options) -> Config {
     let mut args = vec![
         "stockd".to_owned(),
+        "--grpc-addr".into(),
+        "127.0.0.1:0".into(),
         "--namespace".into(),
         options.namespace.clone(),
         "--partitions".into(),
@@ -126,10 +127,10 @@ impl Options {
 
 pub async fn spawn_app_with(options: Options) -> TestApp {
     let config = config_for(&options);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let application = Application::build(config).await.expect("stockd starts");
+    let addr = application.grpc_addr();
     let shutdown = CancellationToken::new();
-    let mut server = tokio::spawn(app::run(config, listener, shutdown.clone()));
+    let mut server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
     let endpoint = match &options.client_tls {
         None => Channel::from_shared(format!("http://{addr}")).unwrap(),
         Some(tls) => Channel::from_shared(format!("https://{addr}"))

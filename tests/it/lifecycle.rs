@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use stockd::app::{self, StartError};
+use stockd::app::{Application, StartError};
 use stockd::meta::MetaError;
 use stockd::pb;
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -278,9 +277,8 @@ async fn a_different_partition_count_refuses_to_start() {
         partitions: 8,
         ..Options::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let result = app::run(config_for(&options), listener, CancellationToken::new()).await;
-    match result {
+    let result = Application::build(config_for(&options)).await;
+    match result.map(|_| ()) {
         Err(StartError::Meta(MetaError::PartitionMismatch {
             stored: 16,
             configured: 8,
