@@ -5,6 +5,7 @@
 mod common;
 mod concurrency;
 mod crash;
+mod deploy_kit;
 mod events;
 mod expiry;
 mod faults;
