@@ -20,3 +20,4 @@ mod validation;
 mod warming;
 mod watch;
 mod webhooks;
+mod wire;
