@@ -179,7 +179,7 @@ async fn main() {
                 .expect("an event within 10 s")
                 .expect("the watch stream")
                 .expect("the watch stream is open");
-            if event.reference == id && event.op == "reserve" {
+            if event.reference == id && event.op() == pb::StockOp::Reserve {
                 break;
             }
         }

@@ -22,7 +22,10 @@ const MAX_LOCATION_BYTES: usize = 64;
 const MAX_ID_BYTES: usize = 128;
 const MAX_REASON_BYTES: usize = 256;
 
-/// Printable UTF-8 of bounded length with no whitespace or control characters.
+/// Printable UTF-8 of bounded length, in NFC, where every character prints
+/// as itself: two identifiers that look alike are then the same identifier
+/// (`order-1001` and `order-1001` + U+200B would otherwise be two
+/// reservations, `default` + U+FEFF a second location printing as `default`).
 fn check_token(field: &str, value: &str, max_bytes: usize) -> Result<(), Error> {
     if value.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
@@ -33,13 +36,42 @@ fn check_token(field: &str, value: &str, max_bytes: usize) -> Result<(), Error> 
             format!("must be at most {max_bytes} bytes, got {}", value.len()),
         ));
     }
-    if let Some(c) = value.chars().find(|c| c.is_whitespace() || c.is_control()) {
+    if let Some((c, what)) = value.chars().find_map(|c| unprintable(c).map(|w| (c, w))) {
         return Err(Error::invalid(
             field,
-            format!("must not contain whitespace or control characters (found {c:?})"),
+            format!(
+                "must hold printable characters only, found U+{:04X} ({what})",
+                u32::from(c)
+            ),
+        ));
+    }
+    if !unicode_normalization::is_nfc(value) {
+        return Err(Error::invalid(
+            field,
+            "must be in Unicode normalization form C (NFC): the same text can be \
+             spelled with different code points; normalize it before sending",
         ));
     }
     Ok(())
+}
+
+/// Why `c` does not print as itself, if it does not: the general categories
+/// Z* (whitespace, line and paragraph separators) and C* (control, format
+/// such as zero-width and bidi characters, surrogate, private use,
+/// unassigned). A character assigned by a Unicode version newer than the
+/// tables of `unicode-properties` counts as unassigned until they catch up.
+fn unprintable(c: char) -> Option<&'static str> {
+    use unicode_properties::{GeneralCategory as Gc, UnicodeGeneralCategory};
+    Some(match c.general_category() {
+        Gc::SpaceSeparator => "whitespace",
+        Gc::LineSeparator | Gc::ParagraphSeparator => "a line or paragraph separator",
+        Gc::Control => "a control character",
+        Gc::Format => "an invisible format character",
+        Gc::Surrogate => "a surrogate",
+        Gc::PrivateUse => "a private-use character",
+        Gc::Unassigned => "an unassigned code point",
+        _ => return None,
+    })
 }
 
 macro_rules! token_type {
@@ -327,6 +359,8 @@ pub struct StockLevel {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn line(sku: &str, loc: &str, qty: i64) -> (String, String, i64) {
@@ -355,6 +389,94 @@ mod tests {
             "default"
         );
         assert!(RequestId::parse("id", "x".repeat(129)).is_err());
+    }
+
+    /// What the black-box probe found (issue 16), and one of each other
+    /// refused category.
+    const UNPRINTABLE: [&str; 14] = [
+        "order-1001\u{200B}", // zero width space, Cf
+        "default\u{FEFF}",    // byte order mark, Cf
+        "a\u{202E}b",         // right-to-left override, Cf
+        "a\u{2060}b",         // word joiner, Cf
+        "a\u{AD}b",           // soft hyphen, Cf
+        "\u{E000}",           // private use, Co
+        "a\u{10FFFD}",        // supplementary private use, Co
+        "a\u{378}",           // unassigned, Cn
+        "a\u{FFFF}",          // noncharacter, Cn
+        "a\u{2028}b",         // line separator, Zl
+        "a\u{2029}b",         // paragraph separator, Zp
+        "a\u{A0}b",           // no-break space, Zs
+        "a\u{3000}b",         // ideographic space, Zs
+        "a\u{85}b",           // next line, Cc
+    ];
+
+    #[test]
+    fn tokens_refuse_what_does_not_print_as_itself() {
+        for bad in UNPRINTABLE {
+            let err = RequestId::parse("reservation_id", bad).unwrap_err();
+            assert!(err.to_string().contains("printable"), "{bad:?}: {err}");
+            assert_eq!(field_of(err), "reservation_id", "{bad:?}");
+            assert_eq!(field_of(Sku::parse("sku", bad).unwrap_err()), "sku");
+            assert_eq!(
+                field_of(Location::parse_or_default("location", bad).unwrap_err()),
+                "location"
+            );
+        }
+    }
+
+    #[test]
+    fn tokens_must_be_nfc() {
+        // é precomposed (NFC) and as e + combining acute (NFD).
+        assert!(Sku::parse("sku", "caf\u{E9}").is_ok());
+        let err = Sku::parse("sku", "cafe\u{301}").unwrap_err();
+        assert!(err.to_string().contains("NFC"), "{err}");
+        // Ω as OHM SIGN normalizes to GREEK CAPITAL OMEGA.
+        assert!(Location::parse("location", "\u{2126}").is_err());
+        assert!(Location::parse("location", "\u{3A9}").is_ok());
+        // A mark with no precomposed form is NFC, and printable.
+        assert!(RequestId::parse("id", "q\u{307}").is_ok());
+    }
+
+    proptest! {
+        /// Letters, marks, numbers, punctuation and symbols all print; such a
+        /// token is accepted exactly when it is NFC, and its NFC form is.
+        #[test]
+        fn printable_tokens_are_accepted_when_nfc(
+            token in "[\\p{L}\\p{M}\\p{N}\\p{P}\\p{S}]{1,20}"
+        ) {
+            use unicode_normalization::UnicodeNormalization;
+            let nfc: String = token.nfc().collect();
+            prop_assert_eq!(
+                Sku::parse("sku", token.as_str()).is_ok(),
+                nfc == token,
+                "{:?}", token
+            );
+            if nfc.len() <= MAX_SKU_BYTES {
+                prop_assert!(Sku::parse("sku", nfc.as_str()).is_ok(), "{:?}", nfc);
+            }
+        }
+
+        /// One character of a separator or "other" category anywhere in an
+        /// otherwise good token gets the token refused, naming the field.
+        #[test]
+        fn one_unprintable_character_anywhere_is_refused(
+            token in "[a-z0-9._-]{0,20}",
+            bad in any::<char>().prop_filter("separator or other", |c| {
+                use unicode_properties::{GeneralCategoryGroup as G, UnicodeGeneralCategory};
+                matches!(c.general_category_group(), G::Separator | G::Other)
+            }),
+            at in 0usize..=20,
+        ) {
+            let mut token = token;
+            token.insert(at.min(token.len()), bad);
+            for (field, result) in [
+                ("sku", Sku::parse("sku", token.as_str()).map(drop)),
+                ("location", Location::parse_or_default("location", token.as_str()).map(drop)),
+                ("request_id", RequestId::parse("request_id", token.as_str()).map(drop)),
+            ] {
+                prop_assert_eq!(field_of(result.unwrap_err()), field);
+            }
+        }
     }
 
     #[test]

@@ -59,4 +59,7 @@ pub mod pb {
 
     /// For the reflection service.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stockd_descriptor");
+
+    mod names;
+    pub use names::{ShortName, short_name_of};
 }

@@ -983,7 +983,7 @@ pub fn stock_event(e: &ChangeEvent) -> pb::StockEvent {
         partition: e.partition,
         sku: e.sku.clone(),
         location: e.location.clone(),
-        op: e.op.as_str().to_owned(),
+        op: pb::StockOp::from(e.op).into(),
         delta_available: e.d_available,
         delta_reserved: e.d_reserved,
         available: e.available,

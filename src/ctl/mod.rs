@@ -197,7 +197,7 @@ mod tests {
                     event_id: format!("{from}+{n}"),
                     sku: "a".into(),
                     location: "default".into(),
-                    op: "adjust".into(),
+                    op: pb::StockOp::Adjust.into(),
                     delta_available: n,
                     available: 10 + n,
                     version: n,

@@ -252,7 +252,7 @@ impl From<pb::ReconcileResponse> for ReconcileOut {
                 .map(|i| ReconcileItemOut {
                     sku: i.sku,
                     location: i.location,
-                    class: i.class,
+                    class: pb::short_name_of::<pb::ItemState>(i.state),
                     redis: i.redis.map(Level::from),
                     postgres: i.postgres.map(Level::from),
                 })
@@ -318,7 +318,7 @@ impl From<pb::StockEvent> for EventOut {
             partition: e.partition,
             sku: e.sku,
             location: e.location,
-            op: e.op,
+            op: pb::short_name_of::<pb::StockOp>(e.op),
             delta_available: e.delta_available,
             delta_reserved: e.delta_reserved,
             available: e.available,
@@ -974,7 +974,7 @@ missing: nope@default
             items: vec![pb::ReconcileItem {
                 sku: "a".into(),
                 location: "b".into(),
-                class: "missing_in_postgres".into(),
+                state: pb::ItemState::MissingInPostgres.into(),
                 redis: Some(level("a", "b", 4, 0, 9)),
                 postgres: None,
             }],
@@ -1010,7 +1010,7 @@ missing: nope@default
             partition: 3,
             sku: "a".into(),
             location: "b".into(),
-            op: "reserve".into(),
+            op: pb::StockOp::Reserve.into(),
             delta_available: -2,
             delta_reserved: 2,
             available: 8,

@@ -11,6 +11,13 @@ use super::commands::{Admin, Failure};
 use super::render::{Align, Format, Table, clean, format_ms};
 use crate::pb;
 
+/// `--events` names: out_of_stock, back_in_stock, low_stock.
+fn webhook_event(name: &str) -> Result<pb::WebhookEvent, String> {
+    use pb::ShortName;
+    pb::WebhookEvent::from_short_name(name)
+        .ok_or_else(|| "expected out_of_stock, back_in_stock or low_stock".to_owned())
+}
+
 #[derive(Debug, Subcommand)]
 pub enum WebhookCommand {
     /// Subscribe URL to stock transitions (Admin.AddWebhook).
@@ -18,8 +25,9 @@ pub enum WebhookCommand {
         /// http://host[:port]/path that receives the signed JSON POSTs.
         url: String,
         /// Comma-separated: out_of_stock, back_in_stock, low_stock.
-        #[arg(long, value_delimiter = ',', required = true, value_name = "EVENT,...")]
-        events: Vec<String>,
+        #[arg(long, value_delimiter = ',', required = true, value_name = "EVENT,...",
+              value_parser = webhook_event)]
+        events: Vec<pb::WebhookEvent>,
         /// low_stock fires when available falls from >= N to below N.
         #[arg(long, value_name = "N")]
         low_stock_threshold: Option<i64>,
@@ -80,10 +88,14 @@ impl From<pb::Webhook> for WebhookOut {
         WebhookOut {
             id: w.id,
             url: w.url,
-            events: w.events,
+            events: w
+                .events
+                .into_iter()
+                .map(pb::short_name_of::<pb::WebhookEvent>)
+                .collect(),
             low_stock_threshold: (w.low_stock_threshold > 0).then_some(w.low_stock_threshold),
             skus: w.skus,
-            secret_source: w.secret_source,
+            secret_source: pb::short_name_of::<pb::WebhookSecretSource>(w.secret_source),
             created_at_ms: w.created_at_ms,
             pending: w.pending,
             dead_letters: w.dead_letters,
@@ -121,7 +133,7 @@ impl From<pb::WebhookDeadLetter> for DeadLetterOut {
             id: d.id,
             subscription_id: d.subscription_id,
             url: d.url,
-            event: d.event,
+            event: pb::short_name_of::<pb::WebhookEvent>(d.event),
             sku: d.sku,
             location: d.location,
             version: d.version,
@@ -162,7 +174,7 @@ pub async fn execute(
             let r = admin
                 .add_webhook(pb::AddWebhookRequest {
                     url,
-                    events,
+                    events: events.into_iter().map(i32::from).collect(),
                     low_stock_threshold: low_stock_threshold.unwrap_or(0),
                     skus,
                     secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),

@@ -164,7 +164,7 @@ impl pb::admin_server::Admin for AdminService {
                 .map(|i| pb::ReconcileItem {
                     sku: i.sku,
                     location: i.location,
-                    class: i.class.as_str().to_owned(),
+                    state: pb::ItemState::from(i.class).into(),
                     redis: level(i.redis),
                     postgres: level(i.postgres),
                 })

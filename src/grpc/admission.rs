@@ -1,7 +1,8 @@
 //! One tower layer in front of every service: admission (a bound on requests
 //! in flight, past which requests are refused at once with
 //! RESOURCE_EXHAUSTED instead of queueing without bound), a tracing span per
-//! request, and the request metrics.
+//! request, the request metrics, and the right status for requests tonic
+//! could not decode (`decode_errors`).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,6 +13,8 @@ use tokio::sync::Semaphore;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 use tracing::Instrument;
+
+use super::decode_errors;
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
@@ -97,7 +100,7 @@ where
                     Some(Ok(permit)) => Some(permit),
                     None => None,
                 };
-                let response = inner.call(request).await?;
+                let response = decode_errors::reclassify(inner.call(request).await?);
                 // An error travels in the headers (trailers-only response); a
                 // success sends its status in the trailers, after the body.
                 let code = response

@@ -3,7 +3,9 @@
 
 use crate::domain::{Item, Lines, MAX_LINES, StockLevel};
 use crate::error::Error;
+use crate::events::Op;
 use crate::pb;
+use crate::reconcile::Class;
 
 pub fn lines(field: &str, lines: Vec<pb::Line>) -> Result<Lines, Error> {
     Lines::parse(
@@ -56,5 +58,59 @@ pub fn item_ref(item: Item) -> pb::ItemRef {
     pb::ItemRef {
         sku: item.sku.to_string(),
         location: item.location.to_string(),
+    }
+}
+
+impl From<Op> for pb::StockOp {
+    fn from(op: Op) -> Self {
+        match op {
+            Op::Reserve => pb::StockOp::Reserve,
+            Op::Commit => pb::StockOp::Commit,
+            Op::Release => pb::StockOp::Release,
+            Op::Expire => pb::StockOp::Expire,
+            Op::Decrement => pb::StockOp::Decrement,
+            Op::Adjust => pb::StockOp::Adjust,
+            Op::Set => pb::StockOp::Set,
+        }
+    }
+}
+
+impl From<Class> for pb::ItemState {
+    fn from(class: Class) -> Self {
+        match class {
+            Class::InSync => pb::ItemState::InSync,
+            Class::PendingFlush => pb::ItemState::PendingFlush,
+            Class::RedisStale => pb::ItemState::RedisStale,
+            Class::Drift => pb::ItemState::Drift,
+            Class::MissingInRedis => pb::ItemState::MissingInRedis,
+            Class::MissingInPostgres => pb::ItemState::MissingInPostgres,
+            Class::LedgerMismatch => pb::ItemState::LedgerMismatch,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::ShortName;
+
+    /// The wire names the same operations and classes as the streams, the
+    /// ledger and the metrics (`stockd_reconcile_items{class}`) do.
+    #[test]
+    fn wire_enums_spell_what_the_streams_and_metrics_spell() {
+        for op in [
+            Op::Reserve,
+            Op::Commit,
+            Op::Release,
+            Op::Expire,
+            Op::Decrement,
+            Op::Adjust,
+            Op::Set,
+        ] {
+            assert_eq!(pb::StockOp::from(op).short_name(), op.as_str());
+        }
+        for class in Class::ALL {
+            assert_eq!(pb::ItemState::from(class).short_name(), class.as_str());
+        }
     }
 }

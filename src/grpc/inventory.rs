@@ -21,6 +21,12 @@ impl InventoryService {
     }
 }
 
+/// The reason is free text with spaces and quotes: logged quoted and escaped
+/// (Debug), so that `damaged" x=y` cannot pose as a field of its own.
+fn log_adjust(item: &Item, delta: Delta, reason: &str) {
+    tracing::info!(%item, delta = delta.get(), ?reason, "adjust");
+}
+
 #[tonic::async_trait]
 impl pb::inventory_server::Inventory for InventoryService {
     #[tracing::instrument(name = "Reserve", skip_all, fields(id = %request.get_ref().reservation_id))]
@@ -104,7 +110,7 @@ impl pb::inventory_server::Inventory for InventoryService {
         let item = Item::parse("", req.sku, req.location)?;
         let delta = Delta::parse("delta", req.delta)?;
         let reason = parse_reason("reason", req.reason)?;
-        tracing::info!(%item, delta = delta.get(), %reason, "adjust");
+        log_adjust(&item, delta, &reason);
         let changed = self.engine.adjust(&id, &item, delta, &reason).await?;
         Ok(Response::new(pb::AdjustResponse {
             level: Some(convert::single_level(changed.levels)?),
@@ -132,5 +138,48 @@ impl pb::inventory_server::Inventory for InventoryService {
     ) -> Result<Response<BoxStream<pb::StockEvent>>, Status> {
         let stream = self.hub.watch(request.into_inner()).await?;
         Ok(Response::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// The log output of a test, as the text formatter writes it.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_adjust_reason_cannot_forge_log_fields() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let item = Item::parse("", "mug".into(), String::new()).unwrap();
+        let delta = Delta::parse("delta", -1).unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            log_adjust(&item, delta, r#"damaged" x=y"#)
+        });
+        let line = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            line.trim_end()
+                .ends_with(r#"item=default/mug delta=-1 reason="damaged\" x=y""#),
+            "{line}"
+        );
     }
 }

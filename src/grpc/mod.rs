@@ -6,6 +6,7 @@ mod admin;
 mod admission;
 mod auth;
 mod convert;
+mod decode_errors;
 mod inventory;
 
 pub use admin::AdminService;

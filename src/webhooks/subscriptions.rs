@@ -9,7 +9,7 @@ use sqlx::{PgPool, Row};
 use super::{KINDS, Wakeup};
 use crate::domain::Sku;
 use crate::error::Error;
-use crate::pb;
+use crate::pb::{self, ShortName};
 
 /// Most SKUs one subscription may name.
 pub const MAX_SUBSCRIPTION_SKUS: usize = 1_000;
@@ -43,13 +43,17 @@ fn webhook(r: &sqlx::postgres::PgRow) -> pb::Webhook {
     pb::Webhook {
         id: r.get::<i64, _>("id") as u64,
         url: r.get("url"),
-        events: r.get("events"),
+        events: r
+            .get::<Vec<String>, _>("events")
+            .iter()
+            .map(|kind| event_of_kind(kind))
+            .collect(),
         low_stock_threshold: r.get::<Option<i64>, _>("low_stock_threshold").unwrap_or(0),
         skus: r.get::<Option<Vec<String>>, _>("skus").unwrap_or_default(),
         secret_source: if r.get::<bool, _>("server_secret") {
-            "server".into()
+            pb::WebhookSecretSource::Server.into()
         } else {
-            "subscription".into()
+            pb::WebhookSecretSource::Subscription.into()
         },
         created_at_ms: r.get("created_at_ms"),
         pending: r.get::<i64, _>("pending") as u64,
@@ -95,7 +99,15 @@ fn parse_url(field: &str, url: &str) -> Result<String, Error> {
     Ok(parsed.to_string())
 }
 
-fn parse_events(field: &str, events: Vec<String>) -> Result<Vec<String>, Error> {
+/// The wire value of a kind as stored (`out_of_stock`, one of KINDS).
+fn event_of_kind(kind: &str) -> i32 {
+    pb::WebhookEvent::from_short_name(kind)
+        .unwrap_or(pb::WebhookEvent::Unspecified)
+        .into()
+}
+
+/// The kinds (as stored) of the requested events.
+fn parse_events(field: &str, events: Vec<i32>) -> Result<Vec<String>, Error> {
     if events.is_empty() {
         return Err(Error::invalid(
             field,
@@ -104,13 +116,17 @@ fn parse_events(field: &str, events: Vec<String>) -> Result<Vec<String>, Error> 
     }
     let mut set = BTreeSet::new();
     for (i, e) in events.into_iter().enumerate() {
-        if !KINDS.contains(&e.as_str()) {
-            return Err(Error::invalid(
-                format!("{field}[{i}]"),
-                format!("unknown event {e:?}; expected one of {}", KINDS.join(", ")),
-            ));
-        }
-        set.insert(e);
+        let kind = pb::WebhookEvent::try_from(e)
+            .map(ShortName::short_name)
+            .ok()
+            .filter(|kind| KINDS.contains(&kind.as_str()))
+            .ok_or_else(|| {
+                Error::invalid(
+                    format!("{field}[{i}]"),
+                    format!("unknown event {e}; expected one of {}", KINDS.join(", ")),
+                )
+            })?;
+        set.insert(kind);
     }
     // In the documented order.
     Ok(KINDS
@@ -300,7 +316,7 @@ impl Subscriptions {
                     id: r.get::<i64, _>("id") as u64,
                     subscription_id: r.get::<i64, _>("subscription_id") as u64,
                     url: r.get("url"),
-                    event: r.get("kind"),
+                    event: event_of_kind(r.get("kind")),
                     sku: r.get("sku"),
                     location: r.get("location"),
                     version: r.get("version"),
@@ -386,17 +402,23 @@ mod tests {
             parse_events(
                 "events",
                 vec![
-                    "low_stock".into(),
-                    "out_of_stock".into(),
-                    "low_stock".into()
+                    pb::WebhookEvent::LowStock.into(),
+                    pb::WebhookEvent::OutOfStock.into(),
+                    pb::WebhookEvent::LowStock.into()
                 ]
             )
             .unwrap(),
             ["out_of_stock", "low_stock"]
         );
         assert!(parse_events("events", vec![]).is_err());
-        let err = parse_events("events", vec!["sold".into()]).unwrap_err();
-        assert!(err.to_string().contains("events[0]"), "{err}");
+        for unknown in [pb::WebhookEvent::Unspecified.into(), 99] {
+            let err = parse_events("events", vec![1, unknown]).unwrap_err();
+            assert!(err.to_string().contains("events[1]"), "{err}");
+        }
+        // Every kind a subscription can ask for has its wire value.
+        for kind in KINDS {
+            assert_ne!(event_of_kind(kind), 0, "{kind}");
+        }
     }
 
     #[test]

@@ -21,3 +21,4 @@ mod validation;
 mod warming;
 mod watch;
 mod webhooks;
+mod wire;

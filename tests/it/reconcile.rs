@@ -134,19 +134,19 @@ async fn every_class_is_planted_counted_and_repaired() {
     // checked, in_sync, pending_flush, redis_stale, drift, missing_in_redis, missing_in_postgres, ledger
     assert_eq!(counts(&report), [10, 3, 2, 1, 2, 1, 1, 1], "{report:#?}");
     assert_eq!(report.repaired, 0);
-    let classes: HashMap<String, String> = report
+    let states: HashMap<String, pb::ItemState> = report
         .items
         .iter()
-        .map(|i| (i.sku.clone(), i.class.clone()))
+        .map(|i| (i.sku.clone(), i.state()))
         .collect();
-    assert_eq!(classes["pending"], "pending_flush");
-    assert_eq!(classes["pending-new"], "pending_flush");
-    assert_eq!(classes["stale"], "redis_stale");
-    assert_eq!(classes["drift-qty"], "drift");
-    assert_eq!(classes["drift-gap"], "drift");
-    assert_eq!(classes["gone"], "missing_in_redis");
-    assert_eq!(classes["pg-lost"], "missing_in_postgres");
-    assert_eq!(classes["ledger-bad"], "ledger_mismatch");
+    assert_eq!(states["pending"], pb::ItemState::PendingFlush);
+    assert_eq!(states["pending-new"], pb::ItemState::PendingFlush);
+    assert_eq!(states["stale"], pb::ItemState::RedisStale);
+    assert_eq!(states["drift-qty"], pb::ItemState::Drift);
+    assert_eq!(states["drift-gap"], pb::ItemState::Drift);
+    assert_eq!(states["gone"], pb::ItemState::MissingInRedis);
+    assert_eq!(states["pg-lost"], pb::ItemState::MissingInPostgres);
+    assert_eq!(states["ledger-bad"], pb::ItemState::LedgerMismatch);
     let drifted = report.items.iter().find(|i| i.sku == "drift-qty").unwrap();
     assert_eq!(drifted.redis.as_ref().unwrap().available, 3);
     assert_eq!(drifted.postgres.as_ref().unwrap().available, 10);
@@ -258,8 +258,8 @@ async fn every_class_is_planted_counted_and_repaired() {
     assert_eq!(counts(&after), [10, 10, 0, 0, 0, 0, 0, 1], "{after:#?}");
     assert_eq!(after.items.len(), 1);
     assert_eq!(
-        (after.items[0].sku.as_str(), after.items[0].class.as_str()),
-        ("drift-gap", "ledger_mismatch")
+        (after.items[0].sku.as_str(), after.items[0].state()),
+        ("drift-gap", pb::ItemState::LedgerMismatch)
     );
     // Where only Postgres lost the row, the repair's deltas complete the
     // ledger again: it sums to the row.

@@ -36,6 +36,24 @@ fn set(id: &str, sku: &str, available: i64, expected: Option<i64>) -> pb::SetSto
     }
 }
 
+/// Each case failed with INVALID_ARGUMENT whose message names its field;
+/// `input` tells the cases of a loop apart.
+fn assert_each_names_its_field(cases: Vec<Check>, input: &str) {
+    for (field, result) in cases {
+        let status = result.expect_err(field);
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{input:?} {field}: {status:?}"
+        );
+        assert!(
+            status.message().starts_with(&format!("invalid {field}:")),
+            "{input:?}: message {:?} should name {field}",
+            status.message()
+        );
+    }
+}
+
 #[tokio::test]
 async fn bad_input_is_invalid_argument_and_changes_nothing() {
     let app = spawn_app().await;
@@ -262,15 +280,7 @@ async fn bad_input_is_invalid_argument_and_changes_nothing() {
                 .map(drop),
         ),
     ];
-    for (field, result) in cases {
-        let status = result.expect_err(field);
-        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
-        assert!(
-            status.message().starts_with(&format!("invalid {field}:")),
-            "message {:?} should name {field}",
-            status.message()
-        );
-    }
+    assert_each_names_its_field(cases, "");
     assert_eq!(
         app.snapshot().await,
         before,
@@ -399,5 +409,142 @@ async fn compare_and_set_mismatch_is_aborted_and_changes_nothing() {
         .level
         .unwrap();
     assert_eq!((level.available, level.version), (9, 2));
+    app.stop().await;
+}
+
+/// Identifiers that print like another identifier (issue 16, found by
+/// black-box probing): each is INVALID_ARGUMENT naming the field, in every
+/// rpc that takes it, and nothing changes.
+#[tokio::test]
+async fn identifiers_that_do_not_print_as_themselves_are_refused_and_change_nothing() {
+    let app = spawn_app().await;
+    app.seed("ok", "", 10).await;
+    let mut inv = app.inventory.clone();
+    let mut admin = app.admin.clone();
+    inv.reserve(reserve("order-1001", vec![line("ok", "", 1)], 60))
+        .await
+        .unwrap();
+    let before = app.snapshot().await;
+
+    let disguised = [
+        "order-1001\u{200B}", // zero width space (Cf)
+        "default\u{FEFF}",    // byte order mark (Cf)
+        "\u{202E}1001-redro", // right-to-left override (Cf)
+        "order\u{2060}1001",  // word joiner (Cf)
+        "order-\u{E000}",     // private use (Co)
+        "order-\u{378}",      // unassigned (Cn)
+        "order\u{2028}1001",  // line separator (Zl)
+        "order\u{2029}1001",  // paragraph separator (Zp)
+        "cafe\u{301}",        // not NFC: e + combining acute
+    ];
+    for bad in disguised {
+        let cases: Vec<Check> = vec![
+            (
+                "reservation_id",
+                inv.reserve(reserve(bad, vec![line("ok", "", 1)], 0))
+                    .await
+                    .map(drop),
+            ),
+            (
+                "lines[0].sku",
+                inv.reserve(reserve("r", vec![line(bad, "", 1)], 0))
+                    .await
+                    .map(drop),
+            ),
+            (
+                "lines[0].location",
+                inv.reserve(reserve("r", vec![line("ok", bad, 1)], 0))
+                    .await
+                    .map(drop),
+            ),
+            (
+                "reservation_id",
+                inv.commit(pb::CommitRequest {
+                    reservation_id: bad.into(),
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "reservation_id",
+                inv.release(pb::ReleaseRequest {
+                    reservation_id: bad.into(),
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "reservation_id",
+                inv.extend(pb::ExtendRequest {
+                    reservation_id: bad.into(),
+                    ttl_seconds: 60,
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "request_id",
+                inv.decrement(pb::DecrementRequest {
+                    request_id: bad.into(),
+                    lines: vec![line("ok", "", 1)],
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "request_id",
+                inv.adjust(pb::AdjustRequest {
+                    request_id: bad.into(),
+                    ..adjust("ok", 1, "")
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "location",
+                inv.adjust(pb::AdjustRequest {
+                    location: bad.into(),
+                    ..adjust("ok", 1, "")
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "items[0].sku",
+                inv.get_stock(pb::GetStockRequest {
+                    items: vec![pb::ItemRef {
+                        sku: bad.into(),
+                        location: String::new(),
+                    }],
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "request_id",
+                admin.set_stock(set(bad, "ok", 1, None)).await.map(drop),
+            ),
+            (
+                "sku",
+                admin.set_stock(set("s", bad, 1, None)).await.map(drop),
+            ),
+            (
+                "skus[0]",
+                admin
+                    .preload(pb::PreloadRequest {
+                        skus: vec![bad.into()],
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+            ),
+        ];
+        assert_each_names_its_field(cases, bad);
+    }
+    assert_eq!(
+        app.snapshot().await,
+        before,
+        "rejected requests changed Redis"
+    );
     app.stop().await;
 }

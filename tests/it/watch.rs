@@ -179,12 +179,12 @@ async fn events_arrive_in_version_order_per_item_and_none_is_missed() {
     assert_eq!(first.partition, set_event.partition);
     assert_eq!(
         (
-            first.op.as_str(),
+            first.op(),
             first.delta_available,
             first.available,
             first.version
         ),
-        ("set", 1_000, 1_000, 1)
+        (pb::StockOp::Set, 1_000, 1_000, 1)
     );
     assert_eq!(first.ts_ms, set_event.int("ts"));
     assert!(first.reference.starts_with("seed-"), "{first:?}");

@@ -291,9 +291,9 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
         pb::AddWebhookRequest {
             url: receiver.url("/own"),
             events: vec![
-                "out_of_stock".into(),
-                "back_in_stock".into(),
-                "low_stock".into(),
+                pb::WebhookEvent::OutOfStock.into(),
+                pb::WebhookEvent::BackInStock.into(),
+                pb::WebhookEvent::LowStock.into(),
             ],
             low_stock_threshold: 5,
             skus: vec!["mug".into()],
@@ -308,12 +308,15 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
         &app,
         pb::AddWebhookRequest {
             url: receiver.url("/server"),
-            events: vec!["out_of_stock".into()],
+            events: vec![pb::WebhookEvent::OutOfStock.into()],
             ..Default::default()
         },
     )
     .await;
-    assert_eq!(server.webhook.as_ref().unwrap().secret_source, "server");
+    assert_eq!(
+        server.webhook.as_ref().unwrap().secret_source(),
+        pb::WebhookSecretSource::Server
+    );
 
     app.seed("mug", "", 10).await; // v1: created, no transition
     app.seed("other", "", 1).await;
@@ -514,7 +517,7 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
         &app,
         pb::AddWebhookRequest {
             url: receiver.url("/up"),
-            events: vec!["out_of_stock".into()],
+            events: vec![pb::WebhookEvent::OutOfStock.into()],
             ..Default::default()
         },
     )
@@ -662,7 +665,7 @@ async fn subscriptions_are_validated() {
     let mut admin = app.admin.clone();
     let base = pb::AddWebhookRequest {
         url: "http://127.0.0.1:9/hook".into(),
-        events: vec!["out_of_stock".into()],
+        events: vec![pb::WebhookEvent::OutOfStock.into()],
         ..Default::default()
     };
     for (req, field) in [
@@ -675,14 +678,14 @@ async fn subscriptions_are_validated() {
         ),
         (
             pb::AddWebhookRequest {
-                events: vec!["sold_out".into()],
+                events: vec![pb::WebhookEvent::Unspecified.into(), 99],
                 ..base.clone()
             },
             "events[0]",
         ),
         (
             pb::AddWebhookRequest {
-                events: vec!["low_stock".into()],
+                events: vec![pb::WebhookEvent::LowStock.into()],
                 ..base.clone()
             },
             "low_stock_threshold",
