@@ -205,6 +205,23 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
         })
         .await
         .unwrap();
+    // The reconcile pages through Postgres: let the flusher write the item.
+    eventually(Duration::from_secs(20), "the seed to be flushed", || {
+        let mut admin = admin.clone();
+        async move {
+            let status = admin
+                .flush_status(pb::FlushStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            status
+                .partitions
+                .iter()
+                .all(|p| p.pending == 0)
+                .then_some(())
+        }
+    })
+    .await;
     let report = admin
         .reconcile(pb::ReconcileRequest {
             all: true,
