@@ -5,7 +5,8 @@
 -- database when missing and runs the pending migrations. Afterwards stockd
 -- only reads which migrations ran, and reads and writes rows: it never
 -- truncates or changes the schema, and deletes only webhook rows (a removed
--- subscription, delivered webhooks past their keep time).
+-- subscription, delivered webhooks past their keep time) and request
+-- outcomes older than the idempotency window.
 --
 --   psql -d stockd -v ON_ERROR_STOP=1 -f deploy/postgres-grants.sql
 --
@@ -16,7 +17,10 @@ CREATE ROLE stockd_app LOGIN;
 GRANT CONNECT ON DATABASE stockd TO stockd_app;
 GRANT USAGE ON SCHEMA public TO stockd_app;
 GRANT SELECT ON _sqlx_migrations TO stockd_app;
-GRANT SELECT, INSERT, UPDATE ON stock, stock_ledger, reservations, flush_checkpoint TO stockd_app;
+GRANT SELECT, INSERT, UPDATE ON stock, stock_ledger, reservations, flush_checkpoint,
+    deployment, ledger_forks TO stockd_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON request_outcomes TO stockd_app;
+GRANT USAGE ON SEQUENCE ledger_forks_id_seq TO stockd_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON webhook_subscriptions, webhook_deliveries TO stockd_app;
 GRANT SELECT ON webhook_dead_letters TO stockd_app;
 GRANT USAGE ON SEQUENCE webhook_subscriptions_id_seq, webhook_deliveries_id_seq TO stockd_app;

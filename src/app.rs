@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -14,19 +13,24 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::backlog::{BacklogSettings, Housekeeper};
 use crate::config::{Config, SecurityConfig};
+use crate::consumer::StepError;
 use crate::engine::{Engine, EngineSettings};
-use crate::flusher::{FlushError, Flusher, FlusherSettings};
+use crate::flusher::{Flusher, FlusherSettings};
 use crate::grpc::{AdminService, AdmissionLayer, InventoryService, RequireToken};
 use crate::keys::Keyspace;
+use crate::markers::Markers;
 use crate::meta::{self, MetaError};
 use crate::pb;
 use crate::reaper::Reaper;
 use crate::reconcile::Reconciler;
+use crate::redis_conn::RedisConn;
 use crate::store::{Store, StoreError};
-use crate::warmer::{Availability, EpochCheck, Warmer};
+use crate::warmer::{Availability, Warmer};
 use crate::watch::{Hub, WatchSettings};
-use crate::webhooks::{Detector, Dispatcher, Subscriptions, Wakeup, WebhookSettings};
+use crate::watchdog::Watchdog;
+use crate::webhooks::{Dispatcher, Subscriptions, Wakeup, WebhookSettings};
 
 /// Why stockd could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -43,10 +47,8 @@ pub enum StartError {
     Meta(#[from] MetaError),
     #[error("cannot prepare Postgres: {0}")]
     Store(#[from] StoreError),
-    #[error("cannot create the Redis pool: {0}")]
-    RedisPool(#[from] deadpool_redis::CreatePoolError),
     #[error("cannot create the flusher's consumer groups: {0}")]
-    Flusher(#[from] FlushError),
+    Flusher(#[from] StepError),
     #[error("cannot warm Redis from Postgres: {0}")]
     Warm(#[source] crate::error::Error),
     #[error("cannot read the TLS file {path}: {source}")]
@@ -63,27 +65,11 @@ pub enum StartError {
     Webhooks(String),
 }
 
-/// Opens a multiplexed Redis connection (requests share one). It reconnects
-/// by itself after Redis restarts; a command that cannot finish within
-/// `timeout` fails (and the request answers UNAVAILABLE).
-pub async fn connect_redis(url: &str, timeout: Duration) -> Result<ConnectionManager, StartError> {
-    let client = redis::Client::open(url).map_err(StartError::Redis)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_with_config(client, config)
+/// Opens a multiplexed Redis connection (see [`RedisConn`]).
+pub async fn connect_redis(url: &str, timeout: Duration) -> Result<RedisConn, StartError> {
+    RedisConn::connect(url, timeout)
         .await
         .map_err(StartError::Redis)
-}
-
-/// Connections for the flusher's blocking reads: one per partition loop, and
-/// a few spare.
-fn blocking_pool(url: &str, partitions: u32) -> Result<deadpool_redis::Pool, StartError> {
-    let mut config = deadpool_redis::Config::from_url(url);
-    config.pool = Some(deadpool_redis::PoolConfig::new(partitions as usize + 2));
-    Ok(config.create_pool(Some(deadpool_redis::Runtime::Tokio1))?)
 }
 
 /// TLS from `--tls-cert`/`--tls-key`, and client certificates from
@@ -105,17 +91,23 @@ fn tls_config(security: &SecurityConfig) -> Result<Option<ServerTlsConfig>, Star
     Ok(Some(tls))
 }
 
-/// Checks the epoch until Redis is warm: re-warms it when this instance may,
-/// or waits for the instance that does.
-async fn wait_until_warm(warmer: &Warmer, shutdown: &CancellationToken) -> Result<(), StartError> {
+/// Looks until every partition is warm: restores lost or rolled-back ones
+/// when this instance may, or waits for the instance that does.
+async fn wait_until_warm(
+    watchdog: &Watchdog,
+    shutdown: &CancellationToken,
+) -> Result<(), StartError> {
     loop {
-        match warmer.check_epoch_once().await.map_err(StartError::Warm)? {
-            EpochCheck::Waiting => {}
-            EpochCheck::Rewarmed { items, holds } => {
-                tracing::info!(items, holds, "Redis warmed from Postgres");
-                return Ok(());
+        let check = watchdog.check_once().await.map_err(StartError::Warm)?;
+        if !check.waiting {
+            if !check.restored.is_empty() || !check.healed.is_empty() {
+                tracing::info!(
+                    items = check.items,
+                    holds = check.holds,
+                    "Redis warmed from Postgres"
+                );
             }
-            EpochCheck::Steady | EpochCheck::Adopted => return Ok(()),
+            return Ok(());
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -153,17 +145,18 @@ pub struct Application {
     listener: TcpListener,
     engine: Engine,
     warmer: Warmer,
+    watchdog: Watchdog,
     flusher: Flusher,
+    housekeeper: Housekeeper,
     reconciler: Reconciler,
     hub: Hub,
-    detector: Detector,
     dispatcher: Dispatcher,
     subscriptions: Subscriptions,
 }
 
 impl Application {
     /// Connects to Redis and Postgres, checks the deployment record (a
-    /// partition count or schema that does not match refuses to start),
+    /// partition count or layout that does not match refuses to start),
     /// runs the migrations, binds the gRPC listener and assembles the
     /// components. Nothing is served yet.
     pub async fn build(config: Config) -> Result<Self, StartError> {
@@ -175,58 +168,78 @@ impl Application {
         let redis_url = config.redis.redis_url.expose();
         let redis_timeout = config.redis.timeout();
 
-        let mut conn = connect_redis(redis_url, redis_timeout).await?;
+        // Requests share one connection; background work shares another,
+        // so that a preload's pipelines never delay a checkout.
+        let mut requests = connect_redis(redis_url, redis_timeout).await?;
+        let background = connect_redis(redis_url, redis_timeout).await?;
         let keys = Keyspace::new(
             config.deployment.namespace.clone(),
             config.deployment.partitions,
         );
-        let meta = meta::ensure(&mut conn, &keys).await?;
+        let meta = meta::ensure(&mut requests, &keys).await?;
         tracing::info!(namespace = %keys.namespace(), partitions = meta.partitions, epoch = ?meta.epoch, "deployment checked");
 
-        let store = Store::connect(
-            config.postgres.database_url.expose(),
-            config.postgres.database_max_connections,
-        )
-        .await?;
+        let store = Store::connect(&config.postgres).await?;
+        store.ensure_partitions(keys.partition_count()).await?;
         tracing::info!("postgres schema up to date");
 
+        let markers = Markers::new(keys.clone());
         // Not serving until Redis is known to be warm (see run_until_stopped).
         let warmer = Warmer::new(
-            connect_redis(redis_url, redis_timeout).await?,
+            background.clone(),
             store.clone(),
             keys.clone(),
             Availability::new(false),
         );
+        let window = config.reservations.idempotency_window();
         let engine = Engine::new(
-            conn,
+            requests,
             keys.clone(),
+            markers.clone(),
             EngineSettings {
-                idempotency_window: config.reservations.idempotency_window(),
+                idempotency_window: window,
+                ..EngineSettings::default()
             },
         )
         .with_warmer(warmer.clone());
+        let watchdog = Watchdog::new(
+            background.clone(),
+            store.clone(),
+            warmer.clone(),
+            markers.clone(),
+            window,
+        );
+        let wakeup = Wakeup::default();
         let flusher = Flusher::new(
-            // Its own connection, so flushing never queues behind requests.
-            connect_redis(redis_url, redis_timeout).await?,
-            blocking_pool(redis_url, keys.partition_count())?,
+            background.clone(),
             store.clone(),
             keys.clone(),
+            markers.clone(),
+            wakeup.clone(),
             FlusherSettings {
                 consumer: config.consumer_name(port),
                 batch_size: config.flusher.flush_batch as usize,
                 interval: config.flusher.interval(),
                 claim_idle: config.flusher.claim_idle(),
-                max_unflushed: config.flusher.max_unflushed,
-                retention: config.flusher.retention(),
             },
         );
         flusher.ensure_groups().await?;
+        let housekeeper = Housekeeper::new(
+            background.clone(),
+            keys.clone(),
+            markers.clone(),
+            vec![crate::flusher::GROUP],
+            BacklogSettings {
+                max_unhandled: config.flusher.max_unflushed,
+                retention: config.flusher.retention(),
+            },
+        );
         let reconciler = Reconciler::new(
-            connect_redis(redis_url, redis_timeout).await?,
+            background.clone(),
             store.clone(),
             keys.clone(),
             warmer.clone(),
-            flusher.clone(),
+            housekeeper.clone(),
         );
 
         // Watch: one stream reader for every watcher of this instance, on a
@@ -234,29 +247,14 @@ impl Application {
         let watch_settings = WatchSettings::from_config(&config);
         let hub = Hub::start(
             connect_redis(redis_url, redis_timeout + watch_settings.block).await?,
-            connect_redis(redis_url, redis_timeout).await?,
+            background.clone(),
             keys.clone(),
             watch_settings,
         )
         .await
         .map_err(StartError::Redis)?;
 
-        // Webhooks: the detector's group exists before any request is
-        // served, so no change after the start is missed.
-        let webhook_settings = WebhookSettings::from_config(&config, config.consumer_name(port));
-        let wakeup = Wakeup::default();
-        let detector = Detector::new(
-            connect_redis(redis_url, redis_timeout).await?,
-            blocking_pool(redis_url, keys.partition_count())?,
-            store.pool().clone(),
-            keys.clone(),
-            webhook_settings.clone(),
-            wakeup.clone(),
-        );
-        detector
-            .ensure_groups()
-            .await
-            .map_err(|e| StartError::Webhooks(e.to_string()))?;
+        let webhook_settings = WebhookSettings::from_config(&config);
         let dispatcher = Dispatcher::new(
             store.pool().clone(),
             webhook_settings.clone(),
@@ -274,10 +272,11 @@ impl Application {
             listener,
             engine,
             warmer,
+            watchdog,
             flusher,
+            housekeeper,
             reconciler,
             hub,
-            detector,
             dispatcher,
             subscriptions,
         })
@@ -299,17 +298,18 @@ impl Application {
             listener,
             engine,
             warmer,
+            watchdog,
             flusher,
+            housekeeper,
             reconciler,
             hub,
-            detector,
             dispatcher,
             subscriptions,
         } = self;
 
-        // A new deployment, or a Redis that lost its data, is (re-)warmed
-        // from Postgres before anything is served.
-        wait_until_warm(&warmer, &shutdown).await?;
+        // A new deployment, or a Redis that lost or rolled back its data,
+        // is restored from Postgres before anything is served.
+        wait_until_warm(&watchdog, &shutdown).await?;
 
         let background = CancellationToken::new();
         let tasks: Vec<(&str, JoinHandle<()>)> = vec![
@@ -320,27 +320,20 @@ impl Application {
                         .run(background.clone()),
                 ),
             ),
+            ("flusher", tokio::spawn(flusher.run(background.clone()))),
             (
-                "flusher",
-                tokio::spawn(flusher.clone().run(background.clone())),
+                "stream housekeeping",
+                tokio::spawn(housekeeper.clone().run(background.clone())),
             ),
             (
-                "epoch watchdog",
-                tokio::spawn(
-                    warmer
-                        .clone()
-                        .run(config.redis.epoch_check_interval(), background.clone()),
-                ),
+                "watchdog",
+                tokio::spawn(watchdog.run(config.redis.epoch_check_interval(), background.clone())),
             ),
             // The watch reader stops with the server (not after it): open
             // watches must end for the graceful shutdown to finish.
             (
                 "watch reader",
                 tokio::spawn(hub.clone().run(shutdown.clone())),
-            ),
-            (
-                "webhook detector",
-                tokio::spawn(detector.run(background.clone())),
             ),
             (
                 "webhook dispatcher",
@@ -354,7 +347,7 @@ impl Application {
             Services {
                 engine,
                 warmer,
-                flusher,
+                housekeeper,
                 reconciler,
                 hub,
                 subscriptions,
@@ -380,7 +373,7 @@ impl Application {
 struct Services {
     engine: Engine,
     warmer: Warmer,
-    flusher: Flusher,
+    housekeeper: Housekeeper,
     reconciler: Reconciler,
     hub: Hub,
     subscriptions: Subscriptions,
@@ -413,15 +406,13 @@ async fn serve(
     let token = |t: &Option<crate::config::Secret>| t.as_ref().map(|s| s.expose().to_owned());
     let admin_auth = RequireToken::new(token(&config.security.admin_token));
     let admin = InterceptedService::new(
-        pb::admin_server::AdminServer::new(
-            AdminService::new(
-                services.engine.clone(),
-                services.flusher,
-                services.warmer,
-                services.reconciler,
-            )
-            .with_webhooks(services.subscriptions),
-        )
+        pb::admin_server::AdminServer::new(AdminService::new(
+            services.engine.clone(),
+            services.housekeeper,
+            services.warmer,
+            services.reconciler,
+            services.subscriptions,
+        ))
         .max_decoding_message_size(config.server.max_request_bytes),
         move |req| admin_auth.check(req),
     );

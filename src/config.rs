@@ -129,6 +129,43 @@ pub struct PostgresConfig {
     /// Postgres connections of this instance.
     #[arg(long, env = "STOCKD_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
+
+    /// Longest a statement of stockd's may run, in milliseconds (0 = no
+    /// limit): a wait on Postgres is never unbounded.
+    #[arg(
+        long,
+        env = "STOCKD_DATABASE_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub database_statement_timeout_ms: u64,
+
+    /// Longest a statement waits for a lock, in milliseconds (0 = no limit).
+    #[arg(
+        long,
+        env = "STOCKD_DATABASE_LOCK_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub database_lock_timeout_ms: u64,
+
+    /// Postgres ends a session of stockd's that stays idle inside a
+    /// transaction this long, in milliseconds, releasing its locks: the
+    /// open transaction of an instance that died mid-batch cannot stall a
+    /// partition for longer.
+    #[arg(
+        long,
+        env = "STOCKD_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub database_idle_in_transaction_timeout_ms: u64,
+
+    /// How long a request waits for a free Postgres connection, in
+    /// milliseconds.
+    #[arg(
+        long,
+        env = "STOCKD_DATABASE_ACQUIRE_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub database_acquire_timeout_ms: u64,
 }
 
 /// The write-behind flusher and the streams it reads.

@@ -1,51 +1,70 @@
-//! Reading the partition streams through a consumer group, the way every
-//! at-least-once reader of stockd does it (the flusher; the webhook
-//! detector): at start a consumer replays its own pending entries, then
-//! claims entries idle past the claim timeout from silent consumers
-//! (XAUTOCLAIM), then reads new ones, going back to claiming every claim
-//! timeout. Entries are acknowledged by the caller once handled.
+//! The one loop of every stream consumer: the write-behind flusher and the
+//! broker exporters each are a consumer group on the partition streams, and
+//! a small [`Handler`] of batches; this module owns everything else.
+//!
+//! Schedule: a consumer first replays its own pending entries (delivered to
+//! it before a crash, or before a read that failed or timed out: such a read
+//! may have been delivered without the reply arriving), then claims entries
+//! idle past the claim timeout from silent consumers (XAUTOCLAIM), then
+//! reads new ones, going back to claiming every claim timeout.
+//!
+//! Batching by time: a read takes what arrived in every partition this
+//! instance serves (up to `batch_size` per partition) in one round trip
+//! (one XREADGROUP over every stream on a standalone Redis), hands it to the
+//! handler as ONE batch, acknowledges it only after the handler succeeded,
+//! and then waits out the rest of the interval before it reads again, unless
+//! a partition had more waiting. So under any load a consumer makes about
+//! 1000 / interval batches per second (one Postgres transaction each, for
+//! the flusher), and an entry waits at most one interval.
+//!
+//! A failing handler is retried with the batch in hand, with capped
+//! exponential backoff and jitter; the entries wait in Redis. At shutdown the
+//! batch in hand is finished, then the loop stops; what was not read stays
+//! for the next start or another instance.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
+use metrics::counter;
 use rand::Rng;
-use redis::aio::ConnectionManager;
+use redis::Value;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::events::{EntryId, StreamEntry};
 use crate::keys::{Keyspace, Partition};
+use crate::redis_conn::RedisConn;
 
 /// Where a read takes its entries from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
-    /// This consumer's pending entries (after a restart).
+    /// This consumer's pending entries (after a restart or a failed read).
     OwnPending,
     /// Entries idle past the claim timeout with other consumers.
     Claimed,
-    /// New entries, waiting up to the block time for some.
+    /// New entries.
     New,
 }
 
-impl Source {
-    /// Where to read after a read from `self` came back empty.
-    pub fn after_empty(self) -> Source {
-        match self {
-            Source::OwnPending => Source::Claimed,
-            Source::Claimed | Source::New => Source::New,
-        }
-    }
+/// Where a new consumer group starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupStart {
+    /// Every entry the streams hold (the flusher: nothing may be missed).
+    Beginning,
+    /// Entries written from now on (exporters of a new deployment).
+    End,
 }
 
-/// Errors of one step of a stream consumer (flusher, webhook detector and
-/// dispatcher); their loops log them and retry.
+/// Errors of one step of a stream consumer; the loop logs them and retries.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
+    #[error("{0}")]
+    Handler(String),
 }
 
 impl From<StepError> for Error {
@@ -53,8 +72,14 @@ impl From<StepError> for Error {
         match err {
             StepError::Redis(e) => e.into(),
             StepError::Postgres(e) => e.into(),
-            other => Error::Unavailable(other.to_string()),
+            StepError::Handler(detail) => Error::Unavailable(detail),
         }
+    }
+}
+
+impl From<redis::ParsingError> for StepError {
+    fn from(err: redis::ParsingError) -> Self {
+        StepError::Redis(err.into())
     }
 }
 
@@ -65,72 +90,130 @@ impl StepError {
     }
 }
 
-/// One consumer of one group on every partition stream.
-#[derive(Clone)]
-pub struct GroupReader {
-    redis: ConnectionManager,
-    /// Connections for blocking reads (XREADGROUP BLOCK must not hold up a
-    /// multiplexed connection others share).
-    blocking: deadpool_redis::Pool,
-    keys: Keyspace,
-    group: &'static str,
-    consumer: String,
-    batch_size: usize,
-    block: Duration,
-    claim_idle: Duration,
+/// An entry of a partition stream, parsed once.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub partition: Partition,
+    pub id: EntryId,
+    pub parsed: Result<StreamEntry, Malformed>,
 }
 
-impl GroupReader {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        redis: ConnectionManager,
-        blocking: deadpool_redis::Pool,
-        keys: Keyspace,
-        group: &'static str,
-        consumer: String,
-        batch_size: usize,
-        block: Duration,
-        claim_idle: Duration,
-    ) -> Self {
+/// An entry that can never be handled, with why and its raw fields.
+#[derive(Debug, Clone)]
+pub struct Malformed {
+    pub reason: String,
+    pub fields: HashMap<String, Value>,
+}
+
+/// One batch: entries of any number of partitions, in stream order within
+/// each partition.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub entries: Vec<Entry>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The newest entry of each partition in the batch.
+    pub fn newest_per_partition(&self) -> Vec<(Partition, EntryId)> {
+        let mut newest: HashMap<Partition, EntryId> = HashMap::new();
+        for e in &self.entries {
+            let slot = newest.entry(e.partition).or_insert(e.id);
+            *slot = (*slot).max(e.id);
+        }
+        let mut out: Vec<_> = newest.into_iter().collect();
+        out.sort();
+        out
+    }
+}
+
+/// What a consumer does with a batch. Succeeding means the entries may be
+/// acknowledged: the handler must have made them durable (or deliberately
+/// skipped them) first.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, batch: &Batch) -> impl Future<Output = Result<(), StepError>> + Send;
+}
+
+/// How one consumer reads.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub group: &'static str,
+    pub start: GroupStart,
+    /// This instance's consumer name: stable across restarts, so that a
+    /// restarted instance replays its own pending entries.
+    pub consumer: String,
+    /// Most entries per partition in one batch.
+    pub batch_size: usize,
+    /// The batching window: the least time between two reads that are not
+    /// catching up.
+    pub interval: Duration,
+    /// Entries pending this long with another consumer are taken over, and
+    /// consumers silent for much longer that own nothing are removed.
+    pub claim_idle: Duration,
+}
+
+/// What one `consume_once` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumeOutcome {
+    /// Entries handled and acknowledged.
+    pub entries: usize,
+    /// Whether some partition had a full batch (more may be waiting).
+    pub full: bool,
+}
+
+/// A consumer group's reader on every partition stream, with its handler.
+pub struct Consumer<H> {
+    redis: RedisConn,
+    keys: Keyspace,
+    settings: ConsumerSettings,
+    handler: H,
+}
+
+impl<H: Handler> Consumer<H> {
+    pub fn new(redis: RedisConn, keys: Keyspace, settings: ConsumerSettings, handler: H) -> Self {
         Self {
             redis,
-            blocking,
             keys,
-            group,
-            consumer,
-            batch_size,
-            block,
-            claim_idle,
+            settings,
+            handler,
         }
     }
 
-    pub fn keys(&self) -> &Keyspace {
-        &self.keys
+    pub fn handler(&self) -> &H {
+        &self.handler
     }
 
     pub fn group(&self) -> &'static str {
-        self.group
-    }
-
-    pub fn claim_idle(&self) -> Duration {
-        self.claim_idle
+        self.settings.group
     }
 
     /// Creates the group on every partition stream (and the stream itself)
-    /// where missing, starting at `start` (`0`: every entry; `$`: new ones).
-    pub async fn ensure_groups(&self, start: &str) -> Result<(), StepError> {
-        let mut conn = self.redis.clone();
+    /// where missing. After a data loss the streams are new, so a group made
+    /// again starts at their beginning whatever its usual start.
+    pub async fn ensure_groups(&self, after_loss: bool) -> Result<(), StepError> {
+        let start = match (self.settings.start, after_loss) {
+            (GroupStart::Beginning, _) | (GroupStart::End, true) => "0",
+            (GroupStart::End, false) => "$",
+        };
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for p in self.keys.partitions() {
-            let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+            pipe.cmd("XGROUP")
                 .arg("CREATE")
                 .arg(self.keys.events(p))
-                .arg(self.group)
+                .arg(self.settings.group)
                 .arg(start)
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
-                .await;
-            match created {
+                .arg("MKSTREAM");
+        }
+        let replies: Vec<redis::RedisResult<()>> =
+            pipe.query_async(&mut self.redis.clone()).await?;
+        for reply in replies {
+            match reply {
                 Ok(()) => {}
+                // The group exists: the answer we expect most.
                 Err(e) if e.code() == Some("BUSYGROUP") => {}
                 Err(e) => return Err(e.into()),
             }
@@ -138,82 +221,281 @@ impl GroupReader {
         Ok(())
     }
 
-    /// Reads up to a batch of `partition`'s entries from `source`. `held`
-    /// keeps the connection for blocking reads between calls (a pool
-    /// checkout costs a round trip of its own); it is dropped on error.
-    pub async fn read(
-        &self,
-        partition: Partition,
-        source: Source,
-        held: &mut Option<deadpool_redis::Connection>,
-    ) -> Result<Vec<StreamId>, StepError> {
-        let stream = self.keys.events(partition);
-        if source == Source::Claimed {
-            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(&stream)
-                .arg(self.group)
-                .arg(&self.consumer)
-                .arg(self.claim_idle.as_millis() as u64)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(self.batch_size)
-                .query_async(&mut self.redis.clone())
-                .await?;
-            if !reply.claimed.is_empty() {
-                tracing::info!(%partition, group = self.group, entries = reply.claimed.len(),
-                    "took over entries of a silent consumer");
-            }
-            return Ok(reply.claimed);
+    /// Reads up to a batch per partition from `source`, hands it to the
+    /// handler once and acknowledges it. No retry: the caller decides.
+    pub async fn consume_once(&self, source: Source) -> Result<ConsumeOutcome, StepError> {
+        let (batch, full) = self.read(source).await?;
+        if batch.is_empty() {
+            return Ok(ConsumeOutcome::default());
         }
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(self.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(self.batch_size);
-        let reply: Option<StreamReadReply> = if source == Source::New {
-            cmd.arg("BLOCK")
-                .arg(self.block.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&stream)
-                .arg(">");
-            let conn = match held {
-                Some(conn) => conn,
-                None => held.insert(self.blocking.get().await?),
-            };
-            match cmd.query_async(&mut **conn).await {
-                Ok(reply) => reply,
-                Err(err) => {
-                    *held = None;
-                    return Err(err.into());
+        self.handler.handle(&batch).await?;
+        self.ack(&batch).await?;
+        Ok(ConsumeOutcome {
+            entries: batch.entries.len(),
+            full,
+        })
+    }
+
+    /// Handles everything there is: own pending entries, entries idle past
+    /// the claim timeout, and new ones, until a read finds nothing. The
+    /// driver of tests and tools (no polling with deadlines).
+    pub async fn drain(&self) -> Result<usize, StepError> {
+        let mut total = 0;
+        for source in [Source::OwnPending, Source::Claimed, Source::New] {
+            loop {
+                let outcome = self.consume_once(source).await?;
+                total += outcome.entries;
+                if outcome.entries == 0 {
+                    break;
                 }
             }
-        } else {
-            cmd.arg("STREAMS").arg(&stream).arg("0");
-            cmd.query_async(&mut self.redis.clone()).await?
+        }
+        Ok(total)
+    }
+
+    /// Consumes until `shutdown`, finishing the batch in hand.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let group = self.settings.group;
+        if let Err(err) = self.ensure_groups(false).await {
+            tracing::warn!(group, error = %err, "cannot create the consumer groups yet; retrying in the loop");
+        }
+        let mut source = Source::OwnPending;
+        let mut last_claim = Instant::now();
+        let mut backoff = Backoff::default();
+        let mut next_read = Instant::now();
+        while !shutdown.is_cancelled() {
+            if source == Source::New && last_claim.elapsed() >= self.settings.claim_idle {
+                source = Source::Claimed;
+            }
+            if source == Source::New {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until(next_read.into()) => {}
+                }
+            }
+            let started = Instant::now();
+            let read = self.read(source).await;
+            tracing::trace!(group, ?source, read = ?read.as_ref().map(|(b, f)| (b.entries.len(), *f)), "consumer read");
+            let (batch, full) = match read {
+                Ok(read) => read,
+                Err(err) => {
+                    if err.is_missing_group() {
+                        tracing::warn!(
+                            group,
+                            "consumer group missing (Redis lost its data); creating it again"
+                        );
+                        if let Err(err) = self.ensure_groups(true).await {
+                            tracing::warn!(group, error = %err, "creating the consumer groups failed");
+                        }
+                    } else {
+                        tracing::warn!(group, ?source, error = %err, "reading the streams failed; backing off");
+                    }
+                    // A failed read may have been delivered: re-read our own
+                    // pending entries before anything new.
+                    source = Source::OwnPending;
+                    backoff.wait(&shutdown).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                if source == Source::Claimed {
+                    last_claim = Instant::now();
+                    self.remove_silent_consumers().await;
+                }
+                source = match source {
+                    Source::OwnPending => Source::Claimed,
+                    Source::Claimed | Source::New => Source::New,
+                };
+                next_read = started + self.settings.interval;
+                continue;
+            }
+            // The batch in hand is finished even when shutdown comes
+            // meanwhile; only a failing Postgres or Redis makes us give up
+            // on it at shutdown (it stays pending and is replayed).
+            while let Err(err) = self.handler.handle(&batch).await {
+                counter!("stockd_consumer_retries_total", "group" => group).increment(1);
+                tracing::warn!(group, entries = batch.entries.len(), error = %err,
+                    "handling a batch failed; retrying it with backoff");
+                if !backoff.wait(&shutdown).await {
+                    return;
+                }
+            }
+            while let Err(err) = self.ack(&batch).await {
+                tracing::warn!(group, error = %err, "XACK failed; retrying");
+                if !backoff.wait(&shutdown).await {
+                    return;
+                }
+            }
+            counter!("stockd_consumer_entries_total", "group" => group)
+                .increment(batch.entries.len() as u64);
+            counter!("stockd_consumer_batches_total", "group" => group).increment(1);
+            backoff.reset();
+            // Pending and claimed entries are read until none are left; new
+            // ones wait out the batching window unless more are waiting.
+            next_read = if full {
+                Instant::now()
+            } else {
+                started + self.settings.interval
+            };
+        }
+        tracing::debug!(group, "consumer stopped");
+    }
+
+    /// Reads up to `batch_size` entries per partition from `source`; says
+    /// whether some partition filled its share.
+    async fn read(&self, source: Source) -> Result<(Batch, bool), StepError> {
+        let count = self.settings.batch_size;
+        let raw: Vec<(Partition, Vec<StreamId>)> = match source {
+            Source::Claimed => self.claim().await?,
+            Source::OwnPending => self.read_group("0").await?,
+            Source::New => self.read_group(">").await?,
         };
+        let mut batch = Batch::default();
+        let mut full = false;
+        for (partition, ids) in raw {
+            full |= ids.len() >= count;
+            for entry in ids {
+                let Some(id) = EntryId::parse(&entry.id) else {
+                    tracing::error!(%partition, entry = %entry.id, "skipping a stream entry with an unreadable id");
+                    continue;
+                };
+                let parsed = if entry.map.is_empty() {
+                    // A pending entry deleted from the stream (trimmed by hand).
+                    Err("the entry was deleted from the stream".to_owned())
+                } else {
+                    StreamEntry::parse(partition.0, id, &entry.map)
+                };
+                batch.entries.push(Entry {
+                    partition,
+                    id,
+                    parsed: parsed.map_err(|reason| Malformed {
+                        reason,
+                        fields: entry.map,
+                    }),
+                });
+            }
+        }
+        Ok((batch, full))
+    }
+
+    /// One XREADGROUP over every partition stream, from `id` (`0`: own
+    /// pending entries, `>`: new ones).
+    async fn read_group(&self, id: &str) -> Result<Vec<(Partition, Vec<StreamId>)>, StepError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(self.settings.group)
+            .arg(&self.settings.consumer)
+            .arg("COUNT")
+            .arg(self.settings.batch_size)
+            .arg("STREAMS");
+        let partitions: Vec<Partition> = self.keys.partitions().collect();
+        let streams: HashMap<String, Partition> = partitions
+            .iter()
+            .map(|&p| (self.keys.events(p), p))
+            .collect();
+        for p in &partitions {
+            cmd.arg(self.keys.events(*p));
+        }
+        for _ in &partitions {
+            cmd.arg(id);
+        }
+        let reply: Option<StreamReadReply> = cmd.query_async(&mut self.redis.clone()).await?;
         Ok(reply
-            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .map(|r| {
+                r.keys
+                    .into_iter()
+                    .filter_map(|k| streams.get(&k.key).map(|&p| (p, k.ids)))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
-    /// Acknowledges handled entries.
-    pub async fn ack<'a>(
-        &self,
-        partition: Partition,
-        ids: impl IntoIterator<Item = &'a str>,
-    ) -> Result<(), StepError> {
-        let mut cmd = redis::cmd("XACK");
-        cmd.arg(self.keys.events(partition)).arg(self.group);
-        let mut any = false;
-        for id in ids {
-            cmd.arg(id);
-            any = true;
+    /// XAUTOCLAIM of entries idle past the claim timeout, every partition in
+    /// one pipelined round trip.
+    async fn claim(&self) -> Result<Vec<(Partition, Vec<StreamId>)>, StepError> {
+        let mut pipe = redis::pipe();
+        for p in self.keys.partitions() {
+            pipe.cmd("XAUTOCLAIM")
+                .arg(self.keys.events(p))
+                .arg(self.settings.group)
+                .arg(&self.settings.consumer)
+                .arg(self.settings.claim_idle.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(self.settings.batch_size);
         }
-        if any {
-            let _: i64 = cmd.query_async(&mut self.redis.clone()).await?;
+        let replies: Vec<StreamAutoClaimReply> = pipe.query_async(&mut self.redis.clone()).await?;
+        let claimed: Vec<(Partition, Vec<StreamId>)> = self
+            .keys
+            .partitions()
+            .zip(replies)
+            .filter(|(_, r)| !r.claimed.is_empty())
+            .map(|(p, r)| (p, r.claimed))
+            .collect();
+        for (partition, ids) in &claimed {
+            tracing::info!(%partition, group = self.settings.group, entries = ids.len(),
+                "took over entries of a silent consumer");
         }
+        Ok(claimed)
+    }
+
+    /// Acknowledges a handled batch, every partition in one pipeline.
+    async fn ack(&self, batch: &Batch) -> Result<(), StepError> {
+        let mut by_partition: HashMap<Partition, Vec<String>> = HashMap::new();
+        for e in &batch.entries {
+            by_partition
+                .entry(e.partition)
+                .or_default()
+                .push(e.id.to_string());
+        }
+        let mut pipe = redis::pipe();
+        for (p, ids) in by_partition {
+            pipe.cmd("XACK")
+                .arg(self.keys.events(p))
+                .arg(self.settings.group)
+                .arg(ids)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.redis.clone()).await?;
         Ok(())
+    }
+
+    /// Removes consumers of this group that own nothing and have been
+    /// silent much longer than the claim timeout (instances that are gone:
+    /// one per pod name per rollout otherwise piles up). Best effort.
+    async fn remove_silent_consumers(&self) {
+        let silent_for = (self.settings.claim_idle * 10).max(Duration::from_secs(600));
+        for p in self.keys.partitions() {
+            let stream = self.keys.events(p);
+            let consumers: Result<redis::streams::StreamInfoConsumersReply, _> =
+                redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(&stream)
+                    .arg(self.settings.group)
+                    .query_async(&mut self.redis.clone())
+                    .await;
+            let Ok(consumers) = consumers else {
+                return;
+            };
+            for c in consumers.consumers {
+                let silent = Duration::from_millis(c.idle as u64) >= silent_for;
+                if c.pending == 0 && silent && c.name != self.settings.consumer {
+                    // DELCONSUMER drops what the consumer owns: it owns
+                    // nothing (and a claim would have taken it before).
+                    let removed: Result<i64, _> = redis::cmd("XGROUP")
+                        .arg("DELCONSUMER")
+                        .arg(&stream)
+                        .arg(self.settings.group)
+                        .arg(&c.name)
+                        .query_async(&mut self.redis.clone())
+                        .await;
+                    if removed.is_ok() {
+                        tracing::info!(partition = %p, group = self.settings.group, consumer = %c.name,
+                            "removed a consumer that owned nothing and was silent");
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -260,4 +542,42 @@ impl Backoff {
 /// `base * 2^attempt`, at most `cap`.
 pub fn retry_ceiling(base: Duration, cap: Duration, attempt: u32) -> Duration {
     base.saturating_mul(1u32 << attempt.min(20)).min(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_ceiling_doubles_up_to_the_cap() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(1);
+        let ceilings: Vec<u128> = (0..6)
+            .map(|a| retry_ceiling(base, cap, a).as_millis())
+            .collect();
+        assert_eq!(ceilings, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(retry_ceiling(base, cap, u32::MAX), cap);
+    }
+
+    #[test]
+    fn a_batch_knows_its_newest_entry_per_partition() {
+        let entry = |p: u32, ms: u64| Entry {
+            partition: Partition(p),
+            id: EntryId { ms, seq: 0 },
+            parsed: Err(Malformed {
+                reason: String::new(),
+                fields: HashMap::new(),
+            }),
+        };
+        let batch = Batch {
+            entries: vec![entry(1, 5), entry(0, 7), entry(1, 9), entry(1, 6)],
+        };
+        assert_eq!(
+            batch.newest_per_partition(),
+            vec![
+                (Partition(0), EntryId { ms: 7, seq: 0 }),
+                (Partition(1), EntryId { ms: 9, seq: 0 })
+            ]
+        );
+    }
 }

@@ -1,7 +1,12 @@
-//! Change events as they stand in the partition streams (DESIGN.md,
-//! "Events"): one entry per changed (sku, location) with fields
-//! `sku loc op d_avail d_resv avail resv ver ref ts` (and `exp` on reserve
-//! events, see docs/design.md).
+//! Entries of the partition streams (DESIGN.md, "Events"), parsed once.
+//!
+//! A change event is one entry per changed (sku, location) with fields
+//! `sku loc op d_avail d_resv avail resv ver ref ts`, and two more that
+//! only the write-behind needs: `fp`, the request's fingerprint (so that
+//! Postgres can answer a retry after Redis lost its record), and `exp` on
+//! reserve events (the hold's expiry). Extend writes an entry with op
+//! `extend` and no item (`ref fp exp ts`): not a change of stock, so Watch,
+//! webhooks and exporters skip it; the flusher writes the new expiry.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -65,11 +70,84 @@ impl fmt::Display for Op {
     }
 }
 
+/// One well-formed entry of a partition stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEntry {
+    Change(ChangeEvent),
+    Extend(ExtendRecord),
+}
+
+impl StreamEntry {
+    /// Parses an entry's fields; the error says why it can never be written.
+    pub fn parse(
+        partition: u32,
+        entry_id: EntryId,
+        fields: &HashMap<String, Value>,
+    ) -> Result<Self, String> {
+        let f = Fields(fields);
+        if f.text("op")? == "extend" {
+            return Ok(StreamEntry::Extend(ExtendRecord {
+                entry_id,
+                partition,
+                reservation_id: f.text("ref")?,
+                fingerprint: f.text("fp")?,
+                expires_at_ms: f.int("exp")?,
+                ts_ms: f.int("ts")?,
+            }));
+        }
+        ChangeEvent::parse(partition, entry_id, fields).map(StreamEntry::Change)
+    }
+
+    pub fn entry_id(&self) -> EntryId {
+        match self {
+            StreamEntry::Change(e) => e.entry_id,
+            StreamEntry::Extend(x) => x.entry_id,
+        }
+    }
+}
+
+/// A held reservation's new expiry, as Extend wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtendRecord {
+    pub entry_id: EntryId,
+    pub partition: u32,
+    pub reservation_id: String,
+    pub fingerprint: String,
+    pub expires_at_ms: i64,
+    pub ts_ms: i64,
+}
+
+/// The fields of a stream entry, read as text or integers.
+struct Fields<'a>(&'a HashMap<String, Value>);
+
+impl Fields<'_> {
+    fn text(&self, name: &str) -> Result<String, String> {
+        match self.0.get(name) {
+            Some(Value::BulkString(bytes)) => {
+                String::from_utf8(bytes.clone()).map_err(|_| format!("field {name} is not UTF-8"))
+            }
+            Some(Value::SimpleString(s)) => Ok(s.clone()),
+            Some(other) => Err(format!("field {name} has an unexpected type {other:?}")),
+            None => Err(format!("field {name} is missing")),
+        }
+    }
+
+    fn int(&self, name: &str) -> Result<i64, String> {
+        let t = self.text(name)?;
+        t.parse()
+            .map_err(|_| format!("field {name} is not an integer: {t:?}"))
+    }
+
+    fn optional(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+}
+
 /// One well-formed change event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeEvent {
-    /// The stream entry id, `<ms>-<seq>`.
-    pub entry_id: String,
+    /// The stream entry id.
+    pub entry_id: EntryId,
     pub partition: u32,
     pub sku: String,
     pub location: String,
@@ -84,46 +162,41 @@ pub struct ChangeEvent {
     pub ts_ms: i64,
     /// Reserve events only: when the hold expires.
     pub expires_at_ms: Option<i64>,
+    /// The fingerprint of the request that made the change (absent on
+    /// events written before it was recorded, and on reconcile repairs).
+    pub fingerprint: Option<String>,
 }
 
 impl ChangeEvent {
     /// Parses an entry's fields; the error says why it can never be written.
     pub fn parse(
         partition: u32,
-        entry_id: &str,
+        entry_id: EntryId,
         fields: &HashMap<String, Value>,
     ) -> Result<Self, String> {
-        let text = |name: &str| -> Result<String, String> {
-            match fields.get(name) {
-                Some(Value::BulkString(bytes)) => String::from_utf8(bytes.clone())
-                    .map_err(|_| format!("field {name} is not UTF-8")),
-                Some(Value::SimpleString(s)) => Ok(s.clone()),
-                Some(other) => Err(format!("field {name} has an unexpected type {other:?}")),
-                None => Err(format!("field {name} is missing")),
-            }
-        };
-        let int = |name: &str| -> Result<i64, String> {
-            let t = text(name)?;
-            t.parse()
-                .map_err(|_| format!("field {name} is not an integer: {t:?}"))
-        };
-        let op_text = text("op")?;
+        let f = Fields(fields);
+        let op_text = f.text("op")?;
         let op = Op::parse(&op_text).ok_or_else(|| format!("unknown op {op_text:?}"))?;
         let event = ChangeEvent {
-            entry_id: entry_id.to_owned(),
+            entry_id,
             partition,
-            sku: text("sku")?,
-            location: text("loc")?,
+            sku: f.text("sku")?,
+            location: f.text("loc")?,
             op,
-            d_available: int("d_avail")?,
-            d_reserved: int("d_resv")?,
-            available: int("avail")?,
-            reserved: int("resv")?,
-            version: int("ver")?,
-            reference: text("ref")?,
-            ts_ms: int("ts")?,
-            expires_at_ms: if fields.contains_key("exp") {
-                Some(int("exp")?)
+            d_available: f.int("d_avail")?,
+            d_reserved: f.int("d_resv")?,
+            available: f.int("avail")?,
+            reserved: f.int("resv")?,
+            version: f.int("ver")?,
+            reference: f.text("ref")?,
+            ts_ms: f.int("ts")?,
+            expires_at_ms: if f.optional("exp") {
+                Some(f.int("exp")?)
+            } else {
+                None
+            },
+            fingerprint: if f.optional("fp") {
+                Some(f.text("fp")?)
             } else {
                 None
             },
@@ -144,10 +217,73 @@ impl ChangeEvent {
     }
 }
 
-/// A stream entry id as (milliseconds, sequence), for ordering.
-pub fn parse_entry_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
+/// A stream entry id, `<ms>-<seq>`, ordered numerically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl EntryId {
+    pub const ZERO: EntryId = EntryId { ms: 0, seq: 0 };
+
+    /// `<ms>-<seq>` with both parts decimal; nothing else.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ms, seq) = s.split_once('-')?;
+        let digits =
+            |t: &str| !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return None;
+        }
+        Some(EntryId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    /// The first id of this id's millisecond.
+    pub fn millisecond_start(self) -> Self {
+        EntryId {
+            ms: self.ms,
+            seq: 0,
+        }
+    }
+
+    /// The greatest id below this one (`0-0` stays `0-0`).
+    pub fn predecessor(self) -> Self {
+        match (self.ms, self.seq) {
+            (0, 0) => self,
+            (ms, 0) => EntryId {
+                ms: ms - 1,
+                seq: u64::MAX,
+            },
+            (ms, seq) => EntryId { ms, seq: seq - 1 },
+        }
+    }
+}
+
+impl EntryId {
+    /// The id packed into one `u64` (milliseconds in the high 44 bits, the
+    /// sequence saturated to 20 bits), for atomics that only move forward.
+    /// Saturating errs low, so a comparison of packed ids never claims more
+    /// than was seen.
+    pub fn pack(self) -> u64 {
+        (self.ms.min((1 << 44) - 1) << 20) | self.seq.min((1 << 20) - 1)
+    }
+
+    /// The inverse of `pack` (`None` for 0: nothing seen yet).
+    pub fn unpack(packed: u64) -> Option<Self> {
+        (packed != 0).then_some(EntryId {
+            ms: packed >> 20,
+            seq: packed & ((1 << 20) - 1),
+        })
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
 }
 
 #[cfg(test)]
@@ -160,6 +296,8 @@ mod tests {
             .map(|(k, v)| (k.to_string(), Value::BulkString(v.as_bytes().to_vec())))
             .collect()
     }
+
+    const ID: EntryId = EntryId { ms: 1, seq: 0 };
 
     const GOOD: [(&str, &str); 10] = [
         ("sku", "a"),
@@ -176,7 +314,7 @@ mod tests {
 
     #[test]
     fn parses_a_well_formed_entry() {
-        let e = ChangeEvent::parse(3, "1-0", &fields(&GOOD)).unwrap();
+        let e = ChangeEvent::parse(3, ID, &fields(&GOOD)).unwrap();
         assert_eq!(
             (e.op, e.d_available, e.version, e.partition),
             (Op::Reserve, -2, 2, 3)
@@ -189,34 +327,113 @@ mod tests {
         let mut bad = GOOD.to_vec();
         bad[2] = ("op", "steal");
         assert!(
-            ChangeEvent::parse(0, "1-0", &fields(&bad))
+            ChangeEvent::parse(0, ID, &fields(&bad))
                 .unwrap_err()
                 .contains("unknown op")
         );
         let mut bad = GOOD.to_vec();
         bad[7] = ("ver", "x");
         assert!(
-            ChangeEvent::parse(0, "1-0", &fields(&bad))
+            ChangeEvent::parse(0, ID, &fields(&bad))
                 .unwrap_err()
                 .contains("ver")
         );
         let mut bad = GOOD.to_vec();
         bad[5] = ("avail", "-1");
         assert!(
-            ChangeEvent::parse(0, "1-0", &fields(&bad))
+            ChangeEvent::parse(0, ID, &fields(&bad))
                 .unwrap_err()
                 .contains("negative")
         );
         assert!(
-            ChangeEvent::parse(0, "1-0", &fields(&GOOD[..9]))
+            ChangeEvent::parse(0, ID, &fields(&GOOD[..9]))
                 .unwrap_err()
                 .contains("ts")
         );
     }
 
     #[test]
-    fn entry_ids_order_numerically() {
-        assert!(parse_entry_id("10-0") > parse_entry_id("9-5"));
-        assert_eq!(parse_entry_id("bad"), None);
+    fn extend_entries_are_records_not_changes() {
+        let entry = StreamEntry::parse(
+            2,
+            ID,
+            &fields(&[
+                ("op", "extend"),
+                ("ref", "r1"),
+                ("fp", "abc"),
+                ("exp", "99"),
+                ("ts", "5"),
+            ]),
+        )
+        .unwrap();
+        assert!(matches!(
+            entry,
+            StreamEntry::Extend(ExtendRecord {
+                expires_at_ms: 99,
+                ..
+            })
+        ));
+        assert!(matches!(
+            StreamEntry::parse(2, ID, &fields(&GOOD)).unwrap(),
+            StreamEntry::Change(_)
+        ));
+    }
+
+    #[test]
+    fn packed_ids_order_like_ids() {
+        let a = EntryId {
+            ms: 1_764_000_000_000,
+            seq: 3,
+        };
+        let b = EntryId {
+            ms: 1_764_000_000_000,
+            seq: 4,
+        };
+        let c = EntryId {
+            ms: 1_764_000_000_001,
+            seq: 0,
+        };
+        assert!(a.pack() < b.pack() && b.pack() < c.pack());
+        assert_eq!(EntryId::unpack(a.pack()), Some(a));
+        assert_eq!(EntryId::unpack(0), None);
+    }
+
+    #[test]
+    fn entry_ids_parse_strictly_and_order_numerically() {
+        assert_eq!(
+            EntryId::parse("1700000000000-3"),
+            Some(EntryId {
+                ms: 1_700_000_000_000,
+                seq: 3
+            })
+        );
+        for bad in [
+            "", "1", "-1", "1-", "a-1", "1-b", "1-2-3", " 1-2", "+1-2", "$",
+        ] {
+            assert_eq!(EntryId::parse(bad), None, "{bad:?}");
+        }
+        assert!(EntryId::parse("10-0") > EntryId::parse("9-99"));
+        assert_eq!(EntryId::parse("5-0").unwrap().to_string(), "5-0");
+    }
+
+    #[test]
+    fn predecessor_and_millisecond_start() {
+        let id = EntryId { ms: 5, seq: 0 };
+        assert_eq!(
+            id.predecessor(),
+            EntryId {
+                ms: 4,
+                seq: u64::MAX
+            }
+        );
+        assert_eq!(
+            EntryId { ms: 5, seq: 3 }.predecessor(),
+            EntryId { ms: 5, seq: 2 }
+        );
+        assert_eq!(EntryId::ZERO.predecessor(), EntryId::ZERO);
+        assert_eq!(
+            EntryId { ms: 5, seq: 3 }.millisecond_start(),
+            EntryId { ms: 5, seq: 0 }
+        );
     }
 }

@@ -32,6 +32,7 @@
 //! - [`ctl`]: the `stockctl` command-line client.
 
 pub mod app;
+pub mod backlog;
 pub mod config;
 pub mod consumer;
 pub mod ctl;
@@ -43,14 +44,17 @@ pub mod flusher;
 pub mod grpc;
 pub mod keys;
 pub mod lock;
+pub mod markers;
 pub mod meta;
 pub mod reaper;
 pub mod reconcile;
+pub mod redis_conn;
 pub mod scripts;
 pub mod store;
 pub mod telemetry;
 pub mod warmer;
 pub mod watch;
+pub mod watchdog;
 pub mod webhooks;
 
 /// Code generated from `proto/stockd/v1/stockd.proto`.

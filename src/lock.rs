@@ -6,13 +6,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::ConnectionManager;
-
 use crate::error::Error;
+use crate::redis_conn::RedisConn;
 use crate::scripts;
 
 pub struct RedisLock {
-    conn: ConnectionManager,
+    conn: RedisConn,
     key: String,
     token: String,
 }
@@ -20,7 +19,7 @@ pub struct RedisLock {
 impl RedisLock {
     /// Takes the lock at `key` for `ttl`, or `None` when someone holds it.
     pub async fn acquire(
-        conn: &ConnectionManager,
+        conn: &RedisConn,
         key: String,
         ttl: Duration,
     ) -> Result<Option<Self>, Error> {

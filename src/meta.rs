@@ -1,13 +1,15 @@
 //! The deployment's record in Redis, `NS:{meta}`: partition count, schema
 //! version and epoch id, checked at start.
 
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 
 use crate::error::Error;
 use crate::keys::Keyspace;
 
 /// Version of the Redis layout (keys, record fields, event fields).
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: user parts of keys percent-encoded, partition markers, records in
+/// the partition of their items with a locator in the id's partition.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What stockd found (or wrote) in `NS:{meta}` at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,25 +29,31 @@ pub enum MetaError {
          start with --partitions {stored} (or use another --namespace)"
     )]
     PartitionMismatch { stored: u32, configured: u32 },
-    #[error("NS:{{meta}} holds schema {stored}, this stockd understands {SCHEMA_VERSION}")]
+    #[error(
+        "Redis holds this namespace in layout {stored}; this stockd writes layout {SCHEMA_VERSION} \
+         (keys encoded, partition markers). To move over: stop every older stockd, then start this \
+         one once with --reset-redis: it flushes what the streams still hold to Postgres, deletes \
+         the namespace's keys and warms Redis from Postgres (idempotency records of requests made \
+         before are not carried over)"
+    )]
     SchemaMismatch { stored: String },
     #[error("reading NS:{{meta}}: {0}")]
     Redis(#[from] Error),
 }
 
 /// Records the partition count at first start and refuses a different one
-/// later. The epoch id is written by the warmer once Redis is warm (so that a
-/// later loss of the Redis data shows as a missing epoch).
-pub async fn ensure(conn: &mut ConnectionManager, keys: &Keyspace) -> Result<Meta, MetaError> {
+/// later. The epoch id is written by the watchdog once Redis is warm (each
+/// partition's marker carries it too, which is what the scripts check).
+pub async fn ensure(conn: &mut RedisConn, keys: &Keyspace) -> Result<Meta, MetaError> {
     let key = keys.meta();
     // HSETNX keeps the first writer's values when several instances start at once.
     let mut pipe = redis::pipe();
-    pipe.hset_nx(&key, "partitions", keys.partition_count())
+    pipe.hset_nx(key, "partitions", keys.partition_count())
         .ignore()
-        .hset_nx(&key, "schema", SCHEMA_VERSION)
+        .hset_nx(key, "schema", SCHEMA_VERSION)
         .ignore()
         .cmd("HMGET")
-        .arg(&key)
+        .arg(key)
         .arg(&["partitions", "schema", "epoch"]);
     let ((stored, schema, epoch),): ((u32, String, Option<String>),) =
         pipe.query_async(conn).await.map_err(Error::from)?;

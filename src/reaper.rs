@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::RequestId;
 use crate::engine::{Engine, Expiry};
 use crate::error::Error;
+use crate::keys::Partition;
 
 /// Most reservations one partition hands the reaper per pass.
 const BATCH: usize = 256;
@@ -23,6 +24,13 @@ pub struct ReapOutcome {
     pub expired: u64,
     /// Lapsed holds another instance (or a client's release) finished first.
     pub raced: u64,
+    /// Reservations that cannot be finished (their records and the stock
+    /// disagree): parked in the partition's dead letters, left for an
+    /// operator, and no longer looked at.
+    pub broken: u64,
+    /// Partitions this pass could not look at (Redis failing); the next
+    /// pass tries again.
+    pub failed_partitions: u64,
 }
 
 #[derive(Clone)]
@@ -36,33 +44,61 @@ impl Reaper {
         Self { engine, interval }
     }
 
-    /// One pass over every partition's expiry index.
-    pub async fn reap_once(&self) -> Result<ReapOutcome, Error> {
+    /// One pass over every partition's expiry index. A broken reservation
+    /// or a failing partition does not stop the others.
+    pub async fn reap_once(&self) -> ReapOutcome {
         let mut outcome = ReapOutcome::default();
         for partition in self.engine.keys().partitions() {
-            loop {
-                let due = self.engine.due_reservations(partition, BATCH).await?;
-                let full = due.len() == BATCH;
-                for raw in due {
-                    let result = match RequestId::parse("reservation_id", raw.as_str()) {
-                        Ok(id) => self.engine.expire(&id).await?,
-                        Err(_) => Expiry::Unknown,
-                    };
-                    match result {
-                        Expiry::Expired => {
-                            outcome.expired += 1;
-                            counter!("stockd_reservations_expired_total").increment(1);
-                        }
-                        Expiry::NotDue => outcome.raced += 1,
-                        Expiry::Unknown => self.engine.forget_expiry(partition, &raw).await?,
-                    }
-                }
-                if !full {
-                    break;
-                }
+            if let Err(err) = self.reap_partition(partition, &mut outcome).await {
+                outcome.failed_partitions += 1;
+                tracing::warn!(%partition, error = %err, "reaper: partition skipped this pass");
             }
         }
-        Ok(outcome)
+        outcome
+    }
+
+    async fn reap_partition(
+        &self,
+        partition: Partition,
+        outcome: &mut ReapOutcome,
+    ) -> Result<(), Error> {
+        loop {
+            let due = self.engine.due_reservations(partition, BATCH).await?;
+            let full = due.len() == BATCH;
+            for raw in due {
+                let result = match RequestId::parse("reservation_id", raw.as_str()) {
+                    Ok(id) => match self.engine.expire(partition, &id).await {
+                        Ok(expiry) => expiry,
+                        // Redis or Postgres failing: the next pass retries.
+                        Err(err @ (Error::Unavailable(_) | Error::Backlogged(_))) => {
+                            return Err(err);
+                        }
+                        Err(err) => Expiry::Broken(err.to_string()),
+                    },
+                    Err(err) => Expiry::Broken(format!("not a reservation id: {err}")),
+                };
+                match result {
+                    Expiry::Expired => {
+                        outcome.expired += 1;
+                        counter!("stockd_reservations_expired_total").increment(1);
+                    }
+                    Expiry::NotDue => outcome.raced += 1,
+                    Expiry::Unknown => self.engine.forget_expiry(partition, &raw).await?,
+                    Expiry::Broken(detail) => {
+                        outcome.broken += 1;
+                        counter!("stockd_broken_reservations_total").increment(1);
+                        tracing::error!(%partition, reservation = %raw, %detail,
+                            "reaper: a reservation cannot be expired; parked in the dead letters for an operator");
+                        self.engine
+                            .park_broken_reservation(partition, &raw, &detail)
+                            .await?;
+                    }
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
     }
 
     /// Reaps every `interval` until `shutdown`.
@@ -74,12 +110,9 @@ impl Reaper {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
             }
-            match self.reap_once().await {
-                Ok(outcome) if outcome.expired > 0 => {
-                    tracing::info!(expired = outcome.expired, "released lapsed reservations");
-                }
-                Ok(_) => {}
-                Err(err) => tracing::warn!(error = %err, "reaper pass failed; retrying next tick"),
+            let outcome = self.reap_once().await;
+            if outcome.expired > 0 {
+                tracing::debug!(expired = outcome.expired, "released lapsed reservations");
             }
         }
         tracing::debug!("reaper stopped");

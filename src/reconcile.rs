@@ -28,14 +28,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metrics::{gauge, histogram};
-use redis::aio::ConnectionManager;
 
+use crate::backlog::Housekeeper;
 use crate::domain::StockLevel;
 use crate::error::Error;
-use crate::events::parse_entry_id;
-use crate::flusher::Flusher;
 use crate::keys::{Keyspace, Partition};
 use crate::lock::RedisLock;
+use crate::redis_conn::RedisConn;
 use crate::scripts;
 use crate::store::{StockRow, Store};
 use crate::warmer::Warmer;
@@ -256,27 +255,27 @@ impl Phase {
 
 #[derive(Clone)]
 pub struct Reconciler {
-    conn: ConnectionManager,
+    conn: RedisConn,
     store: Store,
     keys: Keyspace,
     warmer: Warmer,
-    flusher: Flusher,
+    backlog: Housekeeper,
 }
 
 impl Reconciler {
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         store: Store,
         keys: Keyspace,
         warmer: Warmer,
-        flusher: Flusher,
+        backlog: Housekeeper,
     ) -> Self {
         Self {
             conn,
             store,
             keys,
             warmer,
-            flusher,
+            backlog,
         }
     }
 
@@ -553,21 +552,24 @@ impl Reconciler {
         run_id: &str,
     ) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
+        let partition = self.keys.partition_of(&key.0);
         let (status, version): (String, String) = scripts::REPAIR
             .key(self.keys.stock(&key.0, &key.1))
-            .key(self.keys.events(self.keys.partition_of(&key.0)))
+            .key(self.keys.events(partition))
+            .key(self.keys.marker(partition))
             .arg(run_id)
-            .arg("")
             .arg(redis.2)
-            .arg(0)
-            .arg(0)
-            .arg("")
             .arg(&key.0)
             .arg(&key.1)
             .arg(d_avail)
             .arg(d_resv)
             .invoke_async(&mut conn)
             .await?;
+        if status == "lost" || status == "healing" {
+            return Err(Error::Unavailable(format!(
+                "{version}: the partition is being restored; repair later"
+            )));
+        }
         if status == "ok" {
             tracing::warn!(sku = %key.0, location = %key.1, %version, "repaired drift: Postgres will follow Redis");
             Ok(true)
@@ -612,13 +614,16 @@ impl Reconciler {
     }
 
     async fn unflushed(&self, partition: Partition) -> Result<Unflushed, Error> {
-        let backlog = self.flusher.backlog(partition).await?;
-        let Some(oldest) = backlog.oldest_unflushed_id else {
+        let backlog = self.backlog.backlog(partition).await?;
+        let Some(oldest) = backlog
+            .group(crate::flusher::GROUP)
+            .and_then(|g| g.oldest_unhandled)
+        else {
             return Ok(Unflushed::default());
         };
         let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
             .arg(self.keys.events(partition))
-            .arg(&oldest)
+            .arg(oldest.to_string())
             .arg("+")
             .arg("COUNT")
             .arg(UNFLUSHED_CAP)
@@ -636,7 +641,7 @@ impl Reconciler {
             ) else {
                 continue;
             };
-            debug_assert!(parse_entry_id(&id).is_some());
+            debug_assert!(crate::events::EntryId::parse(&id).is_some());
             let span = unflushed
                 .by_item
                 .entry((sku.clone(), loc.clone()))

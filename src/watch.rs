@@ -33,13 +33,12 @@
 //! retention) is `OUT_OF_RANGE`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fmt;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::redis_conn::RedisConn;
 use metrics::{counter, gauge};
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamRangeReply, StreamReadReply};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -49,7 +48,7 @@ use tonic::codegen::BoxStream;
 
 use crate::domain::Sku;
 use crate::error::Error;
-use crate::events::ChangeEvent;
+use crate::events::{ChangeEvent, EntryId};
 use crate::keys::{Keyspace, Partition};
 use crate::pb;
 
@@ -94,57 +93,6 @@ impl WatchSettings {
             buffer: config.watch.watch_buffer as usize,
             ..Self::default()
         }
-    }
-}
-
-/// A stream entry id, `<ms>-<seq>`, ordered numerically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct EntryId {
-    pub ms: u64,
-    pub seq: u64,
-}
-
-impl EntryId {
-    pub const ZERO: EntryId = EntryId { ms: 0, seq: 0 };
-
-    /// `<ms>-<seq>` with both parts decimal; nothing else.
-    pub fn parse(s: &str) -> Option<Self> {
-        let (ms, seq) = s.split_once('-')?;
-        let digits =
-            |t: &str| !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit());
-        if !digits(ms) || !digits(seq) {
-            return None;
-        }
-        Some(EntryId {
-            ms: ms.parse().ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
-
-    /// The first id of this id's millisecond.
-    pub fn millisecond_start(self) -> Self {
-        EntryId {
-            ms: self.ms,
-            seq: 0,
-        }
-    }
-
-    /// The greatest id below this one (`0-0` stays `0-0`).
-    pub fn predecessor(self) -> Self {
-        match (self.ms, self.seq) {
-            (0, 0) => self,
-            (ms, 0) => EntryId {
-                ms: ms - 1,
-                seq: u64::MAX,
-            },
-            (ms, seq) => EntryId { ms, seq: seq - 1 },
-        }
-    }
-}
-
-impl fmt::Display for EntryId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
     }
 }
 
@@ -281,9 +229,9 @@ impl State {
 struct Inner {
     keys: Keyspace,
     /// The reader's connection: `XREAD BLOCK` only.
-    reader: ConnectionManager,
+    reader: RedisConn,
     /// Replays and range checks of the watchers.
-    query: ConnectionManager,
+    query: RedisConn,
     settings: WatchSettings,
     state: Mutex<State>,
     next_id: AtomicU64,
@@ -345,8 +293,8 @@ impl Hub {
     /// Connects the reader at the current end of every partition stream.
     /// `reader` must allow a command to take `settings.block` plus margin.
     pub async fn start(
-        reader: ConnectionManager,
-        query: ConnectionManager,
+        reader: RedisConn,
+        query: RedisConn,
         keys: Keyspace,
         settings: WatchSettings,
     ) -> Result<Self, redis::RedisError> {
@@ -487,7 +435,7 @@ impl Hub {
                 };
                 let slot = &mut next[partition.0 as usize];
                 *slot = (*slot).max(id);
-                match ChangeEvent::parse(partition.0, &entry.id, &entry.map) {
+                match ChangeEvent::parse(partition.0, id, &entry.map) {
                     Ok(event) => events.push((id, Arc::new(event))),
                     Err(reason) => {
                         tracing::debug!(%partition, entry = %entry.id, %reason, "watch: skipping a malformed entry")
@@ -786,13 +734,11 @@ impl Watcher {
             if sub.end.load(Ordering::SeqCst) == END_TOO_SLOW {
                 // Cut: the queued events are dropped with the queue; the
                 // client resumes from the last event it was sent.
-                let first_unsent = EntryId::parse(&event.entry_id);
+                let first_unsent = Some(event.entry_id);
                 return Err(self.too_slow(first_unsent).into());
             }
             let partition = Partition(event.partition);
-            let Some(id) = EntryId::parse(&event.entry_id) else {
-                continue;
-            };
+            let id = event.entry_id;
             if self.consumed.get(&partition).is_some_and(|&c| c >= id) {
                 continue; // replayed already
             }
@@ -927,7 +873,7 @@ impl Watcher {
                         continue;
                     };
                     starts[c.index].1 = Start::After(id);
-                    match ChangeEvent::parse(c.partition.0, &entry.id, &entry.map) {
+                    match ChangeEvent::parse(c.partition.0, id, &entry.map) {
                         Ok(event) => c.buf.push_back((id, event)),
                         Err(_) => {
                             self.consumed.insert(c.partition, id);
@@ -979,7 +925,7 @@ pub fn describe_metrics() {
 /// The wire form of an event (DESIGN.md wire names).
 pub fn stock_event(e: &ChangeEvent) -> pb::StockEvent {
     pb::StockEvent {
-        event_id: e.entry_id.clone(),
+        event_id: e.entry_id.to_string(),
         partition: e.partition,
         sku: e.sku.clone(),
         location: e.location.clone(),
@@ -997,45 +943,6 @@ pub fn stock_event(e: &ChangeEvent) -> pb::StockEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn entry_ids_parse_strictly_and_order_numerically() {
-        assert_eq!(
-            EntryId::parse("1700000000000-3"),
-            Some(EntryId {
-                ms: 1_700_000_000_000,
-                seq: 3
-            })
-        );
-        for bad in [
-            "", "1", "-1", "1-", "a-1", "1-b", "1-2-3", " 1-2", "+1-2", "$",
-        ] {
-            assert_eq!(EntryId::parse(bad), None, "{bad:?}");
-        }
-        assert!(EntryId::parse("10-0") > EntryId::parse("9-99"));
-        assert_eq!(EntryId::parse("5-0").unwrap().to_string(), "5-0");
-    }
-
-    #[test]
-    fn predecessor_and_millisecond_start() {
-        let id = EntryId { ms: 5, seq: 0 };
-        assert_eq!(
-            id.predecessor(),
-            EntryId {
-                ms: 4,
-                seq: u64::MAX
-            }
-        );
-        assert_eq!(
-            EntryId { ms: 5, seq: 3 }.predecessor(),
-            EntryId { ms: 5, seq: 2 }
-        );
-        assert_eq!(EntryId::ZERO.predecessor(), EntryId::ZERO);
-        assert_eq!(
-            EntryId { ms: 5, seq: 3 }.millisecond_start(),
-            EntryId { ms: 5, seq: 0 }
-        );
-    }
 
     #[test]
     fn starts_admit_after_or_from() {
@@ -1063,7 +970,7 @@ mod tests {
 
     fn event(sku: &str, id: &str) -> Arc<ChangeEvent> {
         Arc::new(ChangeEvent {
-            entry_id: id.into(),
+            entry_id: EntryId::parse(id).unwrap(),
             partition: 0,
             sku: sku.into(),
             location: "default".into(),
@@ -1076,6 +983,7 @@ mod tests {
             reference: "r".into(),
             ts_ms: 0,
             expires_at_ms: None,
+            fingerprint: None,
         })
     }
 
@@ -1115,13 +1023,13 @@ mod tests {
         assert_eq!(all_end.load(Ordering::SeqCst), END_NONE);
         assert!(!state.watchers.contains_key(&2));
         assert!(!state.by_sku.contains_key("a"));
-        assert_eq!(a_rx.try_recv().unwrap().entry_id, "1-0");
+        assert_eq!(a_rx.try_recv().unwrap().entry_id.to_string(), "1-0");
         assert!(matches!(
             a_rx.try_recv(),
             Err(mpsc::error::TryRecvError::Disconnected)
         ));
         let ids: Vec<String> = std::iter::from_fn(|| all_rx.try_recv().ok())
-            .map(|e| e.entry_id.clone())
+            .map(|e| e.entry_id.to_string())
             .collect();
         assert_eq!(ids, ["1-0", "1-1", "1-2"]);
     }

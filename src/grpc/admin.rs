@@ -7,10 +7,10 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use crate::backlog::Housekeeper;
 use crate::domain::{Item, Level, RequestId, Sku, parse_expected_version};
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::flusher::Flusher;
 use crate::pb;
 use crate::reconcile::{Class, Mode, Reconciler, Scope};
 use crate::warmer::{PreloadCounts, Warmer};
@@ -18,33 +18,27 @@ use crate::webhooks::Subscriptions;
 
 pub struct AdminService {
     engine: Engine,
-    flusher: Flusher,
+    backlog: Housekeeper,
     warmer: Warmer,
     reconciler: Reconciler,
-    /// Webhook subscriptions (src/webhooks/); `None`: UNIMPLEMENTED.
-    webhooks: Option<Subscriptions>,
+    webhooks: Subscriptions,
 }
 
 impl AdminService {
-    pub fn new(engine: Engine, flusher: Flusher, warmer: Warmer, reconciler: Reconciler) -> Self {
+    pub fn new(
+        engine: Engine,
+        backlog: Housekeeper,
+        warmer: Warmer,
+        reconciler: Reconciler,
+        webhooks: Subscriptions,
+    ) -> Self {
         Self {
             engine,
-            flusher,
+            backlog,
             warmer,
             reconciler,
-            webhooks: None,
+            webhooks,
         }
-    }
-
-    pub fn with_webhooks(mut self, webhooks: Subscriptions) -> Self {
-        self.webhooks = Some(webhooks);
-        self
-    }
-
-    fn webhooks(&self) -> Result<&Subscriptions, Status> {
-        self.webhooks
-            .as_ref()
-            .ok_or_else(|| Status::unimplemented("webhooks are not enabled on this server"))
     }
 }
 
@@ -182,7 +176,7 @@ impl pb::admin_server::Admin for AdminService {
         // then, without the checkpoints.
         let checkpoints = match tokio::time::timeout(
             Duration::from_secs(1),
-            self.flusher.store().checkpoints(),
+            self.warmer.store().checkpoints(),
         )
         .await
         {
@@ -198,16 +192,17 @@ impl pb::admin_server::Admin for AdminService {
         };
         let mut partitions = Vec::new();
         for p in self.engine.keys().partitions() {
-            let backlog = self.flusher.backlog(p).await.map_err(Error::from)?;
+            let backlog = self.backlog.backlog(p).await.map_err(Error::from)?;
+            let flusher = backlog.group(crate::flusher::GROUP);
             partitions.push(pb::PartitionFlushStatus {
                 partition: p.0,
                 stream_length: backlog.stream_length,
-                pending: backlog.unflushed,
+                pending: flusher.map_or(0, |g| g.unhandled),
                 last_flushed_id: checkpoints
                     .get(&p.0)
                     .map(|c| c.last_entry_id.clone())
                     .unwrap_or_default(),
-                oldest_unflushed_age_ms: backlog.oldest_unflushed_age_ms,
+                oldest_unflushed_age_ms: flusher.map_or(0, |g| g.oldest_unhandled_age_ms),
                 dead_letters: backlog.dead_letters,
             });
         }
@@ -221,7 +216,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::AddWebhookRequest>,
     ) -> Result<Response<pb::AddWebhookResponse>, Status> {
-        let added = self.webhooks()?.add(request.into_inner()).await?;
+        let added = self.webhooks.add(request.into_inner()).await?;
         Ok(Response::new(added))
     }
 
@@ -230,7 +225,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::ListWebhooksRequest>,
     ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
-        Ok(Response::new(self.webhooks()?.list().await?))
+        Ok(Response::new(self.webhooks.list().await?))
     }
 
     #[tracing::instrument(name = "RemoveWebhook", skip_all, fields(id = request.get_ref().id))]
@@ -238,7 +233,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::RemoveWebhookRequest>,
     ) -> Result<Response<pb::RemoveWebhookResponse>, Status> {
-        let removed = self.webhooks()?.remove(request.into_inner()).await?;
+        let removed = self.webhooks.remove(request.into_inner()).await?;
         Ok(Response::new(removed))
     }
 
@@ -247,7 +242,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ListWebhookDeadLettersRequest>,
     ) -> Result<Response<pb::ListWebhookDeadLettersResponse>, Status> {
-        let listed = self.webhooks()?.dead_letters(request.into_inner()).await?;
+        let listed = self.webhooks.dead_letters(request.into_inner()).await?;
         Ok(Response::new(listed))
     }
 
@@ -256,7 +251,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::RedeliverWebhookRequest>,
     ) -> Result<Response<pb::RedeliverWebhookResponse>, Status> {
-        let requeued = self.webhooks()?.redeliver(request.into_inner()).await?;
+        let requeued = self.webhooks.redeliver(request.into_inner()).await?;
         Ok(Response::new(requeued))
     }
 }

@@ -1,61 +1,86 @@
 -- reserve.lua: hold units of every line for a reservation, all or nothing.
 --
--- KEYS   [1] home record NS:{pH}:resv:<id> (H = partition of the id);
---        per partition group j (W = 4): resv record, rexp zset, events
---        stream, backlog gate;
---        then the stock hash of every line.
--- ARGV   [1] reservation id, [2] fingerprint of (lines, ttl), [3] ttl in ms,
---        [4] k, [5] n, [6] unused, [7..] lines (sku, location, quantity, group).
+-- KEYS   the layout of layout.lua; the coordinator is the reservation's
+--        record (`NS:{pNN}:resv:<id>`) in its one partition, or in the id's
+--        own partition when the lines span partitions; W = 4 keys per
+--        group: the partition's record of this reservation, its rexp zset,
+--        its events stream, its marker.
+-- ARGV   the layout; [6] ttl in ms, [7] idempotency window in ms; amounts
+--        are quantities.
 -- Returns {'ok', out} or {'replay', out} with
 --          out = {"exp": expires_at_ms, "levels": [[sku, loc, avail, resv, ver], ...]};
---         {'exists', ''} when the id holds a reservation of another payload;
+--         {'exists'} when the id names a reservation of another payload;
 --         {'missing', [[sku, loc], ...]} when Redis lacks an item;
---         {'short', [[sku, loc, requested, available], ...]} on short stock;
---         {'backlog', gate key} while a partition's flush backlog is over its limit.
+--         {'short', [[sku, loc, requested, available], ...]} on short stock,
+--           and stored: a later copy of this request answers the same;
+--         {'check'} when Postgres may know the id (see layout.lua);
+--         {'backlog' | 'lost' | 'healing' | 'rollback', marker key}.
 -- Invariants: every check runs before the first write, so a refusal changes
--- nothing; avail never goes negative; each item's ver goes up by exactly 1
--- with one event; the home record exists iff the reservation does, and it is
--- written in the same script as every partition's record and rexp entry.
+-- nothing but the stored refusal; avail never goes negative; each item's
+-- ver goes up by exactly 1 with one event; the locator, every partition's
+-- record and rexp entry are written in the same script.
 local W = 4
-local home = KEYS[1]
+local TTL, WINDOW = tonumber(P1), tonumber(P2)
+-- A separate locator outlives the records it points to (finished records
+-- are kept for the window after the hold ends).
+local LOCATOR_TTL = TTL + WINDOW + 3600000
 
-local prior = redis.call('HMGET', home, 'fp', 'out')
-if prior[1] then
-  if prior[1] ~= FP then
-    return { 'exists', '' }
-  end
-  return { 'replay', prior[2] }
+local refused = check_markers(W, 4)
+if refused then
+  return refused
 end
 
+local prior = redis.call('HMGET', KEYS[1], 'fp', 'state', 'out', 'why')
+if prior[1] then
+  if prior[1] ~= FP then
+    return reply('exists')
+  end
+  if prior[2] == 'refused' then
+    return reply(prior[4], prior[3])
+  end
+  return reply('replay', prior[3])
+end
+if locator_conflict() then
+  return reply('exists')
+end
+if maybe_seen() then
+  return reply('check')
+end
 local closed = gate_refusal(W, 4)
 if closed then
   return closed
 end
 
-local state, refusal = check_lines(W, function(qty) return -qty end)
-if refusal then
-  return refusal
+local state, why, detail = check_lines(W, function(qty) return -qty end)
+if not state then
+  if why ~= 'missing' then
+    -- One outcome per id: a late copy of this request replays the refusal.
+    redis.call('HSET', KEYS[1], 'fp', FP, 'state', 'refused', 'why', why, 'out', detail)
+    redis.call('PEXPIRE', KEYS[1], WINDOW)
+    write_locator(WINDOW)
+  end
+  return reply(why, detail)
 end
 
-local now = now_ms()
-local exp = now + tonumber(ARGV[3])
-local levels, all, per_group = {}, {}, {}
+local exp = NOW + TTL
+local levels, per_group = {}, {}
 for i = 1, N do
   local sku, loc, qty, j = line(i)
   local s = state[i]
   levels[i] = write_stock(stock_key(W, i), group_key(W, j, 3), sku, loc, 'reserve',
-    s[1], s[2], s[3], -qty, qty, ID, now, exp)
-  all[i] = { sku, loc, qty }
+    s[1], s[2], s[3], -qty, qty, exp)
   per_group[j] = per_group[j] or {}
   table.insert(per_group[j], { sku, loc, qty })
 end
-
 for j = 1, K do
+  -- `parts` tells the reaper, which finds the id in this partition's rexp,
+  -- whether this record holds every line.
   redis.call('HSET', group_key(W, j, 1), 'state', 'held', 'exp', exp, 'fp', FP,
-    'lines', cjson.encode(per_group[j]))
+    'lines', cjson.encode(per_group[j]), 'parts', PARTS)
   redis.call('ZADD', group_key(W, j, 2), exp, ID)
 end
 local out = cjson.encode({ exp = exp, levels = levels })
--- The home record may also be one of the groups' records; these fields add to it.
-redis.call('HSET', home, 'state', 'held', 'exp', exp, 'fp', FP, 'all', cjson.encode(all), 'out', out)
-return { 'ok', out }
+-- The coordinator may be one of the groups' records; these fields add to it.
+redis.call('HSET', KEYS[1], 'state', 'held', 'exp', exp, 'fp', FP, 'out', out)
+write_locator(LOCATOR_TTL)
+return reply('ok', out)

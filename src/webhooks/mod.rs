@@ -4,14 +4,13 @@
 //! - [`Subscriptions`] (`subscriptions.rs`): the Admin rpcs that add, list
 //!   and remove subscriptions, and list and redeliver dead letters, all in
 //!   Postgres (`migrations/0002_webhooks.sql`).
-//! - [`Detector`] (`detect.rs`): reads the partition streams through a
-//!   consumer group of its own, `webhooks` (the flusher's group is
-//!   untouched), finds transitions — `out_of_stock` (available reaches 0),
+//! - detection (`detect.rs`): in the flusher's transaction, the
+//!   transitions of a flushed batch — `out_of_stock` (available reaches 0),
 //!   `back_in_stock` (rises from 0), `low_stock` (falls from >= the
-//!   subscription's threshold to below it) — and writes one delivery per
-//!   (subscription, transition) to the `webhook_deliveries` outbox in ONE
-//!   statement per batch, then XACKs (a crash in between writes the same
-//!   rows again, which the unique key ignores).
+//!   subscription's threshold to below it) — become one delivery per
+//!   (subscription, transition) in the `webhook_deliveries` outbox, in ONE
+//!   statement (a replayed batch writes the same rows again, which the
+//!   unique key ignores).
 //! - [`Dispatcher`] (`deliver.rs`): POSTs the outbox, oldest version first
 //!   per (subscription, item), retrying with capped exponential backoff,
 //!   and parks a delivery in the dead letters after the last allowed
@@ -32,7 +31,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 pub use deliver::{DeliverOutcome, Dispatcher};
-pub use detect::{DetectOutcome, Detector, GROUP};
+pub(crate) use detect::queue_transitions;
 pub use subscriptions::Subscriptions;
 
 /// The transitions a subscription can ask for.
@@ -58,11 +57,6 @@ pub struct WebhookSettings {
     pub poll: Duration,
     /// Delivered rows are deleted after this long.
     pub keep_delivered: Duration,
-    /// The detector's consumer name (the instance id) and batch.
-    pub consumer: String,
-    pub batch_size: usize,
-    pub read_block: Duration,
-    pub claim_idle: Duration,
 }
 
 impl std::fmt::Debug for WebhookSettings {
@@ -93,18 +87,13 @@ impl Default for WebhookSettings {
             per_subscription: 4,
             poll: Duration::from_millis(250),
             keep_delivered: Duration::from_secs(7 * 24 * 3600),
-            consumer: "stockd".into(),
-            batch_size: 500,
-            read_block: Duration::from_millis(50),
-            claim_idle: Duration::from_secs(30),
         }
     }
 }
 
 impl WebhookSettings {
-    /// The settings of `config` (flags and environment); `consumer` is this
-    /// instance's consumer name in the `webhooks` group.
-    pub fn from_config(config: &crate::config::Config, consumer: String) -> Self {
+    /// The settings of `config` (flags and environment).
+    pub fn from_config(config: &crate::config::Config) -> Self {
         let hooks = &config.webhooks;
         Self {
             server_secret: hooks
@@ -119,11 +108,6 @@ impl WebhookSettings {
             ),
             timeout: Duration::from_millis(hooks.webhook_timeout_ms.max(1)),
             concurrency: hooks.webhook_concurrency as usize,
-            consumer,
-            batch_size: config.flusher.flush_batch as usize,
-            // Detection is not latency-critical: fewer idle reads.
-            read_block: config.flusher.interval().max(Duration::from_millis(250)),
-            claim_idle: config.flusher.claim_idle(),
             ..Self::default()
         }
     }
@@ -160,8 +144,7 @@ impl Wakeup {
     }
 }
 
-/// Errors of one step of the detector or the dispatcher; the loops log them
-/// and retry.
+/// Errors of one step of the dispatcher; its loop logs them and retries.
 pub type WebhookError = crate::consumer::StepError;
 
 pub use crate::consumer::{Backoff, retry_ceiling};

@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use redis::aio::ConnectionManager;
 use stockd::app::{self, Application, StartError};
 use stockd::config::Config;
 use stockd::keys::Keyspace;
+use stockd::markers::Markers;
 use stockd::pb::admin_client::AdminClient;
 use stockd::pb::inventory_client::InventoryClient;
 use stockd::pb::{self};
+use stockd::redis_conn::RedisConn;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -58,7 +59,7 @@ pub struct TestApp {
     pub keys: Keyspace,
     pub inventory: InventoryClient<Channel>,
     pub admin: AdminClient<Channel>,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), StartError>>,
 }
@@ -242,6 +243,15 @@ impl TestApp {
         snapshot(&mut self.redis.clone(), &self.namespace).await
     }
 
+    /// What a refused request must leave as it was: everything but the
+    /// records of request and reservation ids (a refusal is stored with its
+    /// id, so that a late copy of the request replays it).
+    pub async fn stock_and_streams(&self) -> BTreeMap<String, String> {
+        let mut snapshot = self.snapshot().await;
+        snapshot.retain(|key, _| !key.contains(":idem:") && !key.contains(":resv:"));
+        snapshot
+    }
+
     /// Every event of the namespace, all partitions, in stream order per partition.
     pub async fn events(&self) -> Vec<Event> {
         let mut conn = self.redis.clone();
@@ -286,7 +296,7 @@ impl Event {
     }
 }
 
-pub async fn namespace_keys(conn: &mut ConnectionManager, namespace: &str) -> Vec<String> {
+pub async fn namespace_keys(conn: &mut RedisConn, namespace: &str) -> Vec<String> {
     let mut keys = Vec::new();
     let mut cursor: u64 = 0;
     loop {
@@ -309,9 +319,14 @@ pub async fn namespace_keys(conn: &mut ConnectionManager, namespace: &str) -> Ve
     keys
 }
 
-pub async fn snapshot(conn: &mut ConnectionManager, namespace: &str) -> BTreeMap<String, String> {
+/// Everything a namespace holds in Redis, but the partition markers (the
+/// flusher moves their flushed id forward whenever it writes a batch).
+pub async fn snapshot(conn: &mut RedisConn, namespace: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for key in namespace_keys(conn, namespace).await {
+        if key.ends_with(":marker") {
+            continue;
+        }
         let kind: String = redis::cmd("TYPE")
             .arg(&key)
             .query_async(conn)
@@ -371,7 +386,7 @@ pub async fn drop_database(name: &str) {
     pool.close().await;
 }
 
-pub async fn delete_namespace(conn: &mut ConnectionManager, namespace: &str) {
+pub async fn delete_namespace(conn: &mut RedisConn, namespace: &str) {
     for chunk in namespace_keys(conn, namespace).await.chunks(500) {
         let _: i64 = redis::cmd("DEL")
             .arg(chunk)
@@ -379,6 +394,26 @@ pub async fn delete_namespace(conn: &mut ConnectionManager, namespace: &str) {
             .await
             .unwrap();
     }
+}
+
+/// Establishes every partition marker of `keys` (what a warm stockd does),
+/// for tests that drive an engine without a server.
+pub async fn establish_markers(conn: &mut RedisConn, keys: &Keyspace) -> Markers {
+    let markers = Markers::new(keys.clone());
+    for p in keys.partitions() {
+        markers
+            .establish(conn, p, "test", None, None)
+            .await
+            .expect("establish a marker");
+    }
+    markers
+}
+
+/// The Postgres settings of a test (timeouts as in production).
+pub fn postgres_config(database: &str) -> stockd::config::PostgresConfig {
+    Config::try_parse_from(["stockd", "--database-url", &postgres_url(database)])
+        .expect("config parses")
+        .postgres
 }
 
 /// Polls `check` until it returns `Some`, or panics after `deadline`.
@@ -435,7 +470,7 @@ pub fn code_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::C
 pub type Levels = BTreeMap<(String, String), (i64, i64, i64)>;
 
 /// Every item of the namespace as Redis holds it.
-pub async fn levels_in_redis(conn: &mut ConnectionManager, namespace: &str) -> Levels {
+pub async fn levels_in_redis(conn: &mut RedisConn, namespace: &str) -> Levels {
     let mut out = Levels::new();
     for key in namespace_keys(conn, namespace).await {
         if !key.contains(":stock:") {
@@ -468,7 +503,7 @@ pub async fn levels_in_postgres(pool: &sqlx::PgPool) -> Levels {
 /// holds every version 1..current of every item exactly once with deltas
 /// summing to the row; panics with the last difference seen otherwise.
 pub async fn assert_converged(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     namespace: &str,
     pool: &sqlx::PgPool,
     deadline: Duration,
@@ -487,7 +522,7 @@ pub async fn assert_converged(
 }
 
 async fn convergence(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     namespace: &str,
     pool: &sqlx::PgPool,
 ) -> Result<(), String> {

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
-use redis::aio::ConnectionManager;
 use stockd::pb;
 use stockd::pb::admin_client::AdminClient;
 use stockd::pb::inventory_client::InventoryClient;
+use stockd::redis_conn::RedisConn;
 use tonic::transport::Channel;
 
 use crate::common::*;
@@ -52,12 +52,7 @@ async fn seed(channel: Channel, skus: &[String]) {
     }
 }
 
-async fn pending_of(
-    conn: &mut ConnectionManager,
-    namespace: &str,
-    partitions: u32,
-    consumer: &str,
-) -> u64 {
+async fn pending_of(conn: &mut RedisConn, namespace: &str, partitions: u32, consumer: &str) -> u64 {
     let keys = stockd::keys::Keyspace::new(namespace, partitions);
     let mut total = 0;
     for p in keys.partitions() {
@@ -80,7 +75,7 @@ struct Fixture {
     namespace: String,
     database: String,
     database_url: String,
-    redis: ConnectionManager,
+    redis: RedisConn,
     skus: Vec<String>,
 }
 

@@ -64,6 +64,10 @@ async fn events_carry_the_contract_fields_and_versions_without_gaps() {
         let mut names: Vec<&str> = e.fields.keys().map(String::as_str).collect();
         names.sort_unstable();
         let mut expected = fields.to_vec();
+        // the request's fingerprint, so that Postgres can answer a retry
+        // whose record Redis lost (docs/design.md)
+        expected.push("fp");
+        assert_eq!(e.get("fp").len(), 16, "a 64-bit fingerprint in hex");
         if e.get("op") == "reserve" {
             // the hold's expiry, for the flusher's reservation rows
             expected.push("exp");

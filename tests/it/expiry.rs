@@ -105,17 +105,24 @@ async fn expiring_a_hold_that_is_not_due_changes_nothing() {
     let engine = stockd::engine::Engine::new(
         app.redis.clone(),
         app.keys.clone(),
+        stockd::markers::Markers::new(app.keys.clone()),
         stockd::engine::EngineSettings::default(),
     );
     let before = app.snapshot().await;
     let id = stockd::domain::RequestId::parse("id", "fresh-hold").unwrap();
     assert_eq!(
-        engine.expire(&id).await.unwrap(),
+        engine
+            .expire(app.keys.partition_of("fresh"), &id)
+            .await
+            .unwrap(),
         stockd::engine::Expiry::NotDue
     );
     let unknown = stockd::domain::RequestId::parse("id", "no-such-hold").unwrap();
     assert_eq!(
-        engine.expire(&unknown).await.unwrap(),
+        engine
+            .expire(app.keys.partition_of("fresh"), &unknown)
+            .await
+            .unwrap(),
         stockd::engine::Expiry::Unknown
     );
     assert_eq!(app.snapshot().await, before);

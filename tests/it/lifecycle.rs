@@ -28,7 +28,7 @@ async fn carts_across_partitions_are_all_or_nothing() {
     app.seed(&skus[1], "", 2).await;
     app.seed(&skus[2], "berlin", 10).await;
     let mut inv = app.inventory.clone();
-    let before = app.snapshot().await;
+    let before = app.stock_and_streams().await;
 
     let status = inv
         .reserve(reserve(
@@ -60,15 +60,43 @@ async fn carts_across_partitions_are_all_or_nothing() {
         "requested 5, available 2"
     );
     assert_eq!(
-        app.snapshot().await,
+        app.stock_and_streams().await,
         before,
-        "a refused cart changes nothing"
+        "a refused cart changes no stock and writes no event"
     );
-
-    // The same cart fits once the short line asks for what is there.
-    let ok = inv
+    // One outcome per id: the refusal is the answer of cart-1 from now on,
+    // to a late copy of the request as to a retry; another cart under the
+    // same id is another request.
+    let again = inv
         .reserve(reserve(
             "cart-1",
+            vec![
+                line(&skus[0], "", 1),
+                line(&skus[1], "", 5),
+                line(&skus[2], "berlin", 1),
+            ],
+            60,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    assert_eq!(
+        format!("{:?}", again.get_details_precondition_failure()),
+        format!("{:?}", Some(failure)),
+        "the stored refusal is replayed"
+    );
+    let other = inv
+        .reserve(reserve("cart-1", vec![line(&skus[0], "", 1)], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists);
+    assert_eq!(app.stock_and_streams().await, before);
+
+    // The same cart fits, under a new id, once the short line asks for what
+    // is there.
+    let ok = inv
+        .reserve(reserve(
+            "cart-2",
             vec![
                 line(&skus[0], "", 1),
                 line(&skus[1], "", 2),
@@ -88,7 +116,7 @@ async fn carts_across_partitions_are_all_or_nothing() {
 
     let committed = inv
         .commit(pb::CommitRequest {
-            reservation_id: "cart-1".into(),
+            reservation_id: "cart-2".into(),
         })
         .await
         .unwrap()

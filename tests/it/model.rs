@@ -13,7 +13,7 @@ use stockd::engine::{Changed, Engine, EngineSettings};
 use stockd::error::{Error, Shortage};
 use stockd::keys::Keyspace;
 
-use crate::common::{delete_namespace, redis_url, unique_namespace};
+use crate::common::{delete_namespace, establish_markers, redis_url, unique_namespace};
 
 const SKUS: [&str; 3] = ["apple", "pear", "fig"];
 const LOCATIONS: [&str; 2] = ["default", "oslo"];
@@ -98,6 +98,18 @@ enum State {
     Held,
     Committed,
     Released,
+    /// Refused for short stock: the id's outcome is that refusal.
+    Refused,
+}
+
+/// A definite outcome is the id's only one (one outcome per id): a
+/// refusal for short stock or a version mismatch is replayed like a
+/// success; an unknown item is not an outcome (the item may be created).
+fn is_definite(answer: &Answer) -> bool {
+    matches!(
+        answer,
+        Answer::Ok { .. } | Answer::Short(_) | Answer::VersionMismatch
+    )
 }
 
 #[derive(Default)]
@@ -153,7 +165,7 @@ impl Model {
             };
         }
         let answer = apply(self);
-        if matches!(answer, Answer::Ok { .. }) {
+        if is_definite(&answer) {
             self.requests.insert(id, (payload, answer.clone()));
         }
         answer
@@ -223,6 +235,10 @@ impl Model {
                     };
                 }
                 if let Some(refusal) = self.refuse(lines) {
+                    if is_definite(&refusal) {
+                        self.reservations
+                            .insert(*id, (payload, State::Refused, refusal.clone(), None));
+                    }
                     return refusal;
                 }
                 for (i, q) in lines {
@@ -242,6 +258,7 @@ impl Model {
                     return Answer::NotFound;
                 };
                 match (state, commit) {
+                    (State::Refused, _) => Answer::NotFound,
                     (State::Committed, true) | (State::Released, false) => replay(&fin.unwrap()),
                     (State::Committed, false) | (State::Released, true) => Answer::WrongState,
                     (State::Held, _) => {
@@ -425,7 +442,9 @@ proptest! {
         rt.block_on(async {
             let namespace = unique_namespace("model");
             let conn = connect_redis(&redis_url(), Duration::from_secs(5)).await.unwrap();
-            let engine = Engine::new(conn.clone(), Keyspace::new(namespace.clone(), 4), EngineSettings::default());
+            let keys = Keyspace::new(namespace.clone(), 4);
+            let markers = establish_markers(&mut conn.clone(), &keys).await;
+            let engine = Engine::new(conn.clone(), keys, markers, EngineSettings::default());
             let mut model = Model::default();
             let all_items: Vec<Item> = (0..ITEMS).map(domain_item).collect();
             for (step, op) in ops.iter().enumerate() {

@@ -389,7 +389,7 @@ async fn compare_and_set_mismatch_is_aborted_and_changes_nothing() {
         .unwrap()
         .into_inner();
     assert_eq!(created.level.unwrap().version, 1);
-    let before = app.snapshot().await;
+    let before = app.stock_and_streams().await;
     let status = admin
         .set_stock(set("c2", "cas", 9, Some(0)))
         .await
@@ -400,7 +400,7 @@ async fn compare_and_set_mismatch_is_aborted_and_changes_nothing() {
         code_of(admin.set_stock(set("c3", "cas", 9, Some(2))).await),
         Code::Aborted
     );
-    assert_eq!(app.snapshot().await, before);
+    assert_eq!(app.stock_and_streams().await, before);
     let level = admin
         .set_stock(set("c4", "cas", 9, Some(1)))
         .await
@@ -409,6 +409,14 @@ async fn compare_and_set_mismatch_is_aborted_and_changes_nothing() {
         .level
         .unwrap();
     assert_eq!((level.available, level.version), (9, 2));
+    // The mismatch is c2's outcome: a late copy of it replays the refusal
+    // (with the version it met) instead of comparing again.
+    let late = admin
+        .set_stock(set("c2", "cas", 9, Some(0)))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::Aborted);
+    assert!(late.message().contains("current 1"), "{late:?}");
     app.stop().await;
 }
 

@@ -205,7 +205,7 @@ async fn preload_racing_reservations_never_rolls_redis_back() {
 async fn a_cold_item_is_loaded_once_under_100_concurrent_requests() {
     let namespace = unique_namespace("cold");
     let database = namespace.replace('-', "_");
-    let store = Store::connect(&postgres_url(&database), 4).await.unwrap();
+    let store = Store::connect(&postgres_config(&database)).await.unwrap();
     sqlx::query(
         "INSERT INTO stock (sku, location, available, reserved, version) VALUES
          ('cold', 'default', 50, 3, 7), ('cold2', 'default', 5, 0, 4), ('cold3', 'default', 1, 0, 9)",
@@ -223,8 +223,9 @@ async fn a_cold_item_is_loaded_once_under_100_concurrent_requests() {
         keys.clone(),
         Availability::new(true),
     );
-    let engine =
-        Engine::new(conn.clone(), keys, EngineSettings::default()).with_warmer(warmer.clone());
+    let markers = establish_markers(&mut conn.clone(), &keys).await;
+    let engine = Engine::new(conn.clone(), keys, markers, EngineSettings::default())
+        .with_warmer(warmer.clone());
 
     let one = |sku: &str| {
         Lines::parse(

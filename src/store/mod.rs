@@ -10,15 +10,27 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
+mod batch;
+mod recall;
+
+pub use batch::{FlushBatch, FlushReport};
+pub use recall::{LevelRow, OutcomeRow, ReservationRow};
+
+use crate::config::PostgresConfig;
+
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool, Row};
-
-use crate::events::{ChangeEvent, parse_entry_id};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("invalid database URL: {0}")]
     Url(#[source] sqlx::Error),
+    #[error(
+        "this deployment's Postgres records {stored} partitions but stockd was started with \
+         --partitions {configured}; the partition count is fixed for the life of a deployment: \
+         start with --partitions {stored} (or use another database)"
+    )]
+    PartitionMismatch { stored: u32, configured: u32 },
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
     #[error("running migrations: {0}")]
@@ -47,16 +59,6 @@ pub struct LedgerRow {
     pub reference: String,
 }
 
-/// A held reservation's row: this partition's lines and the expiry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldRow {
-    pub reservation_id: String,
-    pub partition: u32,
-    /// (sku, location, quantity)
-    pub lines: Vec<(String, String, i64)>,
-    pub expires_at_ms: Option<i64>,
-}
-
 /// A partition's flush checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -72,137 +74,85 @@ pub struct Store {
 impl Store {
     /// Connects, creating the database when it does not exist, and runs the
     /// migrations (sqlx serialises concurrent runs with an advisory lock).
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url).map_err(StoreError::Url)?;
+    /// Every session carries the configured timeouts, and asks Postgres to
+    /// notice a vanished client within about a minute (TCP keepalives), so
+    /// that no wait on Postgres is unbounded, in either direction.
+    pub async fn connect(config: &PostgresConfig) -> Result<Self, StoreError> {
+        let options =
+            PgConnectOptions::from_str(config.database_url.expose()).map_err(StoreError::Url)?;
         create_database_if_missing(&options).await?;
+        let ms = |v: u64| format!("{v}ms");
+        let options = options.options([
+            (
+                "statement_timeout",
+                ms(config.database_statement_timeout_ms),
+            ),
+            ("lock_timeout", ms(config.database_lock_timeout_ms)),
+            (
+                "idle_in_transaction_session_timeout",
+                ms(config.database_idle_in_transaction_timeout_ms),
+            ),
+            ("tcp_keepalives_idle", "30".to_owned()),
+            ("tcp_keepalives_interval", "10".to_owned()),
+            ("tcp_keepalives_count", "3".to_owned()),
+        ]);
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .max_connections(config.database_max_connections)
+            .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
             .connect_with(options)
             .await?;
         migrate(&pool).await?;
         Ok(Self { pool })
     }
 
+    /// Records the partition count at the first start and refuses another
+    /// one later, even when Redis has forgotten it.
+    pub async fn ensure_partitions(&self, partitions: u32) -> Result<(), StoreError> {
+        let stored: String = sqlx::query_scalar(
+            "WITH ins AS (
+                 INSERT INTO deployment (name, value) VALUES ('partitions', $1)
+                 ON CONFLICT (name) DO NOTHING RETURNING value)
+             SELECT value FROM ins UNION ALL
+             SELECT value FROM deployment WHERE name = 'partitions'
+             LIMIT 1",
+        )
+        .bind(partitions.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        match stored.parse::<u32>() {
+            Ok(stored) if stored == partitions => Ok(()),
+            Ok(stored) => Err(StoreError::PartitionMismatch {
+                stored,
+                configured: partitions,
+            }),
+            Err(_) => Err(StoreError::Postgres(sqlx::Error::Protocol(format!(
+                "deployment.partitions holds {stored:?}"
+            )))),
+        }
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
-    /// Writes one batch of a partition's events in ONE transaction: ledger
-    /// rows, the latest state per item, the reservations' rows of this
-    /// partition, and the partition's checkpoint.
-    pub async fn write_batch(
-        &self,
-        partition: u32,
-        events: &[ChangeEvent],
-    ) -> Result<(), sqlx::Error> {
-        let Some(last) = events
-            .iter()
-            .max_by_key(|e| parse_entry_id(&e.entry_id))
-            .map(|e| e.entry_id.clone())
-        else {
-            return Ok(());
-        };
-        let partition = partition as i32;
+    /// Writes one flush in ONE transaction (see `batch`).
+    pub async fn write_batch(&self, batch: &FlushBatch) -> Result<FlushReport, sqlx::Error> {
+        if batch.is_empty() {
+            return Ok(FlushReport::default());
+        }
         let mut tx = self.pool.begin().await?;
+        let report = batch::write(&mut tx, batch).await?;
+        tx.commit().await?;
+        Ok(report)
+    }
 
-        let ledger = Columns::of(events);
-        sqlx::query(
-            "INSERT INTO stock_ledger (sku, location, version, op, d_available, d_reserved,
-                                       available, reserved, ref, partition, entry_id, occurred_at)
-             SELECT sku, location, version, op, d_available, d_reserved, available, reserved,
-                    ref, $10, entry_id, to_timestamp(ts / 1000.0)
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[],
-                         $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $11::text[], $12::bigint[])
-                  AS t(sku, location, version, op, d_available, d_reserved, available, reserved,
-                       ref, entry_id, ts)
-             ON CONFLICT (sku, location, version) DO NOTHING",
+    /// Whether Postgres holds no stock at all (a new deployment).
+    pub async fn is_empty(&self) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT NOT EXISTS (SELECT 1 FROM stock) AND NOT EXISTS (SELECT 1 FROM reservations)",
         )
-        .bind(&ledger.sku)
-        .bind(&ledger.location)
-        .bind(&ledger.version)
-        .bind(&ledger.op)
-        .bind(&ledger.d_available)
-        .bind(&ledger.d_reserved)
-        .bind(&ledger.available)
-        .bind(&ledger.reserved)
-        .bind(&ledger.reference)
-        .bind(partition)
-        .bind(&ledger.entry_id)
-        .bind(&ledger.ts)
-        .execute(&mut *tx)
-        .await?;
-
-        // One row per item (an upsert may not touch a row twice), the newest.
-        let mut latest: HashMap<(&str, &str), &ChangeEvent> = HashMap::new();
-        for e in events {
-            let slot = latest
-                .entry((e.sku.as_str(), e.location.as_str()))
-                .or_insert(e);
-            if e.version > slot.version {
-                *slot = e;
-            }
-        }
-        let latest: Vec<&ChangeEvent> = latest.into_values().collect();
-        let state = Columns::of(latest.iter().copied());
-        sqlx::query(
-            "INSERT INTO stock (sku, location, available, reserved, version, updated_at)
-             SELECT sku, location, available, reserved, version, now()
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
-                  AS t(sku, location, available, reserved, version)
-             ON CONFLICT (sku, location) DO UPDATE
-                SET available = EXCLUDED.available, reserved = EXCLUDED.reserved,
-                    version = EXCLUDED.version, updated_at = now()
-              WHERE stock.version < EXCLUDED.version",
-        )
-        .bind(&state.sku)
-        .bind(&state.location)
-        .bind(&state.available)
-        .bind(&state.reserved)
-        .bind(&state.version)
-        .execute(&mut *tx)
-        .await?;
-
-        let reservations = ReservationRows::of(events);
-        if !reservations.id.is_empty() {
-            sqlx::query(
-                "INSERT INTO reservations (reservation_id, partition, state, lines, expires_at, updated_at)
-                 SELECT id, $5, state, lines::jsonb,
-                        CASE WHEN exp IS NULL THEN NULL ELSE to_timestamp(exp / 1000.0) END, now()
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) AS t(id, state, lines, exp)
-                 ON CONFLICT (reservation_id, partition) DO UPDATE
-                    SET state = CASE WHEN reservations.state = 'held' THEN EXCLUDED.state
-                                     ELSE reservations.state END,
-                        lines = (SELECT jsonb_agg(DISTINCT l)
-                                   FROM jsonb_array_elements(reservations.lines || EXCLUDED.lines) AS l),
-                        expires_at = COALESCE(EXCLUDED.expires_at, reservations.expires_at),
-                        updated_at = now()",
-            )
-            .bind(&reservations.id)
-            .bind(&reservations.state)
-            .bind(&reservations.lines)
-            .bind(&reservations.expires_at)
-            .bind(partition)
-            .execute(&mut *tx)
-            .await?;
-        }
-
-        sqlx::query(
-            "INSERT INTO flush_checkpoint (partition, last_entry_id, flushed_at)
-             VALUES ($1, $2, now())
-             ON CONFLICT (partition) DO UPDATE
-                SET last_entry_id = EXCLUDED.last_entry_id, flushed_at = now()
-              WHERE (split_part(flush_checkpoint.last_entry_id, '-', 1)::numeric,
-                     split_part(flush_checkpoint.last_entry_id, '-', 2)::numeric)
-                  < (split_part(EXCLUDED.last_entry_id, '-', 1)::numeric,
-                     split_part(EXCLUDED.last_entry_id, '-', 2)::numeric)",
-        )
-        .bind(partition)
-        .bind(&last)
-        .execute(&mut *tx)
-        .await?;
-
-        tx.commit().await
+        .fetch_one(&self.pool)
+        .await
     }
 
     pub async fn checkpoints(&self) -> Result<HashMap<u32, Checkpoint>, sqlx::Error> {
@@ -331,29 +281,6 @@ impl Store {
             .collect())
     }
 
-    /// Every reservation row still `held`, by reservation and partition.
-    pub async fn held_reservations(&self) -> Result<Vec<HeldRow>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT reservation_id, partition, lines::text AS lines,
-                    (extract(epoch FROM expires_at) * 1000)::bigint AS expires_at_ms
-             FROM reservations WHERE state = 'held' ORDER BY reservation_id, partition",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                let lines: String = r.get("lines");
-                Ok(HeldRow {
-                    reservation_id: r.get("reservation_id"),
-                    partition: r.get::<i32, _>("partition") as u32,
-                    lines: serde_json::from_str(&lines)
-                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                    expires_at_ms: r.get("expires_at_ms"),
-                })
-            })
-            .collect()
-    }
-
     pub async fn stock_row(
         &self,
         sku: &str,
@@ -451,99 +378,4 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), St
     }
     conn.close().await?;
     Ok(())
-}
-
-/// Events as column arrays for `UNNEST`.
-#[derive(Default)]
-struct Columns {
-    sku: Vec<String>,
-    location: Vec<String>,
-    version: Vec<i64>,
-    op: Vec<&'static str>,
-    d_available: Vec<i64>,
-    d_reserved: Vec<i64>,
-    available: Vec<i64>,
-    reserved: Vec<i64>,
-    reference: Vec<String>,
-    entry_id: Vec<String>,
-    ts: Vec<i64>,
-}
-
-impl Columns {
-    fn of<'a>(events: impl IntoIterator<Item = &'a ChangeEvent>) -> Self {
-        let mut c = Columns::default();
-        for e in events {
-            c.sku.push(e.sku.clone());
-            c.location.push(e.location.clone());
-            c.version.push(e.version);
-            c.op.push(e.op.as_str());
-            c.d_available.push(e.d_available);
-            c.d_reserved.push(e.d_reserved);
-            c.available.push(e.available);
-            c.reserved.push(e.reserved);
-            c.reference.push(e.reference.clone());
-            c.entry_id.push(e.entry_id.clone());
-            c.ts.push(e.ts_ms);
-        }
-        c
-    }
-}
-
-/// The reservation rows a batch implies, one per reservation id.
-#[derive(Default)]
-struct ReservationRows {
-    id: Vec<String>,
-    state: Vec<&'static str>,
-    lines: Vec<String>,
-    expires_at: Vec<Option<i64>>,
-}
-
-/// What a batch says about one reservation in this partition.
-struct ReservationSeen<'a> {
-    state: &'static str,
-    lines: Vec<(&'a str, &'a str, i64)>,
-    expires_at_ms: Option<i64>,
-}
-
-impl ReservationRows {
-    fn of(events: &[ChangeEvent]) -> Self {
-        // In stream order: a later event's state wins; every event of a
-        // reservation names one of its lines (|d_reserved| is the quantity).
-        let mut order: Vec<&str> = Vec::new();
-        let mut seen: HashMap<&str, ReservationSeen> = HashMap::new();
-        for e in events {
-            let Some(state) = e.op.reservation_state() else {
-                continue;
-            };
-            let row = seen.entry(e.reference.as_str()).or_insert_with(|| {
-                order.push(e.reference.as_str());
-                ReservationSeen {
-                    state,
-                    lines: Vec::new(),
-                    expires_at_ms: None,
-                }
-            });
-            // Terminal states never revert (the same rule as the SQL upsert).
-            if row.state == "held" {
-                row.state = state;
-            }
-            let line = (e.sku.as_str(), e.location.as_str(), e.d_reserved.abs());
-            if !row.lines.contains(&line) {
-                row.lines.push(line);
-            }
-            if e.expires_at_ms.is_some() {
-                row.expires_at_ms = e.expires_at_ms;
-            }
-        }
-        let mut out = ReservationRows::default();
-        for id in order {
-            let row = &seen[id];
-            out.id.push(id.to_owned());
-            out.state.push(row.state);
-            out.lines
-                .push(serde_json::to_string(&row.lines).expect("lines serialise"));
-            out.expires_at.push(row.expires_at_ms);
-        }
-        out
-    }
 }

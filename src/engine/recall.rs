@@ -1,0 +1,290 @@
+//! Records Redis forgot and Postgres still knows: after Redis lost its data
+//! (or rolled back), a retry of a request whose outcome was flushed must
+//! replay that outcome, not apply again. The scripts say when an id may be
+//! such a one ('check', from the partition's Bloom filter of ids Postgres
+//! knew); the engine then looks it up here and puts its records back with
+//! `restore_*.lua`, which never overwrite a record Redis has.
+//!
+//! The re-warm after a data loss restores held reservations the same way
+//! ([`restore_reservation`]), so the record layout is written in Lua only.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::Engine;
+use super::plan::{Kind, Plan};
+use crate::error::Error;
+use crate::keys::{Keyspace, Partition};
+use crate::redis_conn::RedisConn;
+use crate::scripts;
+use crate::store::{LevelRow, ReservationRow};
+
+/// How much longer than its hold a separate locator is kept (as
+/// reserve.lua does), so that replays within the window still find it.
+const LOCATOR_SLACK: Duration = Duration::from_secs(3600);
+
+impl Engine {
+    /// Puts `plan`'s id back into Redis from Postgres when Postgres knows it.
+    pub(super) async fn recall(&self, plan: &Plan) -> Result<(), Error> {
+        match plan.kind {
+            Kind::Reservation => self.recall_reservation(&plan.id).await.map(|_| ()),
+            Kind::Request => self.recall_request(plan).await,
+        }
+    }
+
+    /// Puts the reservation `id` back from Postgres; false when Postgres
+    /// does not know it either.
+    pub(super) async fn recall_reservation(&self, id: &str) -> Result<bool, Error> {
+        let Some(warmer) = &self.inner.warmer else {
+            return Ok(false);
+        };
+        let rows = warmer.store().reservation_rows(id).await?;
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        restore_reservation(
+            &mut self.conn(),
+            &self.inner.keys,
+            id,
+            &rows,
+            self.inner.settings.idempotency_window,
+        )
+        .await?;
+        Ok(true)
+    }
+
+    async fn recall_request(&self, plan: &Plan) -> Result<(), Error> {
+        let Some(warmer) = &self.inner.warmer else {
+            return Ok(());
+        };
+        let rows = warmer.store().request_outcomes(&plan.id).await?;
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let keys = &self.inner.keys;
+        // Where the first request kept its outcome: its one partition, or
+        // the id's own partition when it spanned partitions.
+        let coordinator = match rows.as_slice() {
+            [only] => Partition(only.partition),
+            _ => plan.home,
+        };
+        let mut levels: Vec<&LevelRow> = rows.iter().flat_map(|r| &r.levels).collect();
+        // In the order of this request's lines where they match (a retry
+        // has the same lines), then the rest.
+        levels.sort_by_key(|l| {
+            plan.lines
+                .iter()
+                .position(|(line, _)| line.sku == l.0 && line.location == l.1)
+                .unwrap_or(usize::MAX)
+        });
+        let out = json!({ "levels": levels }).to_string();
+        let window = self.inner.settings.idempotency_window.as_millis() as u64;
+        let mut records = vec![Kind::Request.record(keys, coordinator, &plan.id)];
+        if coordinator != plan.home {
+            records.push(Kind::Request.record(keys, plan.home, &plan.id));
+        }
+        let mut conn = self.conn();
+        scripts::RESTORE_REQUEST
+            .prepare_invoke()
+            .load_async(&mut conn)
+            .await?;
+        let mut pipe = redis::pipe();
+        for record in records {
+            let mut inv = scripts::RESTORE_REQUEST.prepare_invoke();
+            inv.key(record)
+                .arg(&first.fingerprint)
+                .arg(&out)
+                .arg("")
+                .arg("")
+                .arg(window);
+            pipe.invoke_script(&inv).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        tracing::info!(request_id = %plan.id, "request outcome recalled from Postgres");
+        Ok(())
+    }
+}
+
+/// Writes every record of the reservation `id` from its Postgres rows (one
+/// per partition holding lines): each partition's record and expiry entry,
+/// the coordinator's outcomes, and the locator. Records Redis has are left
+/// alone.
+pub(crate) async fn restore_reservation(
+    conn: &mut RedisConn,
+    keys: &Keyspace,
+    id: &str,
+    rows: &[ReservationRow],
+    window: Duration,
+) -> Result<(), Error> {
+    let plan = RestorePlan::of(keys, id, rows);
+    scripts::RESTORE_RESERVATION
+        .prepare_invoke()
+        .load_async(conn)
+        .await?;
+    let mut pipe = redis::pipe();
+    for record in plan.records(keys, id, window) {
+        let mut inv = scripts::RESTORE_RESERVATION.prepare_invoke();
+        inv.key(record.key).key(record.rexp);
+        for arg in record.args {
+            inv.arg(arg);
+        }
+        pipe.invoke_script(&inv).ignore();
+    }
+    pipe.query_async::<()>(conn).await?;
+    Ok(())
+}
+
+/// One reservation's records as Postgres describes them.
+struct RestorePlan<'a> {
+    rows: &'a [ReservationRow],
+    fingerprint: String,
+    state: &'a str,
+    expires_at_ms: Option<i64>,
+    /// Partitions in the order of `all`.
+    parts: Vec<Partition>,
+    /// Every line, JSON.
+    all: String,
+    /// The reserve outcome, and the finish outcome once finished.
+    out: String,
+    fin: String,
+    home: Partition,
+}
+
+/// One `restore_reservation.lua` call.
+struct RestoreRecord {
+    key: String,
+    rexp: String,
+    args: Vec<String>,
+}
+
+impl<'a> RestorePlan<'a> {
+    fn of(keys: &Keyspace, id: &str, rows: &'a [ReservationRow]) -> Self {
+        let mut parts = Vec::new();
+        let mut all = Vec::new();
+        let mut reserve_levels = Vec::new();
+        let mut finish_levels = Vec::new();
+        for row in rows {
+            parts.push(Partition(row.partition));
+            all.extend(row.lines.iter().cloned());
+            reserve_levels.extend(row.reserve_levels.iter().cloned());
+            finish_levels.extend(row.finish_levels.iter().cloned());
+        }
+        // The most advanced state of the parts: one script moved them all,
+        // so they agree unless a flush is partway.
+        let state = rows
+            .iter()
+            .map(|r| r.state.as_str())
+            .find(|s| *s != "held")
+            .unwrap_or("held");
+        let expires_at_ms = rows.iter().filter_map(|r| r.expires_at_ms).max();
+        let out = json!({ "exp": expires_at_ms.unwrap_or_default(), "levels": reserve_levels })
+            .to_string();
+        let fin = if state == "held" {
+            String::new()
+        } else {
+            json!({ "levels": finish_levels }).to_string()
+        };
+        Self {
+            rows,
+            fingerprint: rows
+                .iter()
+                .find_map(|r| r.fingerprint.clone())
+                // Flushed before fingerprints were recorded: a replay of
+                // the Reserve answers ALREADY_EXISTS, the rest works.
+                .unwrap_or_else(|| format!("restored:{id}")),
+            state,
+            expires_at_ms,
+            parts,
+            all: serde_json::to_string(&all).expect("lines serialise"),
+            out,
+            fin,
+            home: keys.partition_of(id),
+        }
+    }
+
+    fn coordinator(&self) -> Partition {
+        match self.parts.as_slice() {
+            [only] => *only,
+            _ => self.home,
+        }
+    }
+
+    fn records(&self, keys: &Keyspace, id: &str, window: Duration) -> Vec<RestoreRecord> {
+        let coordinator = self.coordinator();
+        let parts = self
+            .parts
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let exp = self
+            .expires_at_ms
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let window_ms = window.as_millis().to_string();
+        let record =
+            |p: Partition, state: &str, lines: String, coordinates: bool, locates: bool| {
+                let pick =
+                    |yes: bool, value: &str| if yes { value.to_owned() } else { String::new() };
+                RestoreRecord {
+                    key: keys.reservation(p, id),
+                    rexp: keys.reservation_expiry(p),
+                    args: vec![
+                        id.to_owned(),
+                        self.fingerprint.clone(),
+                        state.to_owned(),
+                        pick(!state.is_empty(), &exp),
+                        lines,
+                        pick(coordinates, &self.out),
+                        pick(coordinates, &self.fin),
+                        pick(locates, &self.all),
+                        pick(locates || !state.is_empty(), &parts),
+                        window_ms.clone(),
+                    ],
+                }
+            };
+        let mut records: Vec<RestoreRecord> = self
+            .rows
+            .iter()
+            .map(|row| {
+                let p = Partition(row.partition);
+                let lines = serde_json::to_string(&row.lines).expect("lines serialise");
+                record(p, &row.state, lines, p == coordinator, p == self.home)
+            })
+            .collect();
+        if !self.parts.contains(&self.home) {
+            // The id's own partition holds no lines: the coordinator of a
+            // reservation spanning partitions, or only its locator.
+            let mut locator = record(
+                self.home,
+                if coordinator == self.home {
+                    self.state
+                } else {
+                    ""
+                },
+                String::new(),
+                coordinator == self.home,
+                true,
+            );
+            if coordinator != self.home {
+                // A separate locator lives as long as reserve.lua gives it.
+                let hold = self
+                    .expires_at_ms
+                    .map(|e| (e - now_ms()).max(0) as u128)
+                    .unwrap_or_default();
+                locator.args[9] =
+                    (hold + window.as_millis() + LOCATOR_SLACK.as_millis()).to_string();
+            }
+            records.push(locator);
+        }
+        records
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

@@ -1,0 +1,245 @@
+//! Partition markers (`NS:{pNN}:marker`): the proof, checked inside every
+//! script, that this Redis still holds a partition and has not rolled back
+//! (fields and rules in scripts/layout.lua; every write goes through
+//! scripts/marker.lua).
+//!
+//! [`Markers`] is this instance's view of them: for each partition the
+//! newest flushed entry id it has seen in the marker (from script replies,
+//! its own flusher and the watchdog). Scripts are handed that id and refuse
+//! when the marker is behind it: a marker only moves back when Redis rolled
+//! back (a restart from an older snapshot, a failover to a lagging
+//! replica). A refusal sounds the alarm, which wakes the watchdog at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+use crate::events::EntryId;
+use crate::keys::{Keyspace, Partition};
+use crate::redis_conn::RedisConn;
+use crate::scripts;
+
+/// A marker as it stands in Redis.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MarkerState {
+    /// The deployment epoch; `None`: the partition is lost.
+    pub epoch: Option<String>,
+    pub flushed: Option<EntryId>,
+    /// Refusing everything until then (ms), while a rollback is healed.
+    pub heal_until_ms: Option<i64>,
+    pub gate: bool,
+}
+
+impl redis::FromRedisValue for MarkerState {
+    fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
+        let (epoch, flushed, heal, gate): (String, String, String, String) =
+            redis::FromRedisValue::from_redis_value(value)?;
+        Ok(MarkerState {
+            epoch: (!epoch.is_empty()).then_some(epoch),
+            flushed: EntryId::parse(&flushed),
+            heal_until_ms: heal.parse().ok(),
+            gate: gate == "1",
+        })
+    }
+}
+
+/// A Bloom filter of the ids Postgres knew when a partition was
+/// re-established, and until when it applies.
+pub struct SeenFilter {
+    pub until_ms: i64,
+    pub bits: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl SeenFilter {
+    /// A filter sized for `ids` (at least one byte).
+    pub fn of<'a>(ids: impl ExactSizeIterator<Item = &'a str>, until_ms: i64) -> Self {
+        let bits = (ids.len() as u64 * scripts::BLOOM_BITS_PER_ID).max(64);
+        let mut bytes = vec![0u8; bits.div_ceil(8) as usize];
+        for id in ids {
+            for position in scripts::bloom_positions(id, bits) {
+                // GETBIT numbers the bits of a byte from the most significant.
+                bytes[(position / 8) as usize] |= 0x80 >> (position % 8);
+            }
+        }
+        Self {
+            until_ms,
+            bits,
+            bytes,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Markers {
+    keys: Keyspace,
+    /// Per partition, the newest flushed id seen, packed (`EntryId::pack`).
+    seen: Arc<[AtomicU64]>,
+    alarm: Arc<Notify>,
+}
+
+impl Markers {
+    pub fn new(keys: Keyspace) -> Self {
+        let seen = keys.partitions().map(|_| AtomicU64::new(0)).collect();
+        Self {
+            keys,
+            seen,
+            alarm: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The newest flushed id seen in `partition`'s marker.
+    pub fn seen(&self, partition: Partition) -> Option<EntryId> {
+        EntryId::unpack(self.seen[partition.index()].load(Ordering::Relaxed))
+    }
+
+    /// Records that `partition`'s marker held `flushed`.
+    pub fn learn(&self, partition: Partition, flushed: EntryId) {
+        self.seen[partition.index()].fetch_max(flushed.pack(), Ordering::Relaxed);
+    }
+
+    /// Forgets what was seen of `partition` (after it was re-established
+    /// from Postgres, its marker starts from Postgres's checkpoint).
+    pub fn reset(&self, partition: Partition, flushed: Option<EntryId>) {
+        self.seen[partition.index()].store(flushed.map_or(0, EntryId::pack), Ordering::Relaxed);
+    }
+
+    /// A script found a partition lost or rolled back: the watchdog looks now.
+    pub fn sound_alarm(&self) {
+        self.alarm.notify_one();
+    }
+
+    pub async fn alarmed(&self) {
+        self.alarm.notified().await
+    }
+
+    fn invocation(&self, partition: Partition) -> redis::ScriptInvocation<'static> {
+        let mut inv = scripts::MARKER.prepare_invoke();
+        inv.key(self.keys.marker(partition))
+            .key(self.keys.seen(partition));
+        inv
+    }
+
+    /// Reads every partition's marker, in one pipelined round trip (the
+    /// caller decides what to learn from them).
+    pub async fn read_all(
+        &self,
+        conn: &mut RedisConn,
+    ) -> Result<Vec<MarkerState>, redis::RedisError> {
+        scripts::MARKER.prepare_invoke().load_async(conn).await?;
+        let mut pipe = redis::pipe();
+        for p in self.keys.partitions() {
+            let mut inv = self.invocation(p);
+            inv.arg("read");
+            pipe.invoke_script(&inv);
+        }
+        pipe.query_async(conn).await
+    }
+
+    /// The partition is (re)established in this Redis: a fresh marker with
+    /// `epoch` and `flushed` (Postgres's checkpoint) and, when given, the
+    /// filter of ids Postgres knew.
+    pub async fn establish(
+        &self,
+        conn: &mut RedisConn,
+        partition: Partition,
+        epoch: &str,
+        flushed: Option<EntryId>,
+        seen: Option<&SeenFilter>,
+    ) -> Result<MarkerState, redis::RedisError> {
+        let mut inv = self.invocation(partition);
+        inv.arg("establish")
+            .arg(epoch)
+            .arg(flushed.map(|f| f.to_string()).unwrap_or_default());
+        match seen {
+            Some(filter) => inv.arg(filter.until_ms).arg(&filter.bytes).arg(filter.bits),
+            None => inv.arg(0),
+        };
+        let state: MarkerState = inv.invoke_async(conn).await?;
+        self.reset(partition, state.flushed);
+        Ok(state)
+    }
+
+    /// The flusher committed `partition` up to `flushed`: pipelined for
+    /// every partition of a batch.
+    pub async fn mark_flushed(
+        &self,
+        conn: &mut RedisConn,
+        flushed: &[(Partition, EntryId)],
+    ) -> Result<(), redis::RedisError> {
+        if flushed.is_empty() {
+            return Ok(());
+        }
+        scripts::MARKER.prepare_invoke().load_async(conn).await?;
+        let mut pipe = redis::pipe();
+        for (p, id) in flushed {
+            let mut inv = self.invocation(*p);
+            inv.arg("flushed").arg(id.to_string());
+            pipe.invoke_script(&inv).ignore();
+        }
+        pipe.query_async::<()>(conn).await?;
+        // Only what the markers hold now may be expected of them.
+        for (p, id) in flushed {
+            self.learn(*p, *id);
+        }
+        Ok(())
+    }
+
+    /// Opens or closes `partition`'s backlog gate.
+    pub async fn set_gate(
+        &self,
+        conn: &mut RedisConn,
+        partition: Partition,
+        closed: bool,
+    ) -> Result<MarkerState, redis::RedisError> {
+        let mut inv = self.invocation(partition);
+        inv.arg("gate").arg(if closed { "on" } else { "off" });
+        inv.invoke_async(conn).await
+    }
+
+    /// Refuses everything on `partition` until `until_ms` (0 ends it).
+    pub async fn set_heal(
+        &self,
+        conn: &mut RedisConn,
+        partition: Partition,
+        until_ms: i64,
+    ) -> Result<MarkerState, redis::RedisError> {
+        let mut inv = self.invocation(partition);
+        inv.arg("heal").arg(until_ms);
+        inv.invoke_async(conn).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_only_moves_forward_until_reset() {
+        let markers = Markers::new(Keyspace::new("t", 2));
+        let p = Partition(1);
+        assert_eq!(markers.seen(p), None);
+        let a = EntryId { ms: 10, seq: 2 };
+        let b = EntryId { ms: 11, seq: 0 };
+        markers.learn(p, b);
+        markers.learn(p, a);
+        assert_eq!(markers.seen(p), Some(b));
+        markers.reset(p, Some(a));
+        assert_eq!(markers.seen(p), Some(a));
+        assert_eq!(markers.seen(Partition(0)), None);
+    }
+
+    #[test]
+    fn filters_hold_their_ids() {
+        let ids = ["r-1", "r-2", "order-77"];
+        let filter = SeenFilter::of(ids.iter().copied(), 1);
+        let holds = |id: &str| {
+            scripts::bloom_positions(id, filter.bits)
+                .all(|p| filter.bytes[(p / 8) as usize] & (0x80 >> (p % 8)) != 0)
+        };
+        assert!(ids.iter().all(|id| holds(id)));
+        let strangers = (0..1000).filter(|i| holds(&format!("x-{i}"))).count();
+        assert!(strangers < 100, "{strangers} false positives of 1000");
+    }
+}

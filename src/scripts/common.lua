@@ -1,0 +1,54 @@
+-- common.lua: helpers every stockd script may use; prepended to all of them
+-- (see scripts/mod.rs). It reads no ARGV and no KEYS.
+
+-- Unix milliseconds by the Redis clock, so every instance judges expiry
+-- alike. Read once per script.
+local NOW = (function()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end)()
+
+-- Largest `available` an item may reach (SetStock's ceiling, and Adjust's).
+local MAX_AVAILABLE = 1000000000
+
+-- Stream ids `<ms>-<seq>` compared numerically.
+local function id_less(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not am or not bm then
+    return false
+  end
+  am, bm = tonumber(am), tonumber(bm)
+  if am ~= bm then
+    return am < bm
+  end
+  return tonumber(as) < tonumber(bs)
+end
+
+-- Reads a partition marker (`NS:{pNN}:marker`, see layout.lua): returns
+-- nil and the marker's flushed id when the partition may be used, else
+-- {'lost' | 'healing' | 'rollback', key}. `min_flushed` ('' or nil for
+-- none) is the newest flushed id the caller saw in this marker before: a
+-- marker behind it belongs to a Redis that rolled back.
+local function marker_refusal(key, min_flushed)
+  local m = redis.call('HMGET', key, 'epoch', 'flushed', 'heal')
+  if not m[1] then
+    return { 'lost', key }
+  end
+  if m[3] and tonumber(m[3]) > NOW then
+    return { 'healing', key }
+  end
+  if min_flushed and min_flushed ~= '' and id_less(m[2] or '0-0', min_flushed) then
+    return { 'rollback', key }
+  end
+  return nil, m[2] or ''
+end
+
+-- avail, resv, ver of a stock hash, or nil when Redis lacks the item.
+local function read_stock(key)
+  local v = redis.call('HMGET', key, 'avail', 'resv', 'ver')
+  if not v[1] then
+    return nil
+  end
+  return tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
+end

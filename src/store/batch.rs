@@ -1,0 +1,473 @@
+//! One flush: the entries an instance read from every partition it serves
+//! in one tick, written in ONE transaction.
+//!
+//! Every statement is set-based (arrays through `UNNEST`) and idempotent,
+//! so a batch replayed after a crash between the commit and the XACK
+//! changes nothing:
+//!
+//! 1. ledger rows, `ON CONFLICT (sku, location, version) DO NOTHING`; a row
+//!    that meets an existing one with other content is a fork (Redis gave
+//!    out a version Postgres had): returned, recorded in `ledger_forks`,
+//!    and left out of every later statement;
+//! 2. the newest state per item, under the version guard;
+//! 3. reservation rows per (reservation, partition): state (terminal states
+//!    never revert), lines, expiry (reserve and extend), fingerprint and the
+//!    levels of the reserve and of its end;
+//! 4. request outcomes per (request, partition): fingerprint and levels;
+//! 5. webhook deliveries for the transitions of `available`;
+//! 6. each partition's checkpoint, only ever moved forward.
+
+use std::collections::HashMap;
+
+use serde_json::json;
+use sqlx::{PgConnection, Row};
+
+use crate::events::{ChangeEvent, EntryId, ExtendRecord, Op};
+
+/// What one flush writes.
+#[derive(Debug, Default)]
+pub struct FlushBatch {
+    pub changes: Vec<ChangeEvent>,
+    pub extends: Vec<ExtendRecord>,
+    /// The newest entry of each partition in the batch.
+    pub checkpoints: Vec<(u32, EntryId)>,
+}
+
+/// What a flush found besides writing.
+#[derive(Debug, Default)]
+pub struct FlushReport {
+    /// Changes that met another change under their (sku, location,
+    /// version): not written, to be dead-lettered.
+    pub forks: Vec<ChangeEvent>,
+    /// Webhook deliveries queued.
+    pub deliveries: u64,
+}
+
+impl FlushBatch {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.extends.is_empty() && self.checkpoints.is_empty()
+    }
+}
+
+pub(super) async fn write(
+    tx: &mut PgConnection,
+    batch: &FlushBatch,
+) -> Result<FlushReport, sqlx::Error> {
+    let forks = insert_ledger(tx, &batch.changes).await?;
+    let forked = |e: &&ChangeEvent| {
+        forks
+            .iter()
+            .any(|f| f.partition == e.partition && f.entry_id == e.entry_id)
+    };
+    let kept: Vec<&ChangeEvent> = batch.changes.iter().filter(|e| !forked(e)).collect();
+    upsert_stock(tx, &kept).await?;
+    upsert_reservations(tx, &kept, &batch.extends).await?;
+    upsert_outcomes(tx, &kept).await?;
+    let deliveries = crate::webhooks::queue_transitions(tx, &kept).await?;
+    advance_checkpoints(tx, &batch.checkpoints).await?;
+    Ok(FlushReport { forks, deliveries })
+}
+
+/// Inserts the ledger rows; returns the changes that are forks.
+async fn insert_ledger(
+    tx: &mut PgConnection,
+    changes: &[ChangeEvent],
+) -> Result<Vec<ChangeEvent>, sqlx::Error> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let c = Columns::of(changes.iter());
+    // The join reads the table as it was before this statement, so it sees
+    // exactly the rows this batch's rows collided with; a collision with the
+    // very same change (a replayed batch) is no fork.
+    let rows = sqlx::query(
+        "WITH incoming AS (
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[],
+                                  $6::bigint[], $7::bigint[], $8::bigint[], $9::text[],
+                                  $10::integer[], $11::text[], $12::bigint[])
+                 AS t(sku, location, version, op, d_available, d_reserved, available, reserved,
+                      ref, partition, entry_id, ts)
+         ), inserted AS (
+             INSERT INTO stock_ledger (sku, location, version, op, d_available, d_reserved,
+                                       available, reserved, ref, partition, entry_id, occurred_at)
+             SELECT sku, location, version, op, d_available, d_reserved, available, reserved,
+                    ref, partition, entry_id, to_timestamp(ts / 1000.0)
+             FROM incoming
+             ON CONFLICT (sku, location, version) DO NOTHING
+         )
+         SELECT i.partition, i.entry_id
+         FROM incoming i
+         JOIN stock_ledger l USING (sku, location, version)
+         WHERE (l.op, l.d_available, l.d_reserved, l.available, l.reserved, l.ref)
+               IS DISTINCT FROM
+               (i.op, i.d_available, i.d_reserved, i.available, i.reserved, i.ref)",
+    )
+    .bind(&c.sku)
+    .bind(&c.location)
+    .bind(&c.version)
+    .bind(&c.op)
+    .bind(&c.d_available)
+    .bind(&c.d_reserved)
+    .bind(&c.available)
+    .bind(&c.reserved)
+    .bind(&c.reference)
+    .bind(&c.partition)
+    .bind(&c.entry_id)
+    .bind(&c.ts)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let forked: Vec<(i32, String)> = rows
+        .into_iter()
+        .map(|r| (r.get("partition"), r.get("entry_id")))
+        .collect();
+    let forks: Vec<ChangeEvent> = changes
+        .iter()
+        .filter(|e| {
+            forked
+                .iter()
+                .any(|(p, id)| *p as u32 == e.partition && *id == e.entry_id.to_string())
+        })
+        .cloned()
+        .collect();
+    let f = Columns::of(forks.iter());
+    sqlx::query(
+        "INSERT INTO ledger_forks (sku, location, version, op, d_available, d_reserved,
+                                   available, reserved, ref, partition, entry_id)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[],
+                              $6::bigint[], $7::bigint[], $8::bigint[], $9::text[],
+                              $10::integer[], $11::text[])
+         ON CONFLICT (partition, entry_id) DO NOTHING",
+    )
+    .bind(&f.sku)
+    .bind(&f.location)
+    .bind(&f.version)
+    .bind(&f.op)
+    .bind(&f.d_available)
+    .bind(&f.d_reserved)
+    .bind(&f.available)
+    .bind(&f.reserved)
+    .bind(&f.reference)
+    .bind(&f.partition)
+    .bind(&f.entry_id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(forks)
+}
+
+/// The newest state per item (an upsert may not touch a row twice).
+async fn upsert_stock(tx: &mut PgConnection, changes: &[&ChangeEvent]) -> Result<(), sqlx::Error> {
+    let mut latest: HashMap<(&str, &str), &ChangeEvent> = HashMap::new();
+    for e in changes {
+        let slot = latest
+            .entry((e.sku.as_str(), e.location.as_str()))
+            .or_insert(e);
+        if e.version > slot.version {
+            *slot = e;
+        }
+    }
+    if latest.is_empty() {
+        return Ok(());
+    }
+    let state = Columns::of(latest.into_values());
+    sqlx::query(
+        "INSERT INTO stock (sku, location, available, reserved, version, updated_at)
+         SELECT sku, location, available, reserved, version, now()
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+              AS t(sku, location, available, reserved, version)
+         ON CONFLICT (sku, location) DO UPDATE
+            SET available = EXCLUDED.available, reserved = EXCLUDED.reserved,
+                version = EXCLUDED.version, updated_at = now()
+          WHERE stock.version < EXCLUDED.version",
+    )
+    .bind(&state.sku)
+    .bind(&state.location)
+    .bind(&state.available)
+    .bind(&state.reserved)
+    .bind(&state.version)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// What a batch says about one reservation in one partition.
+#[derive(Default)]
+struct ReservationSeen<'a> {
+    state: Option<&'static str>,
+    lines: Vec<(&'a str, &'a str, i64)>,
+    expires_at_ms: Option<i64>,
+    fingerprint: Option<&'a str>,
+    reserve_levels: Vec<serde_json::Value>,
+    finish_levels: Vec<serde_json::Value>,
+}
+
+async fn upsert_reservations(
+    tx: &mut PgConnection,
+    changes: &[&ChangeEvent],
+    extends: &[ExtendRecord],
+) -> Result<(), sqlx::Error> {
+    // In stream order: a later event's state wins; every event of a
+    // reservation names one of its lines (|d_resv| is the quantity).
+    let mut order: Vec<(&str, u32)> = Vec::new();
+    let mut seen: HashMap<(&str, u32), ReservationSeen> = HashMap::new();
+    for e in changes {
+        let Some(state) = e.op.reservation_state() else {
+            continue;
+        };
+        let key = (e.reference.as_str(), e.partition);
+        let row = seen.entry(key).or_insert_with(|| {
+            order.push(key);
+            ReservationSeen::default()
+        });
+        // Terminal states never revert (the same rule as the SQL upsert).
+        if row.state.is_none_or(|s| s == "held") {
+            row.state = Some(state);
+        }
+        let line = (e.sku.as_str(), e.location.as_str(), e.d_reserved.abs());
+        if !row.lines.contains(&line) {
+            row.lines.push(line);
+        }
+        let level = json!([e.sku, e.location, e.available, e.reserved, e.version]);
+        if e.op == Op::Reserve {
+            row.expires_at_ms = e.expires_at_ms.or(row.expires_at_ms);
+            row.fingerprint = e.fingerprint.as_deref().or(row.fingerprint);
+            row.reserve_levels.push(level);
+        } else {
+            row.finish_levels.push(level);
+        }
+    }
+    if !order.is_empty() {
+        upsert_reservation_rows(tx, &order, &seen).await?;
+    }
+    if !extends.is_empty() {
+        apply_extends(tx, extends).await?;
+    }
+    Ok(())
+}
+
+async fn upsert_reservation_rows(
+    tx: &mut PgConnection,
+    order: &[(&str, u32)],
+    seen: &HashMap<(&str, u32), ReservationSeen<'_>>,
+) -> Result<(), sqlx::Error> {
+    let mut ids = Vec::new();
+    let mut partitions = Vec::new();
+    let mut states = Vec::new();
+    let mut lines = Vec::new();
+    let mut expiries = Vec::new();
+    let mut fingerprints = Vec::new();
+    let mut reserve_levels = Vec::new();
+    let mut finish_levels = Vec::new();
+    for key in order {
+        let row = &seen[key];
+        ids.push(key.0);
+        partitions.push(key.1 as i32);
+        states.push(row.state.unwrap_or("held"));
+        lines.push(serde_json::to_string(&row.lines).expect("lines serialise"));
+        expiries.push(row.expires_at_ms);
+        fingerprints.push(row.fingerprint);
+        reserve_levels.push(serde_json::Value::from(row.reserve_levels.clone()).to_string());
+        finish_levels.push(serde_json::Value::from(row.finish_levels.clone()).to_string());
+    }
+    // The reserve's expiry only fills a missing one: an extend flushed
+    // before it (by another instance) already set the newer one.
+    sqlx::query(
+        "INSERT INTO reservations AS r (reservation_id, partition, state, lines, expires_at,
+                                        fingerprint, reserve_levels, finish_levels, updated_at)
+         SELECT id, partition, state, lines::jsonb,
+                CASE WHEN exp IS NULL THEN NULL ELSE to_timestamp(exp / 1000.0) END,
+                fp, reserve_levels::jsonb, finish_levels::jsonb, now()
+         FROM UNNEST($1::text[], $2::integer[], $3::text[], $4::text[], $5::bigint[],
+                     $6::text[], $7::text[], $8::text[])
+              AS t(id, partition, state, lines, exp, fp, reserve_levels, finish_levels)
+         ON CONFLICT (reservation_id, partition) DO UPDATE
+            SET state = CASE WHEN r.state = 'held' AND EXCLUDED.state <> 'held'
+                             THEN EXCLUDED.state ELSE r.state END,
+                lines = (SELECT jsonb_agg(DISTINCT l)
+                           FROM jsonb_array_elements(r.lines || EXCLUDED.lines) AS l),
+                expires_at = COALESCE(r.expires_at, EXCLUDED.expires_at),
+                fingerprint = COALESCE(r.fingerprint, EXCLUDED.fingerprint),
+                reserve_levels = CASE WHEN jsonb_array_length(EXCLUDED.reserve_levels) > 0
+                                      THEN (SELECT jsonb_agg(DISTINCT l) FROM jsonb_array_elements(
+                                                r.reserve_levels || EXCLUDED.reserve_levels) AS l)
+                                      ELSE r.reserve_levels END,
+                finish_levels = CASE WHEN jsonb_array_length(EXCLUDED.finish_levels) > 0
+                                     THEN (SELECT jsonb_agg(DISTINCT l) FROM jsonb_array_elements(
+                                               r.finish_levels || EXCLUDED.finish_levels) AS l)
+                                     ELSE r.finish_levels END,
+                updated_at = now()",
+    )
+    .bind(&ids)
+    .bind(&partitions)
+    .bind(&states)
+    .bind(&lines)
+    .bind(&expiries)
+    .bind(&fingerprints)
+    .bind(&reserve_levels)
+    .bind(&finish_levels)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The new expiry of extended reservations (a row is made when the
+/// reserve has not been flushed yet; its own upsert then fills the rest).
+async fn apply_extends(tx: &mut PgConnection, extends: &[ExtendRecord]) -> Result<(), sqlx::Error> {
+    // One row per (reservation, partition): the last extend of the batch.
+    let mut last: HashMap<(&str, u32), &ExtendRecord> = HashMap::new();
+    for x in extends {
+        last.insert((x.reservation_id.as_str(), x.partition), x);
+    }
+    let ids: Vec<&str> = last.keys().map(|k| k.0).collect();
+    let partitions: Vec<i32> = last.keys().map(|k| k.1 as i32).collect();
+    let expiries: Vec<i64> = last.values().map(|x| x.expires_at_ms).collect();
+    let fps: Vec<&str> = last.values().map(|x| x.fingerprint.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO reservations AS r (reservation_id, partition, state, lines, expires_at,
+                                        fingerprint, updated_at)
+         SELECT id, partition, 'held', '[]'::jsonb, to_timestamp(exp / 1000.0), fp, now()
+         FROM UNNEST($1::text[], $2::integer[], $3::bigint[], $4::text[])
+              AS t(id, partition, exp, fp)
+         ON CONFLICT (reservation_id, partition) DO UPDATE
+            SET expires_at = EXCLUDED.expires_at,
+                fingerprint = COALESCE(r.fingerprint, EXCLUDED.fingerprint),
+                updated_at = now()",
+    )
+    .bind(&ids)
+    .bind(&partitions)
+    .bind(&expiries)
+    .bind(&fps)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Outcomes of decrements, adjusts and sets, per (request, partition).
+async fn upsert_outcomes(
+    tx: &mut PgConnection,
+    changes: &[&ChangeEvent],
+) -> Result<(), sqlx::Error> {
+    let mut order: Vec<(&str, u32)> = Vec::new();
+    let mut seen: HashMap<(&str, u32), (&str, &'static str, Vec<serde_json::Value>)> =
+        HashMap::new();
+    for e in changes {
+        if e.op.reservation_state().is_some() {
+            continue;
+        }
+        // Reconcile repairs write `set` events without a request behind them.
+        let Some(fp) = e.fingerprint.as_deref() else {
+            continue;
+        };
+        let key = (e.reference.as_str(), e.partition);
+        let row = seen.entry(key).or_insert_with(|| {
+            order.push(key);
+            (fp, e.op.as_str(), Vec::new())
+        });
+        row.2.push(json!([
+            e.sku,
+            e.location,
+            e.available,
+            e.reserved,
+            e.version
+        ]));
+    }
+    if order.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::new();
+    let mut partitions = Vec::new();
+    let mut fps = Vec::new();
+    let mut ops = Vec::new();
+    let mut levels = Vec::new();
+    for key in order {
+        let (fp, op, l) = &seen[&key];
+        ids.push(key.0);
+        partitions.push(key.1 as i32);
+        fps.push(*fp);
+        ops.push(*op);
+        levels.push(serde_json::Value::from(l.clone()).to_string());
+    }
+    sqlx::query(
+        "INSERT INTO request_outcomes AS o (request_id, partition, fingerprint, op, levels)
+         SELECT id, partition, fp, op, levels::jsonb
+         FROM UNNEST($1::text[], $2::integer[], $3::text[], $4::text[], $5::text[])
+              AS t(id, partition, fp, op, levels)
+         ON CONFLICT (request_id, partition) DO UPDATE
+            SET levels = (SELECT jsonb_agg(DISTINCT l)
+                            FROM jsonb_array_elements(o.levels || EXCLUDED.levels) AS l)",
+    )
+    .bind(&ids)
+    .bind(&partitions)
+    .bind(&fps)
+    .bind(&ops)
+    .bind(&levels)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn advance_checkpoints(
+    tx: &mut PgConnection,
+    checkpoints: &[(u32, EntryId)],
+) -> Result<(), sqlx::Error> {
+    if checkpoints.is_empty() {
+        return Ok(());
+    }
+    let partitions: Vec<i32> = checkpoints.iter().map(|(p, _)| *p as i32).collect();
+    let ids: Vec<String> = checkpoints.iter().map(|(_, id)| id.to_string()).collect();
+    sqlx::query(
+        "INSERT INTO flush_checkpoint AS c (partition, last_entry_id, flushed_at)
+         SELECT partition, id, now() FROM UNNEST($1::integer[], $2::text[]) AS t(partition, id)
+         ON CONFLICT (partition) DO UPDATE
+            SET last_entry_id = EXCLUDED.last_entry_id, flushed_at = now()
+          WHERE (split_part(c.last_entry_id, '-', 1)::numeric,
+                 split_part(c.last_entry_id, '-', 2)::numeric)
+              < (split_part(EXCLUDED.last_entry_id, '-', 1)::numeric,
+                 split_part(EXCLUDED.last_entry_id, '-', 2)::numeric)",
+    )
+    .bind(&partitions)
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Events as column arrays for `UNNEST`.
+#[derive(Default)]
+struct Columns {
+    sku: Vec<String>,
+    location: Vec<String>,
+    version: Vec<i64>,
+    op: Vec<&'static str>,
+    d_available: Vec<i64>,
+    d_reserved: Vec<i64>,
+    available: Vec<i64>,
+    reserved: Vec<i64>,
+    reference: Vec<String>,
+    partition: Vec<i32>,
+    entry_id: Vec<String>,
+    ts: Vec<i64>,
+}
+
+impl Columns {
+    fn of<'a>(events: impl IntoIterator<Item = &'a ChangeEvent>) -> Self {
+        let mut c = Columns::default();
+        for e in events {
+            c.sku.push(e.sku.clone());
+            c.location.push(e.location.clone());
+            c.version.push(e.version);
+            c.op.push(e.op.as_str());
+            c.d_available.push(e.d_available);
+            c.d_reserved.push(e.d_reserved);
+            c.available.push(e.available);
+            c.reserved.push(e.reserved);
+            c.reference.push(e.reference.clone());
+            c.partition.push(e.partition as i32);
+            c.entry_id.push(e.entry_id.to_string());
+            c.ts.push(e.ts_ms);
+        }
+        c
+    }
+}
