@@ -24,8 +24,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::signing::{
-    ATTEMPT_HEADER, DELIVERY_HEADER, EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER,
-    TIMESTAMP_HEADER, sign,
+    self, ATTEMPT_HEADER, DELIVERY_HEADER, EVENT_HEADER, ID_HEADER, IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER, TIMESTAMP_HEADER, legacy, webhook_id,
 };
 use super::{Wakeup, WebhookError, WebhookSettings, retry_ceiling};
 
@@ -324,8 +324,8 @@ impl Dispatcher {
     /// POSTs the delivery's body, signed; Ok on a 2xx answer, else why not.
     async fn post(&self, d: &Claimed) -> Result<(), String> {
         let secret = match (&d.secret, &self.settings.server_secret) {
-            (Some(own), _) => own.as_bytes(),
-            (None, Some(server)) => server.as_bytes(),
+            (Some(own), _) => own.as_str(),
+            (None, Some(server)) => server.as_str(),
             (None, None) => {
                 return Err(
                     "no signing secret: the subscription uses the server-wide secret and \
@@ -338,14 +338,24 @@ impl Dispatcher {
             .duration_since(UNIX_EPOCH)
             .map(|t| t.as_secs() as i64)
             .unwrap_or(0);
-        let signature = sign(secret, timestamp, d.body.as_bytes());
+        let id = webhook_id(&d.idempotency_key);
+        let body = d.body.as_bytes();
         let response = self
             .http
             .post(&d.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(ID_HEADER, &id)
             .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, signature)
-            .header(IDEMPOTENCY_HEADER, &d.idempotency_key)
+            .header(
+                SIGNATURE_HEADER,
+                signing::sign(secret, &id, timestamp, body),
+            )
+            .header(legacy::TIMESTAMP_HEADER, timestamp.to_string())
+            .header(
+                legacy::SIGNATURE_HEADER,
+                legacy::sign(secret.as_bytes(), timestamp, body),
+            )
+            .header(IDEMPOTENCY_HEADER, &id)
             .header(EVENT_HEADER, &d.kind)
             .header(DELIVERY_HEADER, d.id.to_string())
             .header(ATTEMPT_HEADER, d.attempts.to_string())

@@ -16,7 +16,8 @@
 //!   per (subscription, item), retrying with capped exponential backoff,
 //!   and parks a delivery in the dead letters after the last allowed
 //!   attempt.
-//! - `signing.rs`: the HMAC-SHA256 signature scheme.
+//! - `signing.rs`: the signature schemes (Standard Webhooks, and the
+//!   earlier stockd one beside it).
 //!
 //! Checkout never waits for any of this: detection runs off the stream,
 //! and a dead endpoint only grows its own rows in the outbox.

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use clap::Parser;
 use stockd::pb;
 use stockd::webhooks::signing;
@@ -190,11 +192,61 @@ fn now_secs() -> i64 {
         .as_secs() as i64
 }
 
-/// Verifies a request's signature as a receiver must, written from the
-/// README's description (not with the server's code): v1 = hex of
+/// The HMAC key a Standard Webhooks library makes of `secret`: a `whsec_`
+/// secret is base64 (`new Webhook(secret)`); the others are given to the
+/// library as raw bytes (`Webhook::from_bytes`, `{format: "raw"}`).
+fn library_key(secret: &str) -> Vec<u8> {
+    match secret.strip_prefix("whsec_") {
+        Some(encoded) => BASE64.decode(encoded).expect("a whsec_ secret is base64"),
+        None => secret.as_bytes().to_vec(),
+    }
+}
+
+/// Verifies a request as the Standard Webhooks libraries do (written from
+/// the specification, not with the server's code): the three headers,
+/// timestamp within 5 minutes, one of the space-separated `v1,<base64>`
+/// signatures equal to base64(HMAC-SHA256(key, "<id>.<timestamp>.<body>")).
+fn assert_standard_signed(r: &Received, secret: &str) {
+    use hmac::{KeyInit, Mac};
+    let id = r.header("webhook-id");
+    let timestamp = r.header("webhook-timestamp");
+    let sent: i64 = timestamp.parse().unwrap();
+    assert!((now_secs() - sent).abs() <= 300, "stale timestamp {sent}");
+    assert!(
+        !id.contains('.'),
+        "the signed content is dot-separated: {id}"
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&library_key(secret)).unwrap();
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(&r.body);
+    let expected = BASE64.encode(mac.finalize().into_bytes());
+    let matched = r
+        .header("webhook-signature")
+        .split(' ')
+        .filter_map(|s| s.split_once(','))
+        .any(|(version, sig)| version == "v1" && sig == expected);
+    assert!(matched, "webhook-signature of {r:?}");
+    // The library's receiver-side check agrees.
+    signing::verify(
+        secret,
+        id,
+        timestamp,
+        r.header("webhook-signature"),
+        &r.body,
+        now_secs(),
+        300,
+    )
+    .unwrap_or_else(|e| panic!("bad webhook-signature ({e}) on {r:?}"));
+    assert_eq!(id, r.key(), "webhook-id is the idempotency key");
+}
+
+/// Verifies a request's signatures as a receiver must: the Standard
+/// Webhooks one, and the earlier stockd one still sent beside it, written
+/// from the README's description (not with the server's code): v1 = hex of
 /// HMAC-SHA256(secret, "<stockd-timestamp>.<raw body>"), timestamp recent.
 fn assert_signed(r: &Received, secret: &str) {
     use hmac::{KeyInit, Mac};
+    assert_standard_signed(r, secret);
     let timestamp = r.header("stockd-timestamp");
     let sent: i64 = timestamp.parse().unwrap();
     assert!((now_secs() - sent).abs() < 300, "stale timestamp {sent}");
@@ -204,7 +256,7 @@ fn assert_signed(r: &Received, secret: &str) {
     let expected = format!("v1={}", hex::encode(mac.finalize().into_bytes()));
     assert_eq!(r.header("stockd-signature"), expected, "signature of {r:?}");
     // The library's receiver-side check agrees.
-    signing::verify(
+    signing::legacy::verify(
         secret.as_bytes(),
         timestamp,
         r.header("stockd-signature"),
@@ -383,7 +435,7 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
     }
     for r in &own_seen {
         assert_signed(r, OWN_SECRET);
-        let tampered = signing::verify(
+        let tampered = signing::legacy::verify(
             SERVER_SECRET.as_bytes(),
             r.header("stockd-timestamp"),
             r.header("stockd-signature"),
