@@ -23,6 +23,7 @@ use sqlx::{PgPool, Row};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::destinations::PinnedResolver;
 use super::signing::{
     self, ATTEMPT_HEADER, DELIVERY_HEADER, EVENT_HEADER, ID_HEADER, IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER, TIMESTAMP_HEADER, legacy, webhook_id,
@@ -114,15 +115,7 @@ RETURNING d.id, d.subscription_id, s.url, s.secret, d.kind, d.idempotency_key,
 
 impl Dispatcher {
     pub fn new(pool: PgPool, settings: WebhookSettings, wakeup: Wakeup) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout)
-            // Deliveries go where the subscription says, never elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("stockd-webhooks/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the webhook HTTP client: {e}"))?;
+        let http = http_client(&settings)?;
         super::describe_metrics();
         Ok(Self {
             pool,
@@ -321,8 +314,16 @@ impl Dispatcher {
         rand::rng().random_range(ceiling / 2..=ceiling)
     }
 
-    /// POSTs the delivery's body, signed; Ok on a 2xx answer, else why not.
+    /// POSTs the delivery's body, signed; Ok on a 2xx answer, else why not
+    /// (the status line only: what a receiver answers is not kept).
     async fn post(&self, d: &Claimed) -> Result<(), String> {
+        let url = reqwest::Url::parse(&d.url).map_err(|e| format!("invalid URL: {e}"))?;
+        // A literal address is connected to without resolving, so it is
+        // checked here; names are checked by the client's resolver.
+        self.settings
+            .destinations
+            .check_literal(&url)
+            .map_err(|e| e.to_string())?;
         let secret = match (&d.secret, &self.settings.server_secret) {
             (Some(own), _) => own.as_str(),
             (None, Some(server)) => server.as_str(),
@@ -342,7 +343,7 @@ impl Dispatcher {
         let body = d.body.as_bytes();
         let response = self
             .http
-            .post(&d.url)
+            .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(ID_HEADER, &id)
             .header(TIMESTAMP_HEADER, timestamp.to_string())
@@ -367,12 +368,10 @@ impl Dispatcher {
         if status.is_success() {
             return Ok(());
         }
-        let text = response.text().await.unwrap_or_default();
-        let text: String = text.chars().take(200).collect();
-        match text.trim() {
-            "" => Err(format!("HTTP {status}")),
-            text => Err(format!("HTTP {status}: {text}")),
-        }
+        // The body is neither read nor stored: it may be anything the
+        // endpoint has (an internal page, a credential), and dead letters
+        // are shown to Admin clients.
+        Err(format!("HTTP {status}"))
     }
 
     async fn cleanup(&self) -> Result<(), WebhookError> {
@@ -389,6 +388,24 @@ impl Dispatcher {
         }
         Ok(())
     }
+}
+
+/// The client every delivery goes through: plain HTTP/1.1, no redirects,
+/// no proxy, and names resolved only to addresses the destination policy
+/// accepts.
+fn http_client(settings: &WebhookSettings) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout)
+        // Deliveries go where the subscription says, never elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(std::sync::Arc::new(PinnedResolver(
+            settings.destinations.clone(),
+        )))
+        .user_agent(concat!("stockd-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the webhook HTTP client: {}", error_chain(&e)))
 }
 
 /// `error: cause: cause`, each cause once.

@@ -18,11 +18,15 @@
 //!   attempt.
 //! - `signing.rs`: the signature schemes (Standard Webhooks, and the
 //!   earlier stockd one beside it).
+//! - `destinations.rs`: where webhooks may go (no loopback, private,
+//!   link-local, ... addresses unless allowed), checked at AddWebhook and
+//!   on the addresses each delivery connects to.
 //!
 //! Checkout never waits for any of this: detection runs off the stream,
 //! and a dead endpoint only grows its own rows in the outbox.
 
 mod deliver;
+mod destinations;
 mod detect;
 pub mod signing;
 mod subscriptions;
@@ -33,6 +37,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 pub use deliver::{DeliverOutcome, Dispatcher};
+pub use destinations::{DestinationError, Destinations, parse_allowlist};
 pub use detect::{DetectOutcome, Detector, GROUP};
 pub use subscriptions::Subscriptions;
 
@@ -50,6 +55,8 @@ pub struct WebhookSettings {
     pub backoff_max: Duration,
     /// Timeout of one POST (connect, send, answer).
     pub timeout: Duration,
+    /// Which addresses webhooks may be sent to.
+    pub destinations: Destinations,
     /// POSTs in flight at once from this instance.
     pub concurrency: usize,
     /// POSTs in flight at once to one subscription, so that a slow
@@ -77,6 +84,7 @@ impl std::fmt::Debug for WebhookSettings {
             .field("backoff", &self.backoff)
             .field("backoff_max", &self.backoff_max)
             .field("timeout", &self.timeout)
+            .field("destinations", &self.destinations)
             .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
@@ -90,6 +98,7 @@ impl Default for WebhookSettings {
             backoff: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             timeout: Duration::from_secs(5),
+            destinations: Destinations::default(),
             concurrency: 32,
             per_subscription: 4,
             poll: Duration::from_millis(250),
@@ -119,6 +128,7 @@ impl WebhookSettings {
                 hooks.webhook_backoff_max_ms.max(hooks.webhook_backoff_ms),
             ),
             timeout: Duration::from_millis(hooks.webhook_timeout_ms.max(1)),
+            destinations: hooks.webhook_allow_networks.clone(),
             concurrency: hooks.webhook_concurrency as usize,
             consumer,
             batch_size: config.flusher.flush_batch as usize,

@@ -2,7 +2,9 @@
 //! signature and sees each transition once (a retry carries the same
 //! idempotency key), in version order; a receiver that keeps failing sends
 //! the delivery to dead letters, `stockctl webhook redeliver` brings it back,
-//! and a dead endpoint holds up no other subscription.
+//! and a dead endpoint holds up no other subscription. Loopback is refused
+//! unless allowed (server-side request forgery), both when a subscription is
+//! added and when a delivery connects.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +24,10 @@ use crate::common::*;
 const DEADLINE: Duration = Duration::from_secs(30);
 const OWN_SECRET: &str = "own-secret-0123456789";
 const SERVER_SECRET: &str = "server-secret-0123456789";
+/// A Standard Webhooks secret: `whsec_` and 24 random bytes in base64.
+const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// The receivers listen on loopback, which stockd refuses unless allowed.
+const ALLOW_LOOPBACK: &str = "127.0.0.0/8,::1";
 
 /// One request as the receiver saw it.
 #[derive(Debug, Clone)]
@@ -328,6 +334,8 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
             SERVER_SECRET.into(),
             "--webhook-backoff-ms".into(),
             "20".into(),
+            "--webhook-allow-networks".into(),
+            ALLOW_LOOPBACK.into(),
         ],
         ..Options::default()
     })
@@ -542,6 +550,8 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
             "3".into(),
             "--webhook-backoff-ms".into(),
             "20".into(),
+            "--webhook-allow-networks".into(),
+            ALLOW_LOOPBACK.into(),
         ],
         ..Options::default()
     })
@@ -632,6 +642,8 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
     assert_eq!(dead[1].idempotency_key, v2);
     assert_eq!(dead[1].attempts, 3);
     assert!(dead[1].last_error.contains("500"), "{:?}", dead[1]);
+    // The status line only: nothing of what the endpoint answered.
+    assert_eq!(dead[1].last_error, "HTTP 500 Internal Server Error");
     assert_eq!(dead[1].url, receiver.url("/down"));
 
     let (_, table) = stockctl(&app, &["webhook", "dead-letters"]).await;
@@ -713,7 +725,11 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscriptions_are_validated() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(Options {
+        extra_args: vec!["--webhook-allow-networks".into(), ALLOW_LOOPBACK.into()],
+        ..Options::default()
+    })
+    .await;
     let mut admin = app.admin.clone();
     let base = pb::AddWebhookRequest {
         url: "http://127.0.0.1:9/hook".into(),
@@ -766,5 +782,132 @@ async fn subscriptions_are_validated() {
         .await
         .unwrap();
     assert_eq!(none, 0, "nothing was stored");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn internal_destinations_are_refused_unless_allowed() {
+    // No allowlist: the defaults protect the deployment's own network.
+    let app = spawn_app_with(Options {
+        extra_args: vec![
+            "--webhook-max-attempts".into(),
+            "1".into(),
+            "--webhook-backoff-ms".into(),
+            "20".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let receiver = Receiver::start(&[("/literal", Behaviour::Ok), ("/name", Behaviour::Ok)]).await;
+    let port = receiver.base.rsplit(':').next().unwrap().to_owned();
+    let by_name = format!("http://localhost:{port}/name");
+    let mut admin = app.admin.clone();
+    for (url, says) in [
+        (receiver.url("/literal"), "127.0.0.1 is a loopback address"),
+        // `localhost` resolves to 127.0.0.1 (and maybe ::1).
+        (by_name.clone(), "localhost resolves to "),
+        (format!("http://[::1]:{port}/"), "::1 is a loopback address"),
+        (
+            "http://169.254.169.254/latest/meta-data/".into(),
+            "169.254.169.254 is a link-local address",
+        ),
+        ("http://10.0.0.1/".into(), "10.0.0.1 is a private address"),
+        (
+            "http://192.168.1.1/".into(),
+            "192.168.1.1 is a private address",
+        ),
+        (
+            "http://100.64.0.1/".into(),
+            "100.64.0.1 is a shared (CGNAT) address",
+        ),
+        ("http://[fd00::1]/".into(), "fd00::1 is a unique local"),
+        (
+            format!("http://0.0.0.0:{port}/"),
+            "0.0.0.0 is the unspecified address",
+        ),
+        (
+            format!("http://[::ffff:127.0.0.1]:{port}/"),
+            "a form of 127.0.0.1, a loopback address",
+        ),
+        // Another spelling of 127.0.0.1.
+        (
+            format!("http://2130706433:{port}/"),
+            "127.0.0.1 is a loopback",
+        ),
+    ] {
+        let status = admin
+            .add_webhook(pb::AddWebhookRequest {
+                url: url.clone(),
+                events: vec![pb::WebhookEvent::OutOfStock.into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{url}");
+        assert!(
+            status.message().contains("url") && status.message().contains(says),
+            "{url}: {status:?}"
+        );
+        assert!(
+            status.message().contains("--webhook-allow-networks"),
+            "says how to allow it: {status:?}"
+        );
+    }
+    let pool = app.postgres().await;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_subscriptions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "nothing was stored");
+
+    // Subscriptions that point inside anyway (added before this check, or
+    // a name whose DNS answer changed since): every delivery is checked on
+    // the addresses it would connect to, and never reaches the receiver.
+    for path in ["/literal", "/name"] {
+        let url = if path == "/name" {
+            by_name.clone()
+        } else {
+            receiver.url(path)
+        };
+        sqlx::query(
+            "INSERT INTO webhook_subscriptions (url, events, secret)
+             VALUES ($1, ARRAY['out_of_stock'], $2)",
+        )
+        .bind(url)
+        .bind(STANDARD_SECRET)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    app.seed("jar", "", 1).await;
+    decrement(&app, "jar", 1).await; // v2: out_of_stock to both
+    let dead = eventually(DEADLINE, "both deliveries refused", || {
+        let mut admin = app.admin.clone();
+        async move {
+            let r = admin
+                .list_webhook_dead_letters(pb::ListWebhookDeadLettersRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            (r.dead_letters.len() == 2).then_some(r.dead_letters)
+        }
+    })
+    .await;
+    for d in &dead {
+        let expected = if d.url.contains("localhost") {
+            "localhost resolves to "
+        } else {
+            "127.0.0.1 is a loopback address"
+        };
+        assert!(
+            d.last_error.contains(expected) && d.last_error.contains("loopback"),
+            "{d:?}"
+        );
+    }
+    assert!(
+        receiver.seen.lock().unwrap().is_empty(),
+        "nothing reached the receiver"
+    );
+    pool.close().await;
     app.stop().await;
 }
