@@ -243,6 +243,11 @@ pub struct WebhookConfig {
     #[arg(long, env = "STOCKD_WEBHOOK_ALLOW_NETWORKS", default_value = "",
           value_parser = crate::webhooks::parse_allowlist)]
     pub webhook_allow_networks: crate::webhooks::Destinations,
+
+    /// PEM file of CA certificates trusted for https webhook endpoints, in
+    /// addition to the public (webpki) roots, e.g. a private PKI's root.
+    #[arg(long, env = "STOCKD_WEBHOOK_CA_FILE")]
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 /// Tokens and TLS.
@@ -478,5 +483,6 @@ mod tests {
         assert!(err.contains("intranet"), "{err}");
         let none = Config::try_parse_from(["stockd"]).unwrap();
         assert!(none.webhooks.webhook_allow_networks.allowed().is_empty());
+        assert!(none.webhooks.webhook_ca_file.is_none());
     }
 }

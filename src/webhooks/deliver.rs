@@ -390,11 +390,11 @@ impl Dispatcher {
     }
 }
 
-/// The client every delivery goes through: plain HTTP/1.1, no redirects,
-/// no proxy, and names resolved only to addresses the destination policy
-/// accepts.
+/// The client every delivery goes through: HTTP/1.1 or HTTPS (rustls, the
+/// webpki roots and those of `--webhook-ca-file`), no redirects, no proxy,
+/// and names resolved only to addresses the destination policy accepts.
 fn http_client(settings: &WebhookSettings) -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(settings.timeout)
         .connect_timeout(settings.timeout)
         // Deliveries go where the subscription says, never elsewhere.
@@ -403,7 +403,23 @@ fn http_client(settings: &WebhookSettings) -> Result<reqwest::Client, String> {
         .dns_resolver(std::sync::Arc::new(PinnedResolver(
             settings.destinations.clone(),
         )))
-        .user_agent(concat!("stockd-webhooks/", env!("CARGO_PKG_VERSION")))
+        .user_agent(concat!("stockd-webhooks/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &settings.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read --webhook-ca-file {}: {e}", path.display()))?;
+        let roots = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("--webhook-ca-file {}: {e}", path.display()))?;
+        if roots.is_empty() {
+            return Err(format!(
+                "--webhook-ca-file {}: no PEM certificate in it",
+                path.display()
+            ));
+        }
+        for root in roots {
+            builder = builder.add_root_certificate(root);
+        }
+    }
+    builder
         .build()
         .map_err(|e| format!("cannot build the webhook HTTP client: {}", error_chain(&e)))
 }
@@ -420,4 +436,41 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ca_file_must_hold_certificates() {
+        assert!(http_client(&WebhookSettings::default()).is_ok());
+        let dir = std::env::temp_dir().join(format!("stockd-ca-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let client_with = |name: &str, content: Option<&[u8]>| {
+            let path = dir.join(name);
+            if let Some(content) = content {
+                std::fs::write(&path, content).unwrap();
+            }
+            http_client(&WebhookSettings {
+                ca_file: Some(path),
+                ..WebhookSettings::default()
+            })
+        };
+
+        let missing = client_with("missing.pem", None).unwrap_err();
+        assert!(
+            missing.contains("cannot read --webhook-ca-file"),
+            "{missing}"
+        );
+        let empty = client_with("empty.pem", Some(b"not a certificate\n")).unwrap_err();
+        assert!(empty.contains("no PEM certificate"), "{empty}");
+
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap().pem();
+        assert!(client_with("ca.pem", Some(ca.as_bytes())).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

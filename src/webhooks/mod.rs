@@ -31,6 +31,7 @@ mod detect;
 pub mod signing;
 mod subscriptions;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,8 @@ pub struct WebhookSettings {
     pub timeout: Duration,
     /// Which addresses webhooks may be sent to.
     pub destinations: Destinations,
+    /// Trusted roots for https endpoints, in addition to the webpki roots.
+    pub ca_file: Option<PathBuf>,
     /// POSTs in flight at once from this instance.
     pub concurrency: usize,
     /// POSTs in flight at once to one subscription, so that a slow
@@ -85,6 +88,7 @@ impl std::fmt::Debug for WebhookSettings {
             .field("backoff_max", &self.backoff_max)
             .field("timeout", &self.timeout)
             .field("destinations", &self.destinations)
+            .field("ca_file", &self.ca_file)
             .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
@@ -99,6 +103,7 @@ impl Default for WebhookSettings {
             backoff_max: Duration::from_secs(300),
             timeout: Duration::from_secs(5),
             destinations: Destinations::default(),
+            ca_file: None,
             concurrency: 32,
             per_subscription: 4,
             poll: Duration::from_millis(250),
@@ -129,6 +134,7 @@ impl WebhookSettings {
             ),
             timeout: Duration::from_millis(hooks.webhook_timeout_ms.max(1)),
             destinations: hooks.webhook_allow_networks.clone(),
+            ca_file: hooks.webhook_ca_file.clone(),
             concurrency: hooks.webhook_concurrency as usize,
             consumer,
             batch_size: config.flusher.flush_batch as usize,

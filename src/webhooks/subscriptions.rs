@@ -62,9 +62,8 @@ fn webhook(r: &sqlx::postgres::PgRow) -> pb::Webhook {
     }
 }
 
-/// A webhook URL: `http://host[:port][/path]` (this build sends plain HTTP
-/// only), without credentials. Where it points is checked apart
-/// ([`Destinations::check_url`]).
+/// A webhook URL: `http[s]://host[:port][/path]`, without credentials.
+/// Where it points is checked apart ([`Destinations::check_url`]).
 fn parse_url(field: &str, url: &str) -> Result<reqwest::Url, Error> {
     if url.is_empty() || url.len() > MAX_URL_BYTES {
         return Err(Error::invalid(
@@ -74,18 +73,11 @@ fn parse_url(field: &str, url: &str) -> Result<reqwest::Url, Error> {
     }
     let parsed = reqwest::Url::parse(url).map_err(|e| Error::invalid(field, e.to_string()))?;
     match parsed.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(Error::invalid(
-                field,
-                "https is not supported by this build (plain http only); \
-                 terminate TLS in a proxy next to stockd",
-            ));
-        }
+        "http" | "https" => {}
         other => {
             return Err(Error::invalid(
                 field,
-                format!("scheme {other:?}: expected http://host[:port]/path"),
+                format!("scheme {other:?}: expected http[s]://host[:port]/path"),
             ));
         }
     }
@@ -393,19 +385,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_must_be_plain_http_with_a_host() {
+    fn urls_must_be_http_or_https_with_a_host() {
         assert_eq!(
             parse_url("url", "http://127.0.0.1:8080/hook")
                 .unwrap()
                 .as_str(),
             "http://127.0.0.1:8080/hook"
         );
+        assert_eq!(
+            parse_url("url", "HTTPS://Shop.Example/hook")
+                .unwrap()
+                .as_str(),
+            "https://shop.example/hook"
+        );
         for bad in [
             "",
             "127.0.0.1:8080",
             "ftp://x/",
             "file:///etc/passwd",
-            "https://shop.example/hook",
             "http://user:pw@shop.example/",
         ] {
             assert!(parse_url("url", bad).is_err(), "{bad:?}");

@@ -4,7 +4,8 @@
 //! the delivery to dead letters, `stockctl webhook redeliver` brings it back,
 //! and a dead endpoint holds up no other subscription. Loopback is refused
 //! unless allowed (server-side request forgery), both when a subscription is
-//! added and when a delivery connects.
+//! added and when a delivery connects; https endpoints are reached through
+//! a private CA.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +17,10 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use clap::Parser;
 use stockd::pb;
 use stockd::webhooks::signing;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 
 use crate::common::*;
 
@@ -75,8 +78,23 @@ struct Receiver {
 
 impl Receiver {
     async fn start(paths: &[(&str, Behaviour)]) -> Self {
+        Self::start_with(paths, None).await
+    }
+
+    /// Serves https as `localhost` with the certificate `tls` holds.
+    async fn start_tls(paths: &[(&str, Behaviour)], tls: TlsAcceptor) -> Self {
+        Self::start_with(paths, Some(tls)).await
+    }
+
+    async fn start_with(paths: &[(&str, Behaviour)], tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let base = match tls {
+            None => format!("http://{}", listener.local_addr().unwrap()),
+            Some(_) => format!(
+                "https://localhost:{}",
+                listener.local_addr().unwrap().port()
+            ),
+        };
         let receiver = Receiver {
             base,
             seen: Arc::default(),
@@ -92,13 +110,27 @@ impl Receiver {
                 };
                 let r = r.clone();
                 let behaviours = behaviours.clone();
-                tokio::spawn(async move { r.serve(socket, &behaviours).await });
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        None => r.serve(socket, &behaviours).await,
+                        Some(tls) => {
+                            if let Ok(socket) = tls.accept(socket).await {
+                                r.serve(socket, &behaviours).await
+                            }
+                        }
+                    }
+                });
             }
         });
         receiver
     }
 
-    async fn serve(&self, socket: tokio::net::TcpStream, behaviours: &HashMap<String, Behaviour>) {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        socket: S,
+        behaviours: &HashMap<String, Behaviour>,
+    ) {
         let mut socket = BufReader::new(socket);
         // Keep-alive: one request after another on the connection.
         loop {
@@ -165,12 +197,8 @@ impl Receiver {
                 "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()
             );
-            if socket
-                .get_mut()
-                .write_all(response.as_bytes())
-                .await
-                .is_err()
-            {
+            let out = socket.get_mut();
+            if out.write_all(response.as_bytes()).await.is_err() || out.flush().await.is_err() {
                 return;
             }
         }
@@ -739,7 +767,7 @@ async fn subscriptions_are_validated() {
     for (req, field) in [
         (
             pb::AddWebhookRequest {
-                url: "https://shop.example/hook".into(),
+                url: "ftp://shop.example/hook".into(),
                 ..base.clone()
             },
             "url",
@@ -813,7 +841,7 @@ async fn internal_destinations_are_refused_unless_allowed() {
         ),
         ("http://10.0.0.1/".into(), "10.0.0.1 is a private address"),
         (
-            "http://192.168.1.1/".into(),
+            "https://192.168.1.1/".into(),
             "192.168.1.1 is a private address",
         ),
         (
@@ -909,5 +937,103 @@ async fn internal_destinations_are_refused_unless_allowed() {
         "nothing reached the receiver"
     );
     pool.close().await;
+    app.stop().await;
+}
+
+/// A private CA and a certificate for `localhost` it signs: (CA PEM, the
+/// server's TLS acceptor).
+fn private_ca_and_localhost_server() -> (String, TlsAcceptor) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "webhook receivers' private CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    )
+    .unwrap();
+    (ca_pem, TlsAcceptor::from(Arc::new(config)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn https_endpoints_get_standard_webhooks_through_a_private_ca() {
+    let (ca_pem, tls) = private_ca_and_localhost_server();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_namespace("wh"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("receivers-ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let app = spawn_app_with(Options {
+        extra_args: vec![
+            "--webhook-ca-file".into(),
+            ca_file.to_string_lossy().into_owned(),
+            "--webhook-allow-networks".into(),
+            ALLOW_LOOPBACK.into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let receiver = Receiver::start_tls(&[("/tls", Behaviour::Ok)], tls).await;
+    let url = receiver.url("/tls");
+    assert!(url.starts_with("https://localhost:"), "{url}");
+    let added = add_webhook(
+        &app,
+        pb::AddWebhookRequest {
+            url: url.clone(),
+            events: vec![pb::WebhookEvent::OutOfStock.into()],
+            secret: STANDARD_SECRET.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = added.webhook.unwrap().id;
+
+    // A SKU with a dot and a non-ASCII letter: the webhook-id may hold
+    // neither, the body keeps the SKU as it is.
+    let sku = "tasse.é";
+    app.seed(sku, "", 2).await;
+    decrement(&app, sku, 2).await; // v2: out_of_stock
+    let seen = eventually(DEADLINE, "the https delivery", || {
+        let seen = receiver.seen("/tls");
+        async move { (!seen.is_empty()).then_some(seen) }
+    })
+    .await;
+    let r = &seen[0];
+    assert_eq!(r.status, 200);
+    assert_standard_signed(r, STANDARD_SECRET);
+    assert_eq!(
+        r.header("webhook-id"),
+        format!("tasse%2E%C3%A9/default/2/out_of_stock/{id}")
+    );
+    let body = r.json();
+    assert_eq!(body["sku"], sku);
+    assert_eq!(body["id"], format!("{sku}/default/2/out_of_stock/{id}"));
+    // The earlier scheme still comes along, keyed with the secret as given.
+    signing::legacy::verify(
+        STANDARD_SECRET.as_bytes(),
+        r.header("stockd-timestamp"),
+        r.header("stockd-signature"),
+        &r.body,
+        now_secs(),
+        300,
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
     app.stop().await;
 }
