@@ -264,6 +264,7 @@ impl Application {
         let subscriptions = Subscriptions::new(
             store.pool().clone(),
             webhook_settings.server_secret.is_some(),
+            webhook_settings.destinations.clone(),
             wakeup,
         );
 

@@ -273,6 +273,18 @@ pub struct WebhookConfig {
     #[arg(long, env = "STOCKD_WEBHOOK_CONCURRENCY", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub webhook_concurrency: u32,
+
+    /// Networks webhooks may be sent to although they are not public
+    /// (loopback, private, link-local, ...: refused by default), as
+    /// comma-separated CIDRs or addresses, e.g. `10.1.0.0/16,127.0.0.1`.
+    #[arg(long, env = "STOCKD_WEBHOOK_ALLOW_NETWORKS", default_value = "",
+          value_parser = crate::webhooks::parse_allowlist)]
+    pub webhook_allow_networks: crate::webhooks::Destinations,
+
+    /// PEM file of CA certificates trusted for https webhook endpoints, in
+    /// addition to the public (webpki) roots, e.g. a private PKI's root.
+    #[arg(long, env = "STOCKD_WEBHOOK_CA_FILE")]
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 /// Tokens and TLS.
@@ -492,5 +504,22 @@ mod tests {
         assert_eq!(config.deployment.partitions, 8);
         assert_eq!(config.flusher.flush_batch, 7);
         assert_eq!(config.watch.watch_buffer, 3);
+    }
+
+    #[test]
+    fn webhook_allow_networks_are_a_comma_separated_list() {
+        let parse = |value: &str| {
+            Config::try_parse_from(["stockd", "--webhook-allow-networks", value])
+                .map(|c| c.webhooks.webhook_allow_networks.allowed().to_vec())
+        };
+        let nets = parse("127.0.0.0/8,10.1.2.3/16,::1").unwrap();
+        let nets: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["127.0.0.0/8", "10.1.0.0/16", "::1/128"]);
+        assert_eq!(parse("").unwrap(), []);
+        let err = parse("127.0.0.0/8,intranet").unwrap_err().to_string();
+        assert!(err.contains("intranet"), "{err}");
+        let none = Config::try_parse_from(["stockd"]).unwrap();
+        assert!(none.webhooks.webhook_allow_networks.allowed().is_empty());
+        assert!(none.webhooks.webhook_ca_file.is_none());
     }
 }

@@ -23,9 +23,10 @@ use sqlx::{PgPool, Row};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::destinations::PinnedResolver;
 use super::signing::{
-    ATTEMPT_HEADER, DELIVERY_HEADER, EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER,
-    TIMESTAMP_HEADER, sign,
+    self, ATTEMPT_HEADER, DELIVERY_HEADER, EVENT_HEADER, ID_HEADER, IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER, TIMESTAMP_HEADER, legacy, webhook_id,
 };
 use super::{Wakeup, WebhookError, WebhookSettings, retry_ceiling};
 
@@ -114,15 +115,7 @@ RETURNING d.id, d.subscription_id, s.url, s.secret, d.kind, d.idempotency_key,
 
 impl Dispatcher {
     pub fn new(pool: PgPool, settings: WebhookSettings, wakeup: Wakeup) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout)
-            // Deliveries go where the subscription says, never elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("stockd-webhooks/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the webhook HTTP client: {e}"))?;
+        let http = http_client(&settings)?;
         super::describe_metrics();
         Ok(Self {
             pool,
@@ -321,11 +314,19 @@ impl Dispatcher {
         rand::rng().random_range(ceiling / 2..=ceiling)
     }
 
-    /// POSTs the delivery's body, signed; Ok on a 2xx answer, else why not.
+    /// POSTs the delivery's body, signed; Ok on a 2xx answer, else why not
+    /// (the status line only: what a receiver answers is not kept).
     async fn post(&self, d: &Claimed) -> Result<(), String> {
+        let url = reqwest::Url::parse(&d.url).map_err(|e| format!("invalid URL: {e}"))?;
+        // A literal address is connected to without resolving, so it is
+        // checked here; names are checked by the client's resolver.
+        self.settings
+            .destinations
+            .check_literal(&url)
+            .map_err(|e| e.to_string())?;
         let secret = match (&d.secret, &self.settings.server_secret) {
-            (Some(own), _) => own.as_bytes(),
-            (None, Some(server)) => server.as_bytes(),
+            (Some(own), _) => own.as_str(),
+            (None, Some(server)) => server.as_str(),
             (None, None) => {
                 return Err(
                     "no signing secret: the subscription uses the server-wide secret and \
@@ -338,14 +339,24 @@ impl Dispatcher {
             .duration_since(UNIX_EPOCH)
             .map(|t| t.as_secs() as i64)
             .unwrap_or(0);
-        let signature = sign(secret, timestamp, d.body.as_bytes());
+        let id = webhook_id(&d.idempotency_key);
+        let body = d.body.as_bytes();
         let response = self
             .http
-            .post(&d.url)
+            .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(ID_HEADER, &id)
             .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, signature)
-            .header(IDEMPOTENCY_HEADER, &d.idempotency_key)
+            .header(
+                SIGNATURE_HEADER,
+                signing::sign(secret, &id, timestamp, body),
+            )
+            .header(legacy::TIMESTAMP_HEADER, timestamp.to_string())
+            .header(
+                legacy::SIGNATURE_HEADER,
+                legacy::sign(secret.as_bytes(), timestamp, body),
+            )
+            .header(IDEMPOTENCY_HEADER, &id)
             .header(EVENT_HEADER, &d.kind)
             .header(DELIVERY_HEADER, d.id.to_string())
             .header(ATTEMPT_HEADER, d.attempts.to_string())
@@ -357,12 +368,10 @@ impl Dispatcher {
         if status.is_success() {
             return Ok(());
         }
-        let text = response.text().await.unwrap_or_default();
-        let text: String = text.chars().take(200).collect();
-        match text.trim() {
-            "" => Err(format!("HTTP {status}")),
-            text => Err(format!("HTTP {status}: {text}")),
-        }
+        // The body is neither read nor stored: it may be anything the
+        // endpoint has (an internal page, a credential), and dead letters
+        // are shown to Admin clients.
+        Err(format!("HTTP {status}"))
     }
 
     async fn cleanup(&self) -> Result<(), WebhookError> {
@@ -381,6 +390,40 @@ impl Dispatcher {
     }
 }
 
+/// The client every delivery goes through: HTTP/1.1 or HTTPS (rustls, the
+/// webpki roots and those of `--webhook-ca-file`), no redirects, no proxy,
+/// and names resolved only to addresses the destination policy accepts.
+fn http_client(settings: &WebhookSettings) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout)
+        // Deliveries go where the subscription says, never elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(std::sync::Arc::new(PinnedResolver(
+            settings.destinations.clone(),
+        )))
+        .user_agent(concat!("stockd-webhooks/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &settings.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read --webhook-ca-file {}: {e}", path.display()))?;
+        let roots = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("--webhook-ca-file {}: {e}", path.display()))?;
+        if roots.is_empty() {
+            return Err(format!(
+                "--webhook-ca-file {}: no PEM certificate in it",
+                path.display()
+            ));
+        }
+        for root in roots {
+            builder = builder.add_root_certificate(root);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the webhook HTTP client: {}", error_chain(&e)))
+}
+
 /// `error: cause: cause`, each cause once.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
@@ -393,4 +436,41 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ca_file_must_hold_certificates() {
+        assert!(http_client(&WebhookSettings::default()).is_ok());
+        let dir = std::env::temp_dir().join(format!("stockd-ca-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let client_with = |name: &str, content: Option<&[u8]>| {
+            let path = dir.join(name);
+            if let Some(content) = content {
+                std::fs::write(&path, content).unwrap();
+            }
+            http_client(&WebhookSettings {
+                ca_file: Some(path),
+                ..WebhookSettings::default()
+            })
+        };
+
+        let missing = client_with("missing.pem", None).unwrap_err();
+        assert!(
+            missing.contains("cannot read --webhook-ca-file"),
+            "{missing}"
+        );
+        let empty = client_with("empty.pem", Some(b"not a certificate\n")).unwrap_err();
+        assert!(empty.contains("no PEM certificate"), "{empty}");
+
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap().pem();
+        assert!(client_with("ca.pem", Some(ca.as_bytes())).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -15,22 +15,29 @@
 //!   per (subscription, item), retrying with capped exponential backoff,
 //!   and parks a delivery in the dead letters after the last allowed
 //!   attempt.
-//! - `signing.rs`: the HMAC-SHA256 signature scheme.
+//! - `signing.rs`: the signature schemes (Standard Webhooks, and the
+//!   earlier stockd one beside it).
+//! - `destinations.rs`: where webhooks may go (no loopback, private,
+//!   link-local, ... addresses unless allowed), checked at AddWebhook and
+//!   on the addresses each delivery connects to.
 //!
 //! Checkout never waits for any of this: detection runs off the stream,
 //! and a dead endpoint only grows its own rows in the outbox.
 
 mod deliver;
+mod destinations;
 mod detect;
 pub mod signing;
 mod subscriptions;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
 pub use deliver::{DeliverOutcome, Dispatcher};
+pub use destinations::{DestinationError, Destinations, parse_allowlist};
 pub(crate) use detect::queue_transitions;
 pub use subscriptions::Subscriptions;
 
@@ -48,6 +55,10 @@ pub struct WebhookSettings {
     pub backoff_max: Duration,
     /// Timeout of one POST (connect, send, answer).
     pub timeout: Duration,
+    /// Which addresses webhooks may be sent to.
+    pub destinations: Destinations,
+    /// Trusted roots for https endpoints, in addition to the webpki roots.
+    pub ca_file: Option<PathBuf>,
     /// POSTs in flight at once from this instance.
     pub concurrency: usize,
     /// POSTs in flight at once to one subscription, so that a slow
@@ -70,6 +81,8 @@ impl std::fmt::Debug for WebhookSettings {
             .field("backoff", &self.backoff)
             .field("backoff_max", &self.backoff_max)
             .field("timeout", &self.timeout)
+            .field("destinations", &self.destinations)
+            .field("ca_file", &self.ca_file)
             .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
@@ -83,6 +96,8 @@ impl Default for WebhookSettings {
             backoff: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             timeout: Duration::from_secs(5),
+            destinations: Destinations::default(),
+            ca_file: None,
             concurrency: 32,
             per_subscription: 4,
             poll: Duration::from_millis(250),
@@ -107,6 +122,8 @@ impl WebhookSettings {
                 hooks.webhook_backoff_max_ms.max(hooks.webhook_backoff_ms),
             ),
             timeout: Duration::from_millis(hooks.webhook_timeout_ms.max(1)),
+            destinations: hooks.webhook_allow_networks.clone(),
+            ca_file: hooks.webhook_ca_file.clone(),
             concurrency: hooks.webhook_concurrency as usize,
             ..Self::default()
         }

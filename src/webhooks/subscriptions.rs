@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use rand::Rng;
 use sqlx::{PgPool, Row};
 
-use super::{KINDS, Wakeup};
+use super::{Destinations, KINDS, Wakeup};
 use crate::domain::Sku;
 use crate::error::Error;
 use crate::pb::{self, ShortName};
@@ -23,6 +23,7 @@ const MAX_DEAD_LETTERS: u32 = 1_000;
 pub struct Subscriptions {
     pool: PgPool,
     server_secret: bool,
+    destinations: Destinations,
     wakeup: Wakeup,
 }
 
@@ -61,9 +62,9 @@ fn webhook(r: &sqlx::postgres::PgRow) -> pb::Webhook {
     }
 }
 
-/// A webhook URL: `http://host[:port][/path]` (this build sends plain HTTP
-/// only), without credentials.
-fn parse_url(field: &str, url: &str) -> Result<String, Error> {
+/// A webhook URL: `http[s]://host[:port][/path]`, without credentials.
+/// Where it points is checked apart ([`Destinations::check_url`]).
+fn parse_url(field: &str, url: &str) -> Result<reqwest::Url, Error> {
     if url.is_empty() || url.len() > MAX_URL_BYTES {
         return Err(Error::invalid(
             field,
@@ -72,18 +73,11 @@ fn parse_url(field: &str, url: &str) -> Result<String, Error> {
     }
     let parsed = reqwest::Url::parse(url).map_err(|e| Error::invalid(field, e.to_string()))?;
     match parsed.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(Error::invalid(
-                field,
-                "https is not supported by this build (plain http only); \
-                 terminate TLS in a proxy next to stockd",
-            ));
-        }
+        "http" | "https" => {}
         other => {
             return Err(Error::invalid(
                 field,
-                format!("scheme {other:?}: expected http://host[:port]/path"),
+                format!("scheme {other:?}: expected http[s]://host[:port]/path"),
             ));
         }
     }
@@ -96,7 +90,7 @@ fn parse_url(field: &str, url: &str) -> Result<String, Error> {
             "credentials in the URL are not allowed; the signature authenticates stockd",
         ));
     }
-    Ok(parsed.to_string())
+    Ok(parsed)
 }
 
 /// The wire value of a kind as stored (`out_of_stock`, one of KINDS).
@@ -159,16 +153,27 @@ fn generate_secret() -> String {
 }
 
 impl Subscriptions {
-    pub fn new(pool: PgPool, server_secret: bool, wakeup: Wakeup) -> Self {
+    pub fn new(
+        pool: PgPool,
+        server_secret: bool,
+        destinations: Destinations,
+        wakeup: Wakeup,
+    ) -> Self {
         Self {
             pool,
             server_secret,
+            destinations,
             wakeup,
         }
     }
 
     pub async fn add(&self, req: pb::AddWebhookRequest) -> Result<pb::AddWebhookResponse, Error> {
         let url = parse_url("url", &req.url)?;
+        self.destinations
+            .check_url(&url)
+            .await
+            .map_err(|e| Error::invalid("url", e.to_string()))?;
+        let url = url.to_string();
         let events = parse_events("events", req.events)?;
         let low_stock = events.iter().any(|e| e == "low_stock");
         let threshold = match (low_stock, req.low_stock_threshold) {
@@ -380,16 +385,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_must_be_plain_http_with_a_host() {
+    fn urls_must_be_http_or_https_with_a_host() {
         assert_eq!(
-            parse_url("url", "http://127.0.0.1:8080/hook").unwrap(),
+            parse_url("url", "http://127.0.0.1:8080/hook")
+                .unwrap()
+                .as_str(),
             "http://127.0.0.1:8080/hook"
+        );
+        assert_eq!(
+            parse_url("url", "HTTPS://Shop.Example/hook")
+                .unwrap()
+                .as_str(),
+            "https://shop.example/hook"
         );
         for bad in [
             "",
             "127.0.0.1:8080",
             "ftp://x/",
-            "https://shop.example/hook",
+            "file:///etc/passwd",
             "http://user:pw@shop.example/",
         ] {
             assert!(parse_url("url", bad).is_err(), "{bad:?}");

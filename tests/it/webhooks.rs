@@ -2,24 +2,35 @@
 //! signature and sees each transition once (a retry carries the same
 //! idempotency key), in version order; a receiver that keeps failing sends
 //! the delivery to dead letters, `stockctl webhook redeliver` brings it back,
-//! and a dead endpoint holds up no other subscription.
+//! and a dead endpoint holds up no other subscription. Loopback is refused
+//! unless allowed (server-side request forgery), both when a subscription is
+//! added and when a delivery connects; https endpoints are reached through
+//! a private CA.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use clap::Parser;
 use stockd::pb;
 use stockd::webhooks::signing;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 
 use crate::common::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const OWN_SECRET: &str = "own-secret-0123456789";
 const SERVER_SECRET: &str = "server-secret-0123456789";
+/// A Standard Webhooks secret: `whsec_` and 24 random bytes in base64.
+const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// The receivers listen on loopback, which stockd refuses unless allowed.
+const ALLOW_LOOPBACK: &str = "127.0.0.0/8,::1";
 
 /// One request as the receiver saw it.
 #[derive(Debug, Clone)]
@@ -67,8 +78,23 @@ struct Receiver {
 
 impl Receiver {
     async fn start(paths: &[(&str, Behaviour)]) -> Self {
+        Self::start_with(paths, None).await
+    }
+
+    /// Serves https as `localhost` with the certificate `tls` holds.
+    async fn start_tls(paths: &[(&str, Behaviour)], tls: TlsAcceptor) -> Self {
+        Self::start_with(paths, Some(tls)).await
+    }
+
+    async fn start_with(paths: &[(&str, Behaviour)], tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let base = match tls {
+            None => format!("http://{}", listener.local_addr().unwrap()),
+            Some(_) => format!(
+                "https://localhost:{}",
+                listener.local_addr().unwrap().port()
+            ),
+        };
         let receiver = Receiver {
             base,
             seen: Arc::default(),
@@ -84,13 +110,27 @@ impl Receiver {
                 };
                 let r = r.clone();
                 let behaviours = behaviours.clone();
-                tokio::spawn(async move { r.serve(socket, &behaviours).await });
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        None => r.serve(socket, &behaviours).await,
+                        Some(tls) => {
+                            if let Ok(socket) = tls.accept(socket).await {
+                                r.serve(socket, &behaviours).await
+                            }
+                        }
+                    }
+                });
             }
         });
         receiver
     }
 
-    async fn serve(&self, socket: tokio::net::TcpStream, behaviours: &HashMap<String, Behaviour>) {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        socket: S,
+        behaviours: &HashMap<String, Behaviour>,
+    ) {
         let mut socket = BufReader::new(socket);
         // Keep-alive: one request after another on the connection.
         loop {
@@ -157,12 +197,8 @@ impl Receiver {
                 "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()
             );
-            if socket
-                .get_mut()
-                .write_all(response.as_bytes())
-                .await
-                .is_err()
-            {
+            let out = socket.get_mut();
+            if out.write_all(response.as_bytes()).await.is_err() || out.flush().await.is_err() {
                 return;
             }
         }
@@ -190,11 +226,61 @@ fn now_secs() -> i64 {
         .as_secs() as i64
 }
 
-/// Verifies a request's signature as a receiver must, written from the
-/// README's description (not with the server's code): v1 = hex of
+/// The HMAC key a Standard Webhooks library makes of `secret`: a `whsec_`
+/// secret is base64 (`new Webhook(secret)`); the others are given to the
+/// library as raw bytes (`Webhook::from_bytes`, `{format: "raw"}`).
+fn library_key(secret: &str) -> Vec<u8> {
+    match secret.strip_prefix("whsec_") {
+        Some(encoded) => BASE64.decode(encoded).expect("a whsec_ secret is base64"),
+        None => secret.as_bytes().to_vec(),
+    }
+}
+
+/// Verifies a request as the Standard Webhooks libraries do (written from
+/// the specification, not with the server's code): the three headers,
+/// timestamp within 5 minutes, one of the space-separated `v1,<base64>`
+/// signatures equal to base64(HMAC-SHA256(key, "<id>.<timestamp>.<body>")).
+fn assert_standard_signed(r: &Received, secret: &str) {
+    use hmac::{KeyInit, Mac};
+    let id = r.header("webhook-id");
+    let timestamp = r.header("webhook-timestamp");
+    let sent: i64 = timestamp.parse().unwrap();
+    assert!((now_secs() - sent).abs() <= 300, "stale timestamp {sent}");
+    assert!(
+        !id.contains('.'),
+        "the signed content is dot-separated: {id}"
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&library_key(secret)).unwrap();
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(&r.body);
+    let expected = BASE64.encode(mac.finalize().into_bytes());
+    let matched = r
+        .header("webhook-signature")
+        .split(' ')
+        .filter_map(|s| s.split_once(','))
+        .any(|(version, sig)| version == "v1" && sig == expected);
+    assert!(matched, "webhook-signature of {r:?}");
+    // The library's receiver-side check agrees.
+    signing::verify(
+        secret,
+        id,
+        timestamp,
+        r.header("webhook-signature"),
+        &r.body,
+        now_secs(),
+        300,
+    )
+    .unwrap_or_else(|e| panic!("bad webhook-signature ({e}) on {r:?}"));
+    assert_eq!(id, r.key(), "webhook-id is the idempotency key");
+}
+
+/// Verifies a request's signatures as a receiver must: the Standard
+/// Webhooks one, and the earlier stockd one still sent beside it, written
+/// from the README's description (not with the server's code): v1 = hex of
 /// HMAC-SHA256(secret, "<stockd-timestamp>.<raw body>"), timestamp recent.
 fn assert_signed(r: &Received, secret: &str) {
     use hmac::{KeyInit, Mac};
+    assert_standard_signed(r, secret);
     let timestamp = r.header("stockd-timestamp");
     let sent: i64 = timestamp.parse().unwrap();
     assert!((now_secs() - sent).abs() < 300, "stale timestamp {sent}");
@@ -204,7 +290,7 @@ fn assert_signed(r: &Received, secret: &str) {
     let expected = format!("v1={}", hex::encode(mac.finalize().into_bytes()));
     assert_eq!(r.header("stockd-signature"), expected, "signature of {r:?}");
     // The library's receiver-side check agrees.
-    signing::verify(
+    signing::legacy::verify(
         secret.as_bytes(),
         timestamp,
         r.header("stockd-signature"),
@@ -276,6 +362,8 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
             SERVER_SECRET.into(),
             "--webhook-backoff-ms".into(),
             "20".into(),
+            "--webhook-allow-networks".into(),
+            ALLOW_LOOPBACK.into(),
         ],
         ..Options::default()
     })
@@ -383,7 +471,7 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
     }
     for r in &own_seen {
         assert_signed(r, OWN_SECRET);
-        let tampered = signing::verify(
+        let tampered = signing::legacy::verify(
             SERVER_SECRET.as_bytes(),
             r.header("stockd-timestamp"),
             r.header("stockd-signature"),
@@ -490,6 +578,8 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
             "3".into(),
             "--webhook-backoff-ms".into(),
             "20".into(),
+            "--webhook-allow-networks".into(),
+            ALLOW_LOOPBACK.into(),
         ],
         ..Options::default()
     })
@@ -580,6 +670,8 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
     assert_eq!(dead[1].idempotency_key, v2);
     assert_eq!(dead[1].attempts, 3);
     assert!(dead[1].last_error.contains("500"), "{:?}", dead[1]);
+    // The status line only: nothing of what the endpoint answered.
+    assert_eq!(dead[1].last_error, "HTTP 500 Internal Server Error");
     assert_eq!(dead[1].url, receiver.url("/down"));
 
     let (_, table) = stockctl(&app, &["webhook", "dead-letters"]).await;
@@ -661,7 +753,11 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscriptions_are_validated() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(Options {
+        extra_args: vec!["--webhook-allow-networks".into(), ALLOW_LOOPBACK.into()],
+        ..Options::default()
+    })
+    .await;
     let mut admin = app.admin.clone();
     let base = pb::AddWebhookRequest {
         url: "http://127.0.0.1:9/hook".into(),
@@ -671,7 +767,7 @@ async fn subscriptions_are_validated() {
     for (req, field) in [
         (
             pb::AddWebhookRequest {
-                url: "https://shop.example/hook".into(),
+                url: "ftp://shop.example/hook".into(),
                 ..base.clone()
             },
             "url",
@@ -714,5 +810,230 @@ async fn subscriptions_are_validated() {
         .await
         .unwrap();
     assert_eq!(none, 0, "nothing was stored");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn internal_destinations_are_refused_unless_allowed() {
+    // No allowlist: the defaults protect the deployment's own network.
+    let app = spawn_app_with(Options {
+        extra_args: vec![
+            "--webhook-max-attempts".into(),
+            "1".into(),
+            "--webhook-backoff-ms".into(),
+            "20".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let receiver = Receiver::start(&[("/literal", Behaviour::Ok), ("/name", Behaviour::Ok)]).await;
+    let port = receiver.base.rsplit(':').next().unwrap().to_owned();
+    let by_name = format!("http://localhost:{port}/name");
+    let mut admin = app.admin.clone();
+    for (url, says) in [
+        (receiver.url("/literal"), "127.0.0.1 is a loopback address"),
+        // `localhost` resolves to 127.0.0.1 (and maybe ::1).
+        (by_name.clone(), "localhost resolves to "),
+        (format!("http://[::1]:{port}/"), "::1 is a loopback address"),
+        (
+            "http://169.254.169.254/latest/meta-data/".into(),
+            "169.254.169.254 is a link-local address",
+        ),
+        ("http://10.0.0.1/".into(), "10.0.0.1 is a private address"),
+        (
+            "https://192.168.1.1/".into(),
+            "192.168.1.1 is a private address",
+        ),
+        (
+            "http://100.64.0.1/".into(),
+            "100.64.0.1 is a shared (CGNAT) address",
+        ),
+        ("http://[fd00::1]/".into(), "fd00::1 is a unique local"),
+        (
+            format!("http://0.0.0.0:{port}/"),
+            "0.0.0.0 is the unspecified address",
+        ),
+        (
+            format!("http://[::ffff:127.0.0.1]:{port}/"),
+            "a form of 127.0.0.1, a loopback address",
+        ),
+        // Another spelling of 127.0.0.1.
+        (
+            format!("http://2130706433:{port}/"),
+            "127.0.0.1 is a loopback",
+        ),
+    ] {
+        let status = admin
+            .add_webhook(pb::AddWebhookRequest {
+                url: url.clone(),
+                events: vec![pb::WebhookEvent::OutOfStock.into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{url}");
+        assert!(
+            status.message().contains("url") && status.message().contains(says),
+            "{url}: {status:?}"
+        );
+        assert!(
+            status.message().contains("--webhook-allow-networks"),
+            "says how to allow it: {status:?}"
+        );
+    }
+    let pool = app.postgres().await;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_subscriptions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "nothing was stored");
+
+    // Subscriptions that point inside anyway (added before this check, or
+    // a name whose DNS answer changed since): every delivery is checked on
+    // the addresses it would connect to, and never reaches the receiver.
+    for path in ["/literal", "/name"] {
+        let url = if path == "/name" {
+            by_name.clone()
+        } else {
+            receiver.url(path)
+        };
+        sqlx::query(
+            "INSERT INTO webhook_subscriptions (url, events, secret)
+             VALUES ($1, ARRAY['out_of_stock'], $2)",
+        )
+        .bind(url)
+        .bind(STANDARD_SECRET)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    app.seed("jar", "", 1).await;
+    decrement(&app, "jar", 1).await; // v2: out_of_stock to both
+    let dead = eventually(DEADLINE, "both deliveries refused", || {
+        let mut admin = app.admin.clone();
+        async move {
+            let r = admin
+                .list_webhook_dead_letters(pb::ListWebhookDeadLettersRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            (r.dead_letters.len() == 2).then_some(r.dead_letters)
+        }
+    })
+    .await;
+    for d in &dead {
+        let expected = if d.url.contains("localhost") {
+            "localhost resolves to "
+        } else {
+            "127.0.0.1 is a loopback address"
+        };
+        assert!(
+            d.last_error.contains(expected) && d.last_error.contains("loopback"),
+            "{d:?}"
+        );
+    }
+    assert!(
+        receiver.seen.lock().unwrap().is_empty(),
+        "nothing reached the receiver"
+    );
+    pool.close().await;
+    app.stop().await;
+}
+
+/// A private CA and a certificate for `localhost` it signs: (CA PEM, the
+/// server's TLS acceptor).
+fn private_ca_and_localhost_server() -> (String, TlsAcceptor) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "webhook receivers' private CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    )
+    .unwrap();
+    (ca_pem, TlsAcceptor::from(Arc::new(config)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn https_endpoints_get_standard_webhooks_through_a_private_ca() {
+    let (ca_pem, tls) = private_ca_and_localhost_server();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_namespace("wh"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("receivers-ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let app = spawn_app_with(Options {
+        extra_args: vec![
+            "--webhook-ca-file".into(),
+            ca_file.to_string_lossy().into_owned(),
+            "--webhook-allow-networks".into(),
+            ALLOW_LOOPBACK.into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let receiver = Receiver::start_tls(&[("/tls", Behaviour::Ok)], tls).await;
+    let url = receiver.url("/tls");
+    assert!(url.starts_with("https://localhost:"), "{url}");
+    let added = add_webhook(
+        &app,
+        pb::AddWebhookRequest {
+            url: url.clone(),
+            events: vec![pb::WebhookEvent::OutOfStock.into()],
+            secret: STANDARD_SECRET.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = added.webhook.unwrap().id;
+
+    // A SKU with a dot and a non-ASCII letter: the webhook-id may hold
+    // neither, the body keeps the SKU as it is.
+    let sku = "tasse.é";
+    app.seed(sku, "", 2).await;
+    decrement(&app, sku, 2).await; // v2: out_of_stock
+    let seen = eventually(DEADLINE, "the https delivery", || {
+        let seen = receiver.seen("/tls");
+        async move { (!seen.is_empty()).then_some(seen) }
+    })
+    .await;
+    let r = &seen[0];
+    assert_eq!(r.status, 200);
+    assert_standard_signed(r, STANDARD_SECRET);
+    assert_eq!(
+        r.header("webhook-id"),
+        format!("tasse%2E%C3%A9/default/2/out_of_stock/{id}")
+    );
+    let body = r.json();
+    assert_eq!(body["sku"], sku);
+    assert_eq!(body["id"], format!("{sku}/default/2/out_of_stock/{id}"));
+    // The earlier scheme still comes along, keyed with the secret as given.
+    signing::legacy::verify(
+        STANDARD_SECRET.as_bytes(),
+        r.header("stockd-timestamp"),
+        r.header("stockd-signature"),
+        &r.body,
+        now_secs(),
+        300,
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
     app.stop().await;
 }
