@@ -116,6 +116,62 @@ async fn wait_until_warm(
     }
 }
 
+/// `--reset-redis`: writes what the namespace's streams still hold to
+/// Postgres (taking over every consumer's pending entries), then deletes
+/// the namespace's keys, so that the start that follows warms Redis from
+/// Postgres in this version's layout. Every older stockd must be stopped.
+async fn reset_redis(
+    conn: &RedisConn,
+    store: &Store,
+    keys: &Keyspace,
+    markers: &Markers,
+) -> Result<(), StartError> {
+    tracing::warn!(namespace = %keys.namespace(), "--reset-redis: flushing the streams, then deleting the namespace's keys");
+    let drainer = Flusher::new(
+        conn.clone(),
+        store.clone(),
+        keys.clone(),
+        markers.clone(),
+        Wakeup::default(),
+        FlusherSettings {
+            consumer: "reset-redis".into(),
+            batch_size: 500,
+            interval: Duration::from_millis(10),
+            // Every pending entry, whoever read it: nobody else runs.
+            claim_idle: Duration::ZERO,
+        },
+    );
+    drainer.ensure_groups().await?;
+    let flushed = drainer.drain().await?;
+    let deleted = crate::keys::delete_namespace(conn, keys)
+        .await
+        .map_err(StartError::Redis)?;
+    tracing::warn!(
+        flushed,
+        deleted,
+        "--reset-redis: done; warming from Postgres"
+    );
+    Ok(())
+}
+
+/// Webhook detection once had a consumer group of its own (`webhooks`);
+/// it now runs in the flusher's transaction. The group's pending list
+/// would only take memory: it goes.
+async fn forget_legacy_groups(conn: &RedisConn, keys: &Keyspace) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for p in keys.partitions() {
+        pipe.cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(keys.events(p))
+            .arg("webhooks")
+            .ignore();
+    }
+    if let Err(err) = pipe.query_async::<()>(&mut conn.clone()).await {
+        tracing::debug!(error = %err, "could not remove the legacy webhooks group");
+    }
+}
+
 /// The health service follows the warmer: NOT_SERVING while re-warming.
 async fn report_health(
     health: tonic_health::server::HealthReporter,
@@ -176,14 +232,17 @@ impl Application {
             config.deployment.namespace.clone(),
             config.deployment.partitions,
         );
-        let meta = meta::ensure(&mut requests, &keys).await?;
-        tracing::info!(namespace = %keys.namespace(), partitions = meta.partitions, epoch = ?meta.epoch, "deployment checked");
-
+        meta::check_redis_settings(&mut requests, config.redis.allow_redis_eviction).await?;
         let store = Store::connect(&config.postgres).await?;
         store.ensure_partitions(keys.partition_count()).await?;
         tracing::info!("postgres schema up to date");
-
         let markers = Markers::new(keys.clone());
+        if config.redis.reset_redis {
+            reset_redis(&background, &store, &keys, &markers).await?;
+        }
+        let meta = meta::ensure(&mut requests, &keys).await?;
+        tracing::info!(namespace = %keys.namespace(), partitions = meta.partitions, epoch = ?meta.epoch, "deployment checked");
+
         // Not serving until Redis is known to be warm (see run_until_stopped).
         let warmer = Warmer::new(
             background.clone(),
@@ -224,6 +283,7 @@ impl Application {
             },
         );
         flusher.ensure_groups().await?;
+        forget_legacy_groups(&background, &keys).await;
         let housekeeper = Housekeeper::new(
             background.clone(),
             keys.clone(),

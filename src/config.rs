@@ -98,10 +98,26 @@ pub struct RedisConfig {
     #[arg(long, env = "STOCKD_REDIS_TIMEOUT_MS", default_value_t = 2_000)]
     pub redis_timeout_ms: u64,
 
-    /// How often each instance checks that Redis still holds its data (the
-    /// epoch id in NS:{meta}), in milliseconds.
+    /// How often each instance checks that Redis still holds its data and
+    /// has not rolled back (partition markers, Postgres's checkpoints), in
+    /// milliseconds.
     #[arg(long, env = "STOCKD_EPOCH_CHECK_MS", default_value_t = 1_000)]
     pub epoch_check_ms: u64,
+
+    /// Start even when Redis may evict keys (`maxmemory-policy` other than
+    /// `noeviction`): evicted idempotency records let retries apply twice,
+    /// evicted stock is reloaded from older Postgres rows. Only for caches
+    /// you accept to lose that way.
+    #[arg(long, env = "STOCKD_ALLOW_REDIS_EVICTION")]
+    pub allow_redis_eviction: bool,
+
+    /// Before starting, write what the namespace's streams hold to
+    /// Postgres, delete every key of the namespace, and warm Redis from
+    /// Postgres: moves a deployment to this version's Redis layout (stop
+    /// every older stockd first). Idempotency records that were only in
+    /// Redis are not carried over.
+    #[arg(long)]
+    pub reset_redis: bool,
 }
 
 impl RedisConfig {

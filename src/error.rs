@@ -81,17 +81,42 @@ impl Error {
     }
 }
 
+/// Error codes Redis answers while it cannot serve for now: loading its
+/// data after a restart, a replica not (yet) promoted, a master without its
+/// replicas, out of memory under `noeviction`, a script or a cluster
+/// reconfiguration in the way. Retrying later is the right answer.
+const TRANSIENT_REDIS_CODES: [&str; 10] = [
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "OOM",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "BUSY",
+    "NOREPLICAS",
+    "MOVED",
+    "ASK",
+];
+
+/// Whether a Redis error means "try again later" rather than a bug.
+pub fn is_transient_redis_error(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+        || err.is_unrecoverable_error()
+        || err
+            .code()
+            .is_some_and(|code| TRANSIENT_REDIS_CODES.contains(&code))
+}
+
 impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Self {
-        // Connection-level failures mean "try again later"; anything the server
-        // answered with an error is a bug on our side (a script error, a type
-        // mismatch) and must not be retried blindly.
-        if err.is_io_error()
-            || err.is_connection_dropped()
-            || err.is_connection_refusal()
-            || err.is_timeout()
-            || err.is_unrecoverable_error()
-        {
+        // Connection-level failures and Redis' transient states mean "try
+        // again later"; anything else the server answered with an error is a
+        // bug on our side (a script error, a type mismatch) and must not be
+        // retried blindly.
+        if is_transient_redis_error(&err) {
             Error::Unavailable(format!("redis: {err}"))
         } else {
             Error::Internal(format!("redis: {err}"))

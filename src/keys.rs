@@ -201,6 +201,48 @@ impl Keyspace {
     }
 }
 
+/// Deletes every key of `keys`' namespace (SCAN and UNLINK in pages);
+/// returns how many. Only for `--reset-redis`, with every stockd stopped.
+pub async fn delete_namespace(
+    conn: &crate::redis_conn::RedisConn,
+    keys: &Keyspace,
+) -> Result<u64, redis::RedisError> {
+    // SCAN's MATCH is a glob: a namespace is matched literally.
+    let literal: String = keys
+        .namespace()
+        .chars()
+        .flat_map(|c| match c {
+            '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+            c => vec![c],
+        })
+        .collect();
+    let pattern = format!("{literal}:*");
+    let mut conn = conn.clone();
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !batch.is_empty() {
+            let n: u64 = redis::cmd("UNLINK")
+                .arg(&batch)
+                .query_async(&mut conn)
+                .await?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

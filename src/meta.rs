@@ -37,8 +37,116 @@ pub enum MetaError {
          before are not carried over)"
     )]
     SchemaMismatch { stored: String },
+    #[error(
+        "Redis evicts keys (maxmemory-policy {policy}): evicted idempotency records would let \
+         retries apply twice and evicted stock would be reloaded from older Postgres rows. Set \
+         `maxmemory-policy noeviction` (and size maxmemory for the stock and the backlog), or \
+         start with --allow-redis-eviction if you accept that"
+    )]
+    EvictingPolicy { policy: String },
     #[error("reading NS:{{meta}}: {0}")]
     Redis(#[from] Error),
+}
+
+/// Redis' persistence and eviction settings, as far as the ACL lets stockd
+/// read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    pub appendonly: Option<String>,
+    pub appendfsync: Option<String>,
+    pub save: Option<String>,
+    pub maxmemory_policy: Option<String>,
+}
+
+impl RedisSettings {
+    /// What a Redis crash can cost with these settings, for the log.
+    pub fn durability(&self) -> &'static str {
+        match (self.appendonly.as_deref(), self.appendfsync.as_deref()) {
+            (Some("yes"), Some("always")) => {
+                "AOF with appendfsync always: an acknowledged change survives a Redis crash"
+            }
+            (Some("yes"), Some("everysec")) => {
+                "AOF with appendfsync everysec: a Redis crash can lose about the last second of \
+                 changes not yet flushed to Postgres"
+            }
+            (Some("yes"), _) => {
+                "AOF without fsync: a Redis crash can lose the changes not yet flushed to Postgres"
+            }
+            _ if self.save.as_deref().is_some_and(|s| !s.trim().is_empty()) => {
+                "RDB snapshots only: a Redis crash rolls back to the last snapshot, losing the \
+                 changes not yet flushed to Postgres"
+            }
+            _ => "no persistence: a Redis restart loses every change not yet flushed to Postgres",
+        }
+    }
+}
+
+/// Reads Redis' persistence and eviction settings (CONFIG GET; the ACL of
+/// deploy/redis-acl.txt allows it), refuses an evicting policy unless
+/// allowed, and logs what a Redis crash can cost. When the ACL does not
+/// allow reading them, says so and goes on.
+pub async fn check_redis_settings(
+    conn: &mut RedisConn,
+    allow_eviction: bool,
+) -> Result<Option<RedisSettings>, MetaError> {
+    let read: Result<Vec<(String, String)>, redis::RedisError> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .arg("appendfsync")
+        .arg("save")
+        .arg("maxmemory-policy")
+        .query_async(conn)
+        .await;
+    let pairs = match read {
+        Ok(pairs) => pairs,
+        Err(e) if e.code() == Some("NOPERM") => {
+            tracing::warn!(
+                "cannot read Redis' persistence and eviction settings (the ACL does not allow \
+                 CONFIG GET): grant +config|get as in deploy/redis-acl.txt, and make sure \
+                 maxmemory-policy is noeviction"
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(MetaError::Redis(e.into())),
+    };
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let settings = RedisSettings {
+        appendonly: get("appendonly"),
+        appendfsync: get("appendfsync"),
+        save: get("save"),
+        maxmemory_policy: get("maxmemory-policy"),
+    };
+    match settings.maxmemory_policy.as_deref() {
+        Some("noeviction") | None => {}
+        Some(policy) if allow_eviction => {
+            tracing::warn!(
+                policy,
+                "Redis may evict keys (allowed by --allow-redis-eviction): \
+                evicted idempotency records let retries apply twice"
+            );
+        }
+        Some(policy) => {
+            return Err(MetaError::EvictingPolicy {
+                policy: policy.to_owned(),
+            });
+        }
+    }
+    if settings.appendonly.as_deref() == Some("yes")
+        && settings.appendfsync.as_deref() == Some("always")
+    {
+        tracing::info!(durability = settings.durability(), "Redis persistence");
+    } else {
+        tracing::warn!(
+            durability = settings.durability(),
+            "Redis persistence: set appendonly yes and appendfsync always to close the window"
+        );
+    }
+    Ok(Some(settings))
 }
 
 /// Records the partition count at first start and refuses a different one

@@ -157,6 +157,10 @@ impl Watchdog {
         }
         if restarted {
             tracing::warn!("Redis restarted (or another node answers): comparing it with Postgres");
+            // Its settings may have changed with it.
+            if let Err(err) = crate::meta::check_redis_settings(&mut conn, true).await {
+                tracing::warn!(error = %err, "cannot read the restarted Redis' settings");
+            }
         }
         let checkpoints = self.checkpoints().await;
         let lasts = self.stream_last_ids().await?;

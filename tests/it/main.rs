@@ -17,6 +17,7 @@ mod operability;
 mod process;
 mod proxy;
 mod reconcile;
+mod redis_settings;
 mod validation;
 mod warming;
 mod watch;

@@ -598,7 +598,13 @@ async fn stockd_runs_as_a_restricted_redis_user() {
         .unwrap();
     for cmd in [
         redis::cmd("FLUSHALL"),
-        redis::cmd("CONFIG").arg("GET").arg("maxmemory").to_owned(),
+        // Reading the persistence and eviction settings is allowed (stockd
+        // checks them); changing any setting is not.
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("allkeys-lru")
+            .to_owned(),
         redis::cmd("GET").arg("other:key").to_owned(),
     ] {
         let err = cmd
