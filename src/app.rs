@@ -65,9 +65,14 @@ pub enum StartError {
     Webhooks(String),
 }
 
-/// Opens a multiplexed Redis connection (see [`RedisConn`]).
-pub async fn connect_redis(url: &str, timeout: Duration) -> Result<RedisConn, StartError> {
-    RedisConn::connect(url, timeout)
+/// Opens a multiplexed Redis connection, to a cluster when `cluster` (see
+/// [`RedisConn`]).
+pub async fn connect_redis(
+    url: &str,
+    cluster: bool,
+    timeout: Duration,
+) -> Result<RedisConn, StartError> {
+    RedisConn::connect(url, cluster, timeout)
         .await
         .map_err(StartError::Redis)
 }
@@ -158,16 +163,15 @@ async fn reset_redis(
 /// it now runs in the flusher's transaction. The group's pending list
 /// would only take memory: it goes.
 async fn forget_legacy_groups(conn: &RedisConn, keys: &Keyspace) {
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
+    let mut batch = crate::redis_conn::CommandBatch::new();
     for p in keys.partitions() {
-        pipe.cmd("XGROUP")
-            .arg("DESTROY")
-            .arg(keys.events(p))
-            .arg("webhooks")
-            .ignore();
+        let stream = keys.events(p);
+        let mut destroy = redis::cmd("XGROUP");
+        destroy.arg("DESTROY").arg(&stream).arg("webhooks");
+        batch.cmd(stream, destroy);
     }
-    if let Err(err) = pipe.query_async::<()>(&mut conn.clone()).await {
+    // Per-command errors (no such stream) are of no interest here.
+    if let Err(err) = batch.query_each(conn).await {
         tracing::debug!(error = %err, "could not remove the legacy webhooks group");
     }
 }
@@ -223,11 +227,12 @@ impl Application {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
         let redis_url = config.redis.redis_url.expose();
         let redis_timeout = config.redis.timeout();
+        let cluster = config.redis.redis_cluster;
 
         // Requests share one connection; background work shares another,
         // so that a preload's pipelines never delay a checkout.
-        let mut requests = connect_redis(redis_url, redis_timeout).await?;
-        let background = connect_redis(redis_url, redis_timeout).await?;
+        let mut requests = connect_redis(redis_url, cluster, redis_timeout).await?;
+        let background = connect_redis(redis_url, cluster, redis_timeout).await?;
         let keys = Keyspace::new(
             config.deployment.namespace.clone(),
             config.deployment.partitions,
@@ -306,7 +311,7 @@ impl Application {
         // connection of its own whose reply may take the whole XREAD BLOCK.
         let watch_settings = WatchSettings::from_config(&config);
         let hub = Hub::start(
-            connect_redis(redis_url, redis_timeout + watch_settings.block).await?,
+            connect_redis(redis_url, cluster, redis_timeout + watch_settings.block).await?,
             background.clone(),
             keys.clone(),
             watch_settings,

@@ -93,6 +93,11 @@ pub struct RedisConfig {
     )]
     pub redis_url: ServiceUrl,
 
+    /// Run on a Redis Cluster: --redis-url is then a comma-separated list
+    /// of seed nodes (`redis://10.0.0.1:7000,redis://10.0.0.2:7000`).
+    #[arg(long, env = "STOCKD_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
     /// Timeout of one Redis command, in milliseconds: past it the request
     /// fails with UNAVAILABLE instead of hanging.
     #[arg(long, env = "STOCKD_REDIS_TIMEOUT_MS", default_value_t = 2_000)]

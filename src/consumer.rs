@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Error;
 use crate::events::{EntryId, StreamEntry};
 use crate::keys::{Keyspace, Partition};
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{self, RedisConn};
 
 /// Where a read takes its entries from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,21 +198,21 @@ impl<H: Handler> Consumer<H> {
             (GroupStart::Beginning, _) | (GroupStart::End, true) => "0",
             (GroupStart::End, false) => "$",
         };
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        let mut batch = redis_conn::CommandBatch::new();
         for p in self.keys.partitions() {
-            pipe.cmd("XGROUP")
+            let stream = self.keys.events(p);
+            let mut create = redis::cmd("XGROUP");
+            create
                 .arg("CREATE")
-                .arg(self.keys.events(p))
+                .arg(&stream)
                 .arg(self.settings.group)
                 .arg(start)
                 .arg("MKSTREAM");
+            batch.cmd(stream, create);
         }
-        let replies: Vec<redis::RedisResult<()>> =
-            pipe.query_async(&mut self.redis.clone()).await?;
-        for reply in replies {
+        for reply in batch.query_each(&self.redis).await? {
             match reply {
-                Ok(()) => {}
+                Ok(_) => {}
                 // The group exists: the answer we expect most.
                 Err(e) if e.code() == Some("BUSYGROUP") => {}
                 Err(e) => return Err(e.into()),
@@ -378,60 +378,82 @@ impl<H: Handler> Consumer<H> {
         Ok((batch, full))
     }
 
-    /// One XREADGROUP over every partition stream, from `id` (`0`: own
-    /// pending entries, `>`: new ones).
+    /// Reads every partition stream from `id` (`0`: own pending entries,
+    /// `>`: new ones): one XREADGROUP over all of them on a standalone
+    /// Redis; on a cluster, where one command may not span slots, one per
+    /// partition, in one batch.
     async fn read_group(&self, id: &str) -> Result<Vec<(Partition, Vec<StreamId>)>, StepError> {
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(self.settings.group)
-            .arg(&self.settings.consumer)
-            .arg("COUNT")
-            .arg(self.settings.batch_size)
-            .arg("STREAMS");
         let partitions: Vec<Partition> = self.keys.partitions().collect();
         let streams: HashMap<String, Partition> = partitions
             .iter()
             .map(|&p| (self.keys.events(p), p))
             .collect();
-        for p in &partitions {
-            cmd.arg(self.keys.events(*p));
-        }
-        for _ in &partitions {
-            cmd.arg(id);
-        }
-        let reply: Option<StreamReadReply> = cmd.query_async(&mut self.redis.clone()).await?;
-        Ok(reply
-            .map(|r| {
-                r.keys
-                    .into_iter()
-                    .filter_map(|k| streams.get(&k.key).map(|&p| (p, k.ids)))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let read = |of: &[Partition]| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(self.settings.group)
+                .arg(&self.settings.consumer)
+                .arg("COUNT")
+                .arg(self.settings.batch_size)
+                .arg("STREAMS");
+            for p in of {
+                cmd.arg(self.keys.events(*p));
+            }
+            for _ in of {
+                cmd.arg(id);
+            }
+            cmd
+        };
+        let replies: Vec<Option<StreamReadReply>> = if self.redis.is_cluster() {
+            let mut batch = redis_conn::CommandBatch::new();
+            for &p in &partitions {
+                batch.cmd(self.keys.events(p), read(&[p]));
+            }
+            batch
+                .query(&self.redis)
+                .await?
+                .into_iter()
+                .map(redis::from_redis_value)
+                .collect::<Result<_, _>>()?
+        } else {
+            vec![
+                read(&partitions)
+                    .query_async(&mut self.redis.clone())
+                    .await?,
+            ]
+        };
+        Ok(replies
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r.keys)
+            .filter_map(|k| streams.get(&k.key).map(|&p| (p, k.ids)))
+            .collect())
     }
 
     /// XAUTOCLAIM of entries idle past the claim timeout, every partition in
     /// one pipelined round trip.
     async fn claim(&self) -> Result<Vec<(Partition, Vec<StreamId>)>, StepError> {
-        let mut pipe = redis::pipe();
+        let mut batch = redis_conn::CommandBatch::new();
         for p in self.keys.partitions() {
-            pipe.cmd("XAUTOCLAIM")
-                .arg(self.keys.events(p))
+            let stream = self.keys.events(p);
+            let mut claim = redis::cmd("XAUTOCLAIM");
+            claim
+                .arg(&stream)
                 .arg(self.settings.group)
                 .arg(&self.settings.consumer)
                 .arg(self.settings.claim_idle.as_millis() as u64)
                 .arg("0-0")
                 .arg("COUNT")
                 .arg(self.settings.batch_size);
+            batch.cmd(stream, claim);
         }
-        let replies: Vec<StreamAutoClaimReply> = pipe.query_async(&mut self.redis.clone()).await?;
-        let claimed: Vec<(Partition, Vec<StreamId>)> = self
-            .keys
-            .partitions()
-            .zip(replies)
-            .filter(|(_, r)| !r.claimed.is_empty())
-            .map(|(p, r)| (p, r.claimed))
-            .collect();
+        let mut claimed = Vec::new();
+        for (p, reply) in self.keys.partitions().zip(batch.query(&self.redis).await?) {
+            let reply: StreamAutoClaimReply = redis::from_redis_value(reply)?;
+            if !reply.claimed.is_empty() {
+                claimed.push((p, reply.claimed));
+            }
+        }
         for (partition, ids) in &claimed {
             tracing::info!(%partition, group = self.settings.group, entries = ids.len(),
                 "took over entries of a silent consumer");
@@ -448,15 +470,14 @@ impl<H: Handler> Consumer<H> {
                 .or_default()
                 .push(e.id.to_string());
         }
-        let mut pipe = redis::pipe();
+        let mut acks = redis_conn::CommandBatch::new();
         for (p, ids) in by_partition {
-            pipe.cmd("XACK")
-                .arg(self.keys.events(p))
-                .arg(self.settings.group)
-                .arg(ids)
-                .ignore();
+            let stream = self.keys.events(p);
+            let mut ack = redis::cmd("XACK");
+            ack.arg(&stream).arg(self.settings.group).arg(ids);
+            acks.cmd(stream, ack);
         }
-        pipe.query_async::<()>(&mut self.redis.clone()).await?;
+        acks.query(&self.redis).await?;
         Ok(())
     }
 

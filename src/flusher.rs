@@ -27,7 +27,7 @@ use crate::consumer::{Batch, Consumer, ConsumerSettings, GroupStart, Handler, St
 use crate::events::{ChangeEvent, StreamEntry};
 use crate::keys::{Keyspace, Partition};
 use crate::markers::Markers;
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{CommandBatch, RedisConn};
 use crate::store::{FlushBatch, Store};
 use crate::webhooks::Wakeup;
 
@@ -189,11 +189,12 @@ impl FlushHandler {
         if dead.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let mut batch = CommandBatch::new();
         for (partition, id, reason, fields) in dead {
             tracing::error!(%partition, entry = %id, %reason, "dead-lettering an entry that can never be written");
+            let stream = self.keys.dead_letters(*partition);
             let mut cmd = redis::cmd("XADD");
-            cmd.arg(self.keys.dead_letters(*partition))
+            cmd.arg(&stream)
                 .arg("*")
                 .arg("entry")
                 .arg(id)
@@ -202,9 +203,9 @@ impl FlushHandler {
             for (name, value) in fields {
                 cmd.arg(format!("f.{name}")).arg(value);
             }
-            pipe.add_command(cmd).ignore();
+            batch.cmd(stream, cmd);
         }
-        pipe.query_async::<()>(&mut self.redis.clone()).await?;
+        batch.query(&self.redis).await?;
         counter!("stockd_dead_letters_total").increment(dead.len() as u64);
         Ok(())
     }

@@ -194,6 +194,21 @@ impl Keyspace {
         &self.inner.meta
     }
 
+    /// A SCAN pattern of the namespace's keys: `NS:` (the namespace matched
+    /// literally) followed by `rest`, a glob.
+    pub fn pattern(&self, rest: &str) -> String {
+        let literal: String = self
+            .inner
+            .namespace
+            .chars()
+            .flat_map(|c| match c {
+                '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        format!("{literal}:{rest}")
+    }
+
     /// `NS:{meta}:<name>`: a deployment-wide lock (`rewarm`, `reconcile`,
     /// `heal`).
     pub fn lock(&self, name: &str) -> String {
@@ -201,46 +216,30 @@ impl Keyspace {
     }
 }
 
-/// Deletes every key of `keys`' namespace (SCAN and UNLINK in pages);
-/// returns how many. Only for `--reset-redis`, with every stockd stopped.
+/// Deletes every key of `keys`' namespace (SCAN over every primary,
+/// UNLINK per key); returns how many. Only for `--reset-redis`, with every
+/// stockd stopped.
 pub async fn delete_namespace(
     conn: &crate::redis_conn::RedisConn,
     keys: &Keyspace,
 ) -> Result<u64, redis::RedisError> {
-    // SCAN's MATCH is a glob: a namespace is matched literally.
-    let literal: String = keys
-        .namespace()
-        .chars()
-        .flat_map(|c| match c {
-            '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
-            c => vec![c],
-        })
-        .collect();
-    let pattern = format!("{literal}:*");
-    let mut conn = conn.clone();
-    let mut cursor: u64 = 0;
+    let pattern = keys.pattern("*");
+    let mut at = Some(crate::redis_conn::ScanCursor::default());
     let mut deleted = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !batch.is_empty() {
-            let n: u64 = redis::cmd("UNLINK")
-                .arg(&batch)
-                .query_async(&mut conn)
-                .await?;
-            deleted += n;
+    while let Some(cursor) = at {
+        let (batch, next) = conn.scan_step(cursor, &pattern, 1000).await?;
+        let mut unlink = crate::redis_conn::CommandBatch::new();
+        for key in batch {
+            let mut cmd = redis::cmd("UNLINK");
+            cmd.arg(&key);
+            unlink.cmd(key, cmd);
         }
-        if next == 0 {
-            return Ok(deleted);
+        for n in unlink.query(conn).await? {
+            deleted += redis::from_redis_value::<u64>(n)?;
         }
-        cursor = next;
+        at = next;
     }
+    Ok(deleted)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::events::EntryId;
 use crate::keys::{Keyspace, Partition};
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{CommandBatch, RedisConn};
 use crate::scripts;
 
 /// A marker as it stands in Redis.
@@ -127,14 +127,18 @@ impl Markers {
         &self,
         conn: &mut RedisConn,
     ) -> Result<Vec<MarkerState>, redis::RedisError> {
-        scripts::MARKER.prepare_invoke().load_async(conn).await?;
-        let mut pipe = redis::pipe();
+        let mut batch = CommandBatch::new();
         for p in self.keys.partitions() {
             let mut inv = self.invocation(p);
             inv.arg("read");
-            pipe.invoke_script(&inv);
+            batch.script(self.keys.marker(p), &scripts::MARKER, inv);
         }
-        pipe.query_async(conn).await
+        batch
+            .query(conn)
+            .await?
+            .into_iter()
+            .map(|v| redis::from_redis_value(v).map_err(Into::into))
+            .collect()
     }
 
     /// The partition is (re)established in this Redis: a fresh marker with
@@ -171,14 +175,13 @@ impl Markers {
         if flushed.is_empty() {
             return Ok(());
         }
-        scripts::MARKER.prepare_invoke().load_async(conn).await?;
-        let mut pipe = redis::pipe();
+        let mut batch = CommandBatch::new();
         for (p, id) in flushed {
             let mut inv = self.invocation(*p);
             inv.arg("flushed").arg(id.to_string());
-            pipe.invoke_script(&inv).ignore();
+            batch.script(self.keys.marker(*p), &scripts::MARKER, inv);
         }
-        pipe.query_async::<()>(conn).await?;
+        batch.query(conn).await?;
         // Only what the markers hold now may be expected of them.
         for (p, id) in flushed {
             self.learn(*p, *id);

@@ -34,7 +34,7 @@ use crate::domain::StockLevel;
 use crate::error::Error;
 use crate::keys::{Keyspace, Partition};
 use crate::lock::RedisLock;
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{CommandBatch, RedisConn, ScanCursor};
 use crate::scripts;
 use crate::store::{StockRow, Store};
 use crate::warmer::Warmer;
@@ -224,7 +224,7 @@ enum Phase {
     /// Items Postgres knows, after this key.
     Postgres(Option<ItemKey>),
     /// Items only Redis has, from this SCAN cursor.
-    Redis(u64),
+    Redis(ScanCursor),
 }
 
 impl Phase {
@@ -372,14 +372,14 @@ impl Reconciler {
                     Scope::All if rows.len() == size => {
                         Phase::Postgres(rows.last().map(|r| (r.sku.clone(), r.location.clone())))
                     }
-                    _ => Phase::Redis(0),
+                    _ => Phase::Redis(ScanCursor::default()),
                 };
                 let report = self.postgres_page(&rows, mode, run_id).await?;
                 Ok((report, Some(next)))
             }
             Phase::Redis(cursor) => {
                 let (next, report) = self.redis_page(scope, *cursor, size, mode, run_id).await?;
-                Ok((report, (next != 0).then_some(Phase::Redis(next))))
+                Ok((report, next.map(Phase::Redis)))
             }
         }
     }
@@ -437,29 +437,32 @@ impl Reconciler {
     async fn redis_page(
         &self,
         scope: &Scope,
-        cursor: u64,
+        cursor: ScanCursor,
         size: usize,
         mode: Mode,
         run_id: &str,
-    ) -> Result<(u64, Report), Error> {
-        let mut conn = self.conn.clone();
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}:{{p*}}:stock:*", self.keys.namespace()))
-            .arg("COUNT")
-            .arg(size)
-            .query_async(&mut conn)
+    ) -> Result<(Option<ScanCursor>, Report), Error> {
+        let (keys, next) = self
+            .conn
+            .scan_step(cursor, &self.keys.pattern("{p*}:stock:*"), size)
             .await?;
         let mut report = Report::default();
         if keys.is_empty() {
             return Ok((next, report));
         }
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.cmd("HMGET").arg(key).arg(&["sku", "loc"]);
+        let mut batch = CommandBatch::new();
+        for key in keys {
+            let mut names = redis::cmd("HMGET");
+            names.arg(&key).arg(&["sku", "loc"]);
+            batch.cmd(key, names);
         }
-        let names: Vec<(Option<String>, Option<String>)> = pipe.query_async(&mut conn).await?;
+        let names: Vec<(Option<String>, Option<String>)> = batch
+            .query(&self.conn)
+            .await?
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Internal(format!("stock names: {e}")))?;
         let wanted: Option<HashSet<&str>> = match scope {
             Scope::All => None,
             Scope::Skus(skus) => Some(skus.iter().map(String::as_str).collect()),
@@ -580,14 +583,20 @@ impl Reconciler {
     }
 
     async fn read_redis(&self, keys: &[ItemKey]) -> Result<Vec<Option<Quantities>>, Error> {
-        let mut pipe = redis::pipe();
+        let mut batch = CommandBatch::new();
         for (sku, loc) in keys {
-            pipe.cmd("HMGET")
-                .arg(self.keys.stock(sku, loc))
-                .arg(&["avail", "resv", "ver"]);
+            let key = self.keys.stock(sku, loc);
+            let mut read = redis::cmd("HMGET");
+            read.arg(&key).arg(&["avail", "resv", "ver"]);
+            batch.cmd(key, read);
         }
-        let rows: Vec<(Option<i64>, Option<i64>, Option<i64>)> =
-            pipe.query_async(&mut self.conn.clone()).await?;
+        let rows: Vec<(Option<i64>, Option<i64>, Option<i64>)> = batch
+            .query(&self.conn)
+            .await?
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Internal(format!("stock levels: {e}")))?;
         Ok(rows
             .into_iter()
             .map(|row| match row {
@@ -729,7 +738,10 @@ mod tests {
         for phase in [
             Phase::Postgres(None),
             Phase::Postgres(Some(("a:b".into(), "x".into()))),
-            Phase::Redis(42),
+            Phase::Redis(ScanCursor {
+                node: 1,
+                cursor: 42,
+            }),
         ] {
             assert_eq!(Phase::decode(&phase.encode()).unwrap(), phase);
         }

@@ -1,37 +1,207 @@
-//! The one Redis handle every component uses: a multiplexed connection that
-//! reconnects by itself, so that concurrent requests share it and pipeline
-//! (one round trip per request, however many are in flight).
+//! The one Redis handle every component uses, on a standalone Redis or a
+//! Redis Cluster.
+//!
+//! Standalone: a multiplexed connection that reconnects by itself, so that
+//! concurrent requests share it and pipeline (one round trip per request,
+//! however many are in flight). Cluster: the redis crate's cluster client,
+//! one multiplexed connection per node, following MOVED and ASK during
+//! resharding and failover.
+//!
+//! On a cluster every command (and every script) must touch keys of one
+//! hash slot, and so must a pipeline. Every key of a partition carries the
+//! partition's hash tag, so "one partition" is "one slot". Work that spans
+//! partitions goes through a [`CommandBatch`]: one pipeline on a standalone Redis,
+//! one pipeline per slot, sent concurrently, on a cluster.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures::future::join_all;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, ScriptInvocation, Value};
 
-/// A Redis connection: cheap to clone, every clone shares the socket.
+/// A Redis connection: cheap to clone, every clone shares the sockets.
 #[derive(Clone)]
-pub struct RedisConn {
-    inner: ConnectionManager,
+pub enum RedisConn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
 }
 
 impl RedisConn {
-    /// Connects to `url`. A command that cannot finish within `timeout`
-    /// fails (and the request answers UNAVAILABLE); after Redis restarts
-    /// the next command reconnects.
-    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+    /// Connects to `url` (a comma-separated list of seed nodes for a
+    /// cluster). A command that cannot finish within `timeout` fails (and
+    /// the request answers UNAVAILABLE); a lost connection is made again by
+    /// the next command.
+    pub async fn connect(url: &str, cluster: bool, timeout: Duration) -> RedisResult<Self> {
+        if cluster {
+            let seeds: Vec<&str> = url
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let client = redis::cluster::ClusterClientBuilder::new(seeds)
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(3)
+                .min_retry_wait(50)
+                .max_retry_wait(1_000)
+                .build()?;
+            return Ok(Self::Cluster(client.get_async_connection().await?));
+        }
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
-        let inner = ConnectionManager::new_with_config(client, config).await?;
-        Ok(Self { inner })
+        Ok(Self::Standalone(
+            ConnectionManager::new_with_config(client, config).await?,
+        ))
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// Sends `cmd` to every primary (the one server when standalone) and
+    /// returns each one's answer, by node.
+    pub async fn on_every_primary(&self, cmd: &Cmd) -> RedisResult<Vec<(String, Value)>> {
+        match self {
+            Self::Standalone(conn) => {
+                let value = cmd.query_async(&mut conn.clone()).await?;
+                Ok(vec![("standalone".to_owned(), value)])
+            }
+            Self::Cluster(conn) => {
+                let value = conn
+                    .clone()
+                    .route_command(
+                        cmd.clone(),
+                        RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                    )
+                    .await?;
+                match value {
+                    Value::Map(pairs) => Ok(pairs
+                        .into_iter()
+                        .map(|(node, v)| (redis::from_redis_value(node).unwrap_or_default(), v))
+                        .collect()),
+                    other => Ok(vec![("cluster".to_owned(), other)]),
+                }
+            }
+        }
+    }
+}
+
+/// Where a SCAN over every primary stands: the node (by address order)
+/// and that node's cursor. Written `<node>.<cursor>`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanCursor {
+    pub node: usize,
+    pub cursor: u64,
+}
+
+impl std::fmt::Display for ScanCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.node, self.cursor)
+    }
+}
+
+impl std::str::FromStr for ScanCursor {
+    type Err = ();
+
+    /// `<node>.<cursor>`, or a bare cursor (node 0).
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (node, cursor) = s.split_once('.').unwrap_or(("0", s));
+        Ok(Self {
+            node: node.parse().map_err(|_| ())?,
+            cursor: cursor.parse().map_err(|_| ())?,
+        })
+    }
+}
+
+impl RedisConn {
+    /// The primaries' addresses, sorted (one entry, unused, when standalone).
+    async fn primaries(&self) -> RedisResult<Vec<(String, u16)>> {
+        let Self::Cluster(conn) = self else {
+            return Ok(vec![(String::new(), 0)]);
+        };
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn.clone())
+            .await?;
+        let mut primaries: Vec<(String, u16)> = nodes
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let address = fields.nth(1)?;
+                let flags = fields.next()?;
+                let primary = flags.split(',').any(|f| f == "master")
+                    && !flags.split(',').any(|f| f == "fail" || f == "noaddr");
+                let (host, port) = address.split('@').next()?.rsplit_once(':')?;
+                primary.then(|| Some((host.to_owned(), port.parse().ok()?)))?
+            })
+            .collect();
+        primaries.sort();
+        Ok(primaries)
+    }
+
+    /// One SCAN step over every primary: the keys matching `pattern` and
+    /// where to go on (`None` when every node was scanned). A node that
+    /// left meanwhile ends the scan early; callers that must see every key
+    /// scan again.
+    pub async fn scan_step(
+        &self,
+        at: ScanCursor,
+        pattern: &str,
+        count: usize,
+    ) -> RedisResult<(Vec<String>, Option<ScanCursor>)> {
+        let primaries = self.primaries().await?;
+        let Some((host, port)) = primaries.get(at.node) else {
+            return Ok((Vec::new(), None));
+        };
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(at.cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count);
+        let value = match self {
+            Self::Standalone(conn) => scan.query_async(&mut conn.clone()).await?,
+            Self::Cluster(conn) => {
+                conn.clone()
+                    .route_command(
+                        scan,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        }),
+                    )
+                    .await?
+            }
+        };
+        let (next, keys): (u64, Vec<String>) = redis::from_redis_value(value)?;
+        let next = match (next, at.node + 1 < primaries.len()) {
+            (0, true) => Some(ScanCursor {
+                node: at.node + 1,
+                cursor: 0,
+            }),
+            (0, false) => None,
+            (cursor, _) => Some(ScanCursor {
+                node: at.node,
+                cursor,
+            }),
+        };
+        Ok((keys, next))
     }
 }
 
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        self.inner.req_packed_command(cmd)
+        match self {
+            Self::Standalone(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
     }
 
     fn req_packed_commands<'a>(
@@ -40,10 +210,184 @@ impl ConnectionLike for RedisConn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        self.inner.req_packed_commands(pipeline, offset, count)
+        match self {
+            Self::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
     }
 
     fn get_db(&self) -> i64 {
-        self.inner.get_db()
+        match self {
+            Self::Standalone(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// One command of a [`CommandBatch`].
+enum Item {
+    Cmd(Cmd),
+    Script(&'static Script, ScriptInvocation<'static>),
+}
+
+/// Commands that may belong to different partitions, answered in order.
+/// Each is given with a key it touches, which says where it goes.
+#[derive(Default)]
+pub struct CommandBatch {
+    items: Vec<(String, Item)>,
+}
+
+impl CommandBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Adds a command that touches `key` (and only keys of its slot).
+    pub fn cmd(&mut self, key: impl Into<String>, cmd: Cmd) -> &mut Self {
+        self.items.push((key.into(), Item::Cmd(cmd)));
+        self
+    }
+
+    /// Adds a script call whose keys are all in `key`'s slot.
+    pub fn script(
+        &mut self,
+        key: impl Into<String>,
+        script: &'static Script,
+        invocation: ScriptInvocation<'static>,
+    ) -> &mut Self {
+        self.items
+            .push((key.into(), Item::Script(script, invocation)));
+        self
+    }
+
+    /// Runs the batch; the first error reply fails it.
+    pub async fn query(&self, conn: &RedisConn) -> RedisResult<Vec<Value>> {
+        self.query_each(conn).await?.into_iter().collect()
+    }
+
+    /// Runs the batch; one result per command, in order.
+    pub async fn query_each(&self, conn: &RedisConn) -> RedisResult<Vec<RedisResult<Value>>> {
+        if self.items.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Commands by hash tag, which decides the slot (everything in one
+        // group when standalone), in their order within each group.
+        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, (key, _)) in self.items.iter().enumerate() {
+            let tag = if conn.is_cluster() { hash_tag(key) } else { "" };
+            groups.entry(tag).or_default().push(i);
+        }
+        let replies = join_all(
+            groups
+                .values()
+                .map(|members| self.query_group(conn, members)),
+        )
+        .await;
+        let mut out: Vec<Option<RedisResult<Value>>> = self.items.iter().map(|_| None).collect();
+        for (members, reply) in groups.values().zip(replies) {
+            let values = reply?;
+            for (&i, value) in members.iter().zip(values) {
+                out[i] = Some(value);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|v| v.expect("every command answered"))
+            .collect())
+    }
+
+    /// One group's pipeline; scripts the node does not have (a restarted
+    /// or promoted node has an empty script cache) are loaded and the group
+    /// is sent once more.
+    async fn query_group(
+        &self,
+        conn: &RedisConn,
+        members: &[usize],
+    ) -> RedisResult<Vec<RedisResult<Value>>> {
+        for attempt in 0..2 {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &i in members {
+                match &self.items[i].1 {
+                    Item::Cmd(cmd) => {
+                        pipe.add_command(cmd.clone());
+                    }
+                    Item::Script(_, invocation) => {
+                        pipe.invoke_script(invocation);
+                    }
+                }
+            }
+            let values: Vec<RedisResult<Value>> = pipe.query_async(&mut conn.clone()).await?;
+            let missing_script = values
+                .iter()
+                .any(|v| matches!(v, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)));
+            if !missing_script || attempt == 1 {
+                return Ok(values);
+            }
+            // SCRIPT LOAD goes to every primary.
+            for &i in members {
+                if let Item::Script(script, _) = &self.items[i].1 {
+                    script
+                        .prepare_invoke()
+                        .load_async(&mut conn.clone())
+                        .await?;
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+}
+
+/// The part of a key that decides its slot: the text between the first
+/// `{` and the next `}` when that is not empty, else the whole key (the
+/// Redis Cluster rule).
+pub fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{')
+        && let Some(len) = key[open + 1..].find('}')
+        && len > 0
+    {
+        return &key[open + 1..open + 1 + len];
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hash_tag;
+
+    #[test]
+    fn scan_cursors_round_trip() {
+        use super::ScanCursor;
+        let at = ScanCursor {
+            node: 2,
+            cursor: 77,
+        };
+        assert_eq!(at.to_string().parse::<ScanCursor>(), Ok(at));
+        assert_eq!(
+            "15".parse::<ScanCursor>(),
+            Ok(ScanCursor {
+                node: 0,
+                cursor: 15
+            })
+        );
+        assert!("x.1".parse::<ScanCursor>().is_err());
+    }
+
+    #[test]
+    fn hash_tags_follow_the_cluster_rule() {
+        assert_eq!(hash_tag("ns:{p07}:events"), "p07");
+        assert_eq!(hash_tag("ns:{meta}:rewarm"), "meta");
+        assert_eq!(hash_tag("plain"), "plain");
+        assert_eq!(hash_tag("a{}b{c}"), "a{}b{c}");
+        // User parts are encoded, so a brace can never come before the tag.
+        assert_eq!(hash_tag("ns:{p01}:stock:%7Bx%7D:y"), "p01");
     }
 }

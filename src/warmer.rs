@@ -20,7 +20,7 @@ use tokio::sync::{OnceCell, watch};
 use crate::domain::Item;
 use crate::error::Error;
 use crate::keys::{Keyspace, Partition};
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{CommandBatch, RedisConn};
 use crate::scripts;
 use crate::store::{StockRow, Store};
 
@@ -134,11 +134,10 @@ impl Warmer {
                 .or_default()
                 .push(row);
         }
-        let mut conn = self.conn.clone();
-        // EVALSHA in a pipeline does not fall back to loading the script.
-        scripts::LOAD.prepare_invoke().load_async(&mut conn).await?;
-        let mut pipe = redis::pipe();
-        for rows in by_partition.values() {
+        // One script call per chunk of one partition (a script touches one
+        // slot), all of them in one batch.
+        let mut batch = CommandBatch::new();
+        for (&partition, rows) in &by_partition {
             for chunk in rows.chunks(LOAD_CHUNK) {
                 let mut invocation = scripts::LOAD.prepare_invoke();
                 for row in chunk {
@@ -150,12 +149,13 @@ impl Warmer {
                         .arg(row.reserved)
                         .arg(row.version);
                 }
-                pipe.invoke_script(&invocation);
+                batch.script(self.keys.events(partition), &scripts::LOAD, invocation);
             }
         }
-        let replies: Vec<(u64, u64)> = pipe.query_async(&mut conn).await?;
         let mut counts = PreloadCounts::default();
-        for (loaded, skipped) in replies {
+        for reply in batch.query(&self.conn).await? {
+            let (loaded, skipped): (u64, u64) = redis::from_redis_value(reply)
+                .map_err(|e| Error::Internal(format!("load.lua reply: {e}")))?;
             counts.loaded += loaded;
             counts.skipped += skipped;
         }

@@ -265,7 +265,7 @@ impl Watchdog {
                 .any(|r| affected.contains(&Partition(r.partition)))
                 || affected.contains(&self.keys.partition_of(id));
             if touches {
-                restore_reservation(&mut conn, &self.keys, id, rows, self.window).await?;
+                restore_reservation(&self.conn, &self.keys, id, rows, self.window).await?;
                 holds += 1;
             }
         }

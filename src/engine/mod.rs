@@ -29,7 +29,7 @@ use crate::domain::{Delta, Item, Level, Lines, RequestId, StockLevel, Ttl};
 use crate::error::{Error, Shortage};
 use crate::keys::{Keyspace, Partition, fnv1a_64};
 use crate::markers::{MarkerState, Markers};
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{CommandBatch, RedisConn};
 use crate::scripts::{self, Flags, Outcome, Refusal, ScriptLine, ScriptReply, StoredOutcome};
 use crate::warmer::Warmer;
 
@@ -407,22 +407,19 @@ impl Engine {
             .iter()
             .map(|&p| self.inner.markers.seen(p))
             .collect();
-        scripts::MARKER
-            .prepare_invoke()
-            .load_async(&mut self.conn())
-            .await?;
-        let mut pipe = redis::pipe();
+        let mut batch = CommandBatch::new();
         for &p in &partitions {
             let mut inv = scripts::MARKER.prepare_invoke();
             inv.key(keys.marker(p)).key(keys.seen(p)).arg("read");
-            pipe.invoke_script(&inv);
+            batch.script(keys.marker(p), &scripts::MARKER, inv);
         }
         for item in items {
-            pipe.cmd("HMGET")
-                .arg(keys.stock(item.sku.as_str(), item.location.as_str()))
-                .arg(&["avail", "resv", "ver"]);
+            let key = keys.stock(item.sku.as_str(), item.location.as_str());
+            let mut read = redis::cmd("HMGET");
+            read.arg(&key).arg(&["avail", "resv", "ver"]);
+            batch.cmd(key, read);
         }
-        let replies: Vec<redis::Value> = pipe.query_async(&mut self.conn()).await?;
+        let replies = batch.query(&self.inner.conn).await?;
         let (markers, rows) = replies.split_at(partitions.len());
         for ((&p, marker), seen) in partitions.iter().zip(markers).zip(seen) {
             let state: MarkerState = redis::FromRedisValue::from_redis_value(marker.clone())

@@ -16,7 +16,7 @@ use super::Engine;
 use super::plan::{Kind, Plan};
 use crate::error::Error;
 use crate::keys::{Keyspace, Partition};
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{CommandBatch, RedisConn};
 use crate::scripts;
 use crate::store::{LevelRow, ReservationRow};
 
@@ -44,7 +44,7 @@ impl Engine {
             return Ok(false);
         }
         restore_reservation(
-            &mut self.conn(),
+            &self.inner.conn,
             &self.inner.keys,
             id,
             &rows,
@@ -84,23 +84,18 @@ impl Engine {
         if coordinator != plan.home {
             records.push(Kind::Request.record(keys, plan.home, &plan.id));
         }
-        let mut conn = self.conn();
-        scripts::RESTORE_REQUEST
-            .prepare_invoke()
-            .load_async(&mut conn)
-            .await?;
-        let mut pipe = redis::pipe();
+        let mut batch = CommandBatch::new();
         for record in records {
             let mut inv = scripts::RESTORE_REQUEST.prepare_invoke();
-            inv.key(record)
+            inv.key(&record)
                 .arg(&first.fingerprint)
                 .arg(&out)
                 .arg("")
                 .arg("")
                 .arg(window);
-            pipe.invoke_script(&inv).ignore();
+            batch.script(record, &scripts::RESTORE_REQUEST, inv);
         }
-        pipe.query_async::<()>(&mut conn).await?;
+        batch.query(&self.inner.conn).await?;
         tracing::info!(request_id = %plan.id, "request outcome recalled from Postgres");
         Ok(())
     }
@@ -111,27 +106,23 @@ impl Engine {
 /// the coordinator's outcomes, and the locator. Records Redis has are left
 /// alone.
 pub(crate) async fn restore_reservation(
-    conn: &mut RedisConn,
+    conn: &RedisConn,
     keys: &Keyspace,
     id: &str,
     rows: &[ReservationRow],
     window: Duration,
 ) -> Result<(), Error> {
     let plan = RestorePlan::of(keys, id, rows);
-    scripts::RESTORE_RESERVATION
-        .prepare_invoke()
-        .load_async(conn)
-        .await?;
-    let mut pipe = redis::pipe();
+    let mut batch = CommandBatch::new();
     for record in plan.records(keys, id, window) {
         let mut inv = scripts::RESTORE_RESERVATION.prepare_invoke();
-        inv.key(record.key).key(record.rexp);
+        inv.key(&record.key).key(record.rexp);
         for arg in record.args {
             inv.arg(arg);
         }
-        pipe.invoke_script(&inv).ignore();
+        batch.script(record.key, &scripts::RESTORE_RESERVATION, inv);
     }
-    pipe.query_async::<()>(conn).await?;
+    batch.query(conn).await?;
     Ok(())
 }
 

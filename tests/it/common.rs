@@ -32,8 +32,23 @@ pub fn postgres_url(database: &str) -> String {
 /// Pause between two looks at a state a test waits for (always under a deadline).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
 
+/// The shared test Redis: `STOCKD_TEST_REDIS_URL`, a comma-separated list
+/// of seed nodes when `STOCKD_TEST_REDIS_CLUSTER` says the suite runs on a
+/// Redis Cluster.
 pub fn redis_url() -> String {
     std::env::var("STOCKD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Whether the shared test Redis is a cluster (`STOCKD_TEST_REDIS_CLUSTER=1`).
+pub fn redis_cluster() -> bool {
+    std::env::var("STOCKD_TEST_REDIS_CLUSTER").is_ok_and(|v| v == "1" || v == "true")
+}
+
+/// A connection to the shared test Redis (cluster or not).
+pub async fn shared_redis() -> RedisConn {
+    stockd::app::connect_redis(&redis_url(), redis_cluster(), Duration::from_secs(5))
+        .await
+        .expect("the test Redis")
 }
 
 /// A namespace no other test (or earlier run) uses.
@@ -114,6 +129,9 @@ pub fn config_for(options: &Options) -> Config {
         "--reaper-interval-ms".into(),
         "50".into(),
     ];
+    if options.redis_url.is_none() && redis_cluster() {
+        args.push("--redis-cluster".into());
+    }
     args.extend(options.extra_args.iter().cloned());
     Config::try_parse_from(args).expect("test config parses")
 }
@@ -162,7 +180,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         tokio::time::sleep(POLL_INTERVAL).await;
     }
     let redis_url = options.redis_url.clone().unwrap_or_else(redis_url);
-    let redis = app::connect_redis(&redis_url, Duration::from_secs(5))
+    let cluster = options.redis_url.is_none() && redis_cluster();
+    let redis = app::connect_redis(&redis_url, cluster, Duration::from_secs(5))
         .await
         .expect("test redis");
     let database_url = options.database_url();
@@ -297,23 +316,13 @@ impl Event {
 }
 
 pub async fn namespace_keys(conn: &mut RedisConn, namespace: &str) -> Vec<String> {
+    let pattern = stockd::keys::Keyspace::new(namespace, 1).pattern("*");
     let mut keys = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{namespace}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .unwrap();
+    let mut at = Some(stockd::redis_conn::ScanCursor::default());
+    while let Some(cursor) = at {
+        let (batch, next) = conn.scan_step(cursor, &pattern, 1000).await.unwrap();
         keys.extend(batch);
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
+        at = next;
     }
     keys.sort();
     keys
@@ -387,13 +396,9 @@ pub async fn drop_database(name: &str) {
 }
 
 pub async fn delete_namespace(conn: &mut RedisConn, namespace: &str) {
-    for chunk in namespace_keys(conn, namespace).await.chunks(500) {
-        let _: i64 = redis::cmd("DEL")
-            .arg(chunk)
-            .query_async(conn)
-            .await
-            .unwrap();
-    }
+    stockd::keys::delete_namespace(conn, &stockd::keys::Keyspace::new(namespace, 1))
+        .await
+        .unwrap();
 }
 
 /// Establishes every partition marker of `keys` (what a warm stockd does),

@@ -86,9 +86,7 @@ impl Fixture {
         Self {
             database_url: postgres_url(&database),
             database,
-            redis: stockd::app::connect_redis(&redis_url(), Duration::from_secs(5))
-                .await
-                .unwrap(),
+            redis: shared_redis().await,
             skus: (0..12).map(|i| format!("{tag}-{i}")).collect(),
             namespace,
         }

@@ -257,12 +257,6 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
     );
 
     assert_eq!(stockd.terminate().await.code(), Some(0));
-    delete_namespace(
-        &mut stockd::app::connect_redis(&redis_url(), Duration::from_secs(5))
-            .await
-            .unwrap(),
-        &namespace,
-    )
-    .await;
+    delete_namespace(&mut shared_redis().await, &namespace).await;
     drop_database(&database).await;
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use stockd::app::{Application, StartError};
 use stockd::meta::MetaError;
 use stockd::pb;
+use stockd::store::StoreError;
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -305,14 +306,22 @@ async fn a_different_partition_count_refuses_to_start() {
         partitions: 8,
         ..Options::default()
     };
-    let result = Application::build(config_for(&options)).await;
-    match result.map(|_| ()) {
+    let refused = |result: Result<Application, StartError>| match result.map(|_| ()) {
         Err(StartError::Meta(MetaError::PartitionMismatch {
+            stored: 16,
+            configured: 8,
+        }))
+        | Err(StartError::Store(StoreError::PartitionMismatch {
             stored: 16,
             configured: 8,
         })) => {}
         other => panic!("expected a partition mismatch, got {other:?}"),
-    }
+    };
+    refused(Application::build(config_for(&options)).await);
+    // Postgres records the count too: a Redis that lost everything
+    // (the meta record and all) does not make another count acceptable.
+    delete_namespace(&mut app.redis.clone(), &app.namespace).await;
+    refused(Application::build(config_for(&options)).await);
     app.stop().await;
 }
 

@@ -4,16 +4,14 @@
 //! and the state of every item must agree.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use proptest::prelude::*;
-use stockd::app::connect_redis;
 use stockd::domain::{Delta, Item, Level, Lines, RequestId, Ttl};
 use stockd::engine::{Changed, Engine, EngineSettings};
 use stockd::error::{Error, Shortage};
 use stockd::keys::Keyspace;
 
-use crate::common::{delete_namespace, establish_markers, redis_url, unique_namespace};
+use crate::common::{delete_namespace, establish_markers, shared_redis, unique_namespace};
 
 const SKUS: [&str; 3] = ["apple", "pear", "fig"];
 const LOCATIONS: [&str; 2] = ["default", "oslo"];
@@ -441,7 +439,7 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let namespace = unique_namespace("model");
-            let conn = connect_redis(&redis_url(), Duration::from_secs(5)).await.unwrap();
+            let conn = shared_redis().await;
             let keys = Keyspace::new(namespace.clone(), 4);
             let markers = establish_markers(&mut conn.clone(), &keys).await;
             let engine = Engine::new(conn.clone(), keys, markers, EngineSettings::default());

@@ -166,13 +166,7 @@ async fn metrics_are_exported_and_move_after_traffic() {
     }
     let mut stockd = stockd;
     assert_eq!(stockd.terminate().await.code(), Some(0));
-    delete_namespace(
-        &mut stockd::app::connect_redis(&redis_url(), Duration::from_secs(5))
-            .await
-            .unwrap(),
-        &namespace,
-    )
-    .await;
+    delete_namespace(&mut shared_redis().await, &namespace).await;
     drop_database(&database).await;
 }
 
@@ -736,12 +730,6 @@ async fn passwords_never_reach_the_logs() {
         assert!(!text.contains("Sup3rS3cret"), "a password leaked:\n{text}");
         assert!(text.contains("cannot"), "the failure is explained:\n{text}");
         // The run with a reachable Redis got as far as the deployment record.
-        delete_namespace(
-            &mut stockd::app::connect_redis(&redis_url(), Duration::from_secs(5))
-                .await
-                .unwrap(),
-            &namespace,
-        )
-        .await;
+        delete_namespace(&mut shared_redis().await, &namespace).await;
     }
 }

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use stockd::app::connect_redis;
 use stockd::domain::{Item, Lines, RequestId, Ttl};
 use stockd::engine::{Engine, EngineSettings};
 use stockd::error::Error;
@@ -213,9 +212,7 @@ async fn a_cold_item_is_loaded_once_under_100_concurrent_requests() {
     .execute(store.pool())
     .await
     .unwrap();
-    let conn = connect_redis(&redis_url(), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let conn = shared_redis().await;
     let keys = Keyspace::new(namespace.clone(), 16);
     let warmer = Warmer::new(
         conn.clone(),
