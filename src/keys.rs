@@ -151,6 +151,13 @@ impl Keyspace {
         self.key(partition, "resv", &[reservation_id])
     }
 
+    /// `NS:{pNN}:part:<reservation_id>`: on a Redis Cluster, this
+    /// partition's part of a reservation spanning partitions, which follows
+    /// the coordinator (the `resv` record in the id's own partition).
+    pub fn part(&self, partition: Partition, reservation_id: &str) -> String {
+        self.key(partition, "part", &[reservation_id])
+    }
+
     /// `NS:{pNN}:rexp`: reservation ids of the partition scored by expiry (ms).
     pub fn reservation_expiry(&self, partition: Partition) -> String {
         self.key(partition, "rexp", &[])

@@ -89,14 +89,21 @@ pub async fn check_redis_settings(
     conn: &mut RedisConn,
     allow_eviction: bool,
 ) -> Result<Option<RedisSettings>, MetaError> {
-    let read: Result<Vec<(String, String)>, redis::RedisError> = redis::cmd("CONFIG")
-        .arg("GET")
+    let mut get = redis::cmd("CONFIG");
+    get.arg("GET")
         .arg("appendonly")
         .arg("appendfsync")
         .arg("save")
-        .arg("maxmemory-policy")
-        .query_async(conn)
-        .await;
+        .arg("maxmemory-policy");
+    // Every primary of a cluster must be set alike; the weakest counts.
+    let read: Result<Vec<(String, String)>, redis::RedisError> =
+        conn.on_every_primary(&get).await.and_then(|nodes| {
+            let mut all = Vec::new();
+            for (_, value) in nodes {
+                all.extend(redis::from_redis_value::<Vec<(String, String)>>(value)?);
+            }
+            Ok(all)
+        });
     let pairs = match read {
         Ok(pairs) => pairs,
         Err(e) if e.code() == Some("NOPERM") => {
@@ -109,17 +116,29 @@ pub async fn check_redis_settings(
         }
         Err(e) => return Err(MetaError::Redis(e.into())),
     };
-    let get = |name: &str| {
-        pairs
+    // The weakest value of each setting across the primaries.
+    let pick = |name: &str, weakest: &[&str]| {
+        let values: Vec<&String> = pairs
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .collect();
+        weakest
+            .iter()
+            .find_map(|w| values.iter().find(|v| v.as_str() == *w))
+            .or(values.first())
+            .map(|v| (*v).clone())
     };
     let settings = RedisSettings {
-        appendonly: get("appendonly"),
-        appendfsync: get("appendfsync"),
-        save: get("save"),
-        maxmemory_policy: get("maxmemory-policy"),
+        appendonly: pick("appendonly", &["no"]),
+        appendfsync: pick("appendfsync", &["no", "everysec"]),
+        save: pick("save", &[""]),
+        maxmemory_policy: pairs
+            .iter()
+            .filter(|(k, _)| k == "maxmemory-policy")
+            .map(|(_, v)| v.clone())
+            .find(|v| v != "noeviction")
+            .or_else(|| pick("maxmemory-policy", &[])),
     };
     match settings.maxmemory_policy.as_deref() {
         Some("noeviction") | None => {}

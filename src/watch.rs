@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{CommandBatch, RedisConn};
 use metrics::{counter, gauge};
 use redis::streams::{StreamRangeReply, StreamReadReply};
 use tokio::sync::mpsc;
@@ -54,6 +54,10 @@ use crate::pb;
 
 /// Most SKUs one watch may name.
 pub const MAX_WATCH_SKUS: usize = 1_000;
+
+/// How long the reader pauses when no partition had anything, on a
+/// cluster (where it cannot block on every stream at once).
+const CLUSTER_POLL: Duration = Duration::from_millis(20);
 
 /// Entries fetched per partition per `XRANGE` while replaying.
 const REPLAY_PAGE: usize = 500;
@@ -335,26 +339,25 @@ impl Hub {
         &self,
         partitions: &[Partition],
     ) -> Result<Vec<EntryId>, redis::RedisError> {
-        let mut pipe = redis::pipe();
+        let mut batch = CommandBatch::new();
         for &p in partitions {
-            pipe.cmd("XREVRANGE")
-                .arg(self.inner.keys.events(p))
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1);
+            let stream = self.inner.keys.events(p);
+            let mut last = redis::cmd("XREVRANGE");
+            last.arg(&stream).arg("+").arg("-").arg("COUNT").arg(1);
+            batch.cmd(stream, last);
         }
-        let replies: Vec<StreamRangeReply> =
-            pipe.query_async(&mut self.inner.query.clone()).await?;
-        Ok(replies
+        batch
+            .query(&self.inner.query)
+            .await?
             .into_iter()
-            .map(|r| {
-                r.ids
+            .map(|reply| {
+                let r: StreamRangeReply = redis::from_redis_value(reply)?;
+                Ok(r.ids
                     .first()
                     .and_then(|e| EntryId::parse(&e.id))
-                    .unwrap_or(EntryId::ZERO)
+                    .unwrap_or(EntryId::ZERO))
             })
-            .collect())
+            .collect()
     }
 
     /// Watchers connected now.
@@ -402,30 +405,57 @@ impl Hub {
         self.inner.stopped.cancel();
     }
 
-    /// One `XREAD BLOCK` over every partition from the reader's cursors,
-    /// fanned out; returns how many events were read.
+    /// One read of every partition from the reader's cursors, fanned out;
+    /// returns how many events were read. On a standalone Redis one
+    /// `XREAD BLOCK` over every stream; on a cluster, where one command may
+    /// not span slots, one non-blocking `XREAD` per partition in one batch,
+    /// and a short pause when none had anything.
     pub async fn read_once(&self) -> Result<usize, redis::RedisError> {
         let inner = &self.inner;
         let cursors = self.state().cursors.clone();
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
-            .arg(inner.settings.read_count)
-            .arg("BLOCK")
-            .arg(inner.settings.block.as_millis() as u64)
-            .arg("STREAMS");
-        for p in inner.keys.partitions() {
-            cmd.arg(inner.keys.events(p));
-        }
-        for c in &cursors {
-            cmd.arg(c.to_string());
-        }
-        let reply: Option<StreamReadReply> = cmd.query_async(&mut inner.reader.clone()).await?;
-        let Some(reply) = reply else {
-            return Ok(0);
+        let read = |partitions: &[Partition], block: bool| {
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT").arg(inner.settings.read_count);
+            if block {
+                cmd.arg("BLOCK")
+                    .arg(inner.settings.block.as_millis() as u64);
+            }
+            cmd.arg("STREAMS");
+            for p in partitions {
+                cmd.arg(inner.keys.events(*p));
+            }
+            for p in partitions {
+                cmd.arg(cursors[p.index()].to_string());
+            }
+            cmd
         };
-        let mut next = cursors;
+        let partitions: Vec<Partition> = inner.keys.partitions().collect();
+        let replies: Vec<Option<StreamReadReply>> = if inner.reader.is_cluster() {
+            let mut batch = CommandBatch::new();
+            for &p in &partitions {
+                batch.cmd(inner.keys.events(p), read(&[p], false));
+            }
+            let replies: Vec<Option<StreamReadReply>> = batch
+                .query(&inner.reader)
+                .await?
+                .into_iter()
+                .map(redis::from_redis_value)
+                .collect::<Result<_, _>>()?;
+            if replies.iter().all(Option::is_none) {
+                tokio::time::sleep(CLUSTER_POLL).await;
+                return Ok(0);
+            }
+            replies
+        } else {
+            vec![
+                read(&partitions, true)
+                    .query_async(&mut inner.reader.clone())
+                    .await?,
+            ]
+        };
+        let mut next = cursors.clone();
         let mut events = Vec::new();
-        for stream in reply.keys {
+        for stream in replies.into_iter().flatten().flat_map(|r| r.keys) {
             let Some(&partition) = inner.partition_of_key.get(&stream.key) else {
                 continue;
             };

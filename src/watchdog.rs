@@ -365,17 +365,24 @@ impl Watchdog {
         Ok(())
     }
 
+    /// The Redis processes serving now: every primary's `run_id` (one on a
+    /// standalone Redis). A restart or a failover changes it.
     async fn redis_run_id(&self) -> Result<String, Error> {
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .unwrap_or_default()
-            .trim()
-            .to_owned())
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        let mut ids: Vec<String> = Vec::new();
+        for (node, value) in self.conn.on_every_primary(&info).await? {
+            let text: String = redis::from_redis_value(value)
+                .map_err(|e| Error::Internal(format!("INFO from {node}: {e}")))?;
+            let run_id = text
+                .lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .unwrap_or_default()
+                .trim();
+            ids.push(format!("{node}={run_id}"));
+        }
+        ids.sort();
+        Ok(ids.join(","))
     }
 
     /// Postgres's checkpoints; the last ones read when it does not answer

@@ -21,6 +21,9 @@
 mod located;
 mod plan;
 pub(crate) mod recall;
+mod steps;
+
+pub use steps::decrement_of_internal;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,8 +106,16 @@ impl Finish {
     }
 }
 
-/// A locator's `fp`, `parts` and `all`, as HMGET reads them.
+/// Three string fields of a record, as HMGET reads them (a locator's
+/// `fp`, `parts` and `all`).
 type LocatorFields = (Option<String>, Option<String>, Option<String>);
+
+/// What Commit, Release and Extend do to a held reservation.
+#[derive(Debug, Clone, Copy)]
+enum OnHeld {
+    Finish(Finish),
+    Extend(Duration),
+}
 
 /// Whether a script may create an item Redis and Postgres both lack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +123,38 @@ enum Creates {
     No,
     /// SetStock: after Postgres was asked, a missing item is created.
     AfterLoad,
+}
+
+/// How a script call is laid out beyond its plan.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    /// Write (or check) the id's locator in the same script, when it is a
+    /// record of its own. Never on a cluster, where the script could not
+    /// touch its partition: the engine writes it afterwards.
+    locator: bool,
+    creates: Creates,
+    /// A part of a request coordinated in this partition (cluster).
+    part_of: Option<Partition>,
+}
+
+impl Mode {
+    const PLAIN: Mode = Mode {
+        locator: false,
+        creates: Creates::No,
+        part_of: None,
+    };
+    const LOCATED: Mode = Mode {
+        locator: true,
+        creates: Creates::No,
+        part_of: None,
+    };
+
+    fn part_of(coordinator: Partition) -> Mode {
+        Mode {
+            part_of: Some(coordinator),
+            ..Mode::PLAIN
+        }
+    }
 }
 
 /// The operations of `scripts/`, against one Redis and one keyspace.
@@ -220,22 +263,31 @@ impl Engine {
             id.as_str(),
             script_lines,
         );
-        let groups = plan.reservation_groups(&self.inner.keys, &self.inner.markers);
-        let outcome = self
-            .run(
+        let outcome = if self.coordinates(&plan) {
+            self.reserve_across(&plan, &fp, Duration::from_millis(ttl.as_millis()))
+                .await?
+        } else {
+            let groups = plan.reservation_groups(&self.inner.keys, &self.inner.markers);
+            self.run(
                 &scripts::RESERVE,
                 &plan,
                 &fp,
                 &groups,
-                true,
+                Mode::LOCATED,
                 [ttl_ms, self.window_ms()],
-                Creates::No,
             )
-            .await?;
+            .await?
+        };
         let Outcome::Applied { out, replayed } = outcome else {
             return Err(refusal(outcome, id));
         };
-        let out = StoredOutcome::parse(&out).map_err(Error::Internal)?;
+        self.claim_locator(
+            &plan,
+            &fp,
+            Duration::from_millis(ttl.as_millis()) + self.inner.settings.idempotency_window * 2,
+        );
+        let out =
+            StoredOutcome::parse(&out).map_err(|e| Error::Internal(format!("reserve: {e}")))?;
         self.inner
             .located
             .remember(id.as_str(), Located::of_plan(&plan, fp));
@@ -258,8 +310,9 @@ impl Engine {
 
     pub async fn extend(&self, id: &RequestId, ttl: Ttl) -> Result<i64, Error> {
         self.ensure_serving()?;
-        let params = [ttl.as_millis().to_string(), self.window_ms()];
-        let outcome = self.on_located(id, &scripts::EXTEND, true, params).await?;
+        let outcome = self
+            .on_located(id, OnHeld::Extend(Duration::from_millis(ttl.as_millis())))
+            .await?;
         match outcome {
             Outcome::Applied { out, .. } => out
                 .parse()
@@ -308,18 +361,23 @@ impl Engine {
     ) -> Result<Changed, Error> {
         self.ensure_serving()?;
         let plan = Plan::new(&self.inner.keys, Kind::Request, id.as_str(), lines);
-        let groups = plan.change_groups(&self.inner.keys, &self.inner.markers);
-        let outcome = self
-            .run(
+        let outcome = if self.coordinates(&plan) {
+            self.decrement_across(&plan, &fp).await?
+        } else {
+            let groups = plan.change_groups(&self.inner.keys, &self.inner.markers);
+            self.run(
                 &scripts::APPLY,
                 &plan,
                 &fp,
                 &groups,
-                true,
+                Mode::LOCATED,
                 [op.to_owned(), self.window_ms()],
-                Creates::No,
             )
-            .await?;
+            .await?
+        };
+        if matches!(outcome, Outcome::Applied { .. }) {
+            self.claim_locator(&plan, &fp, self.inner.settings.idempotency_window);
+        }
         changed(outcome, id)
     }
 
@@ -356,9 +414,11 @@ impl Engine {
                 &plan,
                 &fp,
                 &groups,
-                true,
+                Mode {
+                    creates: Creates::AfterLoad,
+                    ..Mode::LOCATED
+                },
                 [expected, self.window_ms()],
-                Creates::AfterLoad,
             )
             .await?;
         if let Outcome::Version(current) = outcome {
@@ -366,6 +426,9 @@ impl Engine {
                 expected: expected_version.unwrap_or_default(),
                 current,
             });
+        }
+        if matches!(outcome, Outcome::Applied { .. }) {
+            self.claim_locator(&plan, &fp, self.inner.settings.idempotency_window);
         }
         changed(outcome, id)
     }
@@ -531,21 +594,34 @@ impl Engine {
     /// (the reaper's call). The reaper found the id in that partition's
     /// expiry index, so the partition's record is read first: for a
     /// reservation of one partition it holds every line.
-    pub async fn expire(&self, partition: Partition, id: &RequestId) -> Result<Expiry, Error> {
+    pub async fn expire(&self, partition: Partition, id: &str) -> Result<Expiry, Error> {
         let keys = &self.inner.keys;
-        let (fp, parts, lines): (Option<String>, Option<String>, Option<String>) =
-            redis::cmd("HMGET")
-                .arg(keys.reservation(partition, id.as_str()))
-                .arg(&["fp", "parts", "lines"])
-                .query_async(&mut self.conn())
-                .await?;
+        let (fp, parts, lines, coordinator): (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<u32>,
+        ) = redis::cmd("HMGET")
+            .arg(keys.reservation(partition, id))
+            .arg(&["fp", "parts", "lines", "coord"])
+            .query_async(&mut self.conn())
+            .await?;
         let (Some(fp), Some(parts), Some(lines)) = (fp, parts, lines) else {
             return Ok(Expiry::Unknown);
         };
+        if let Some(coordinator) = coordinator {
+            // A part of a reservation spanning partitions on a cluster.
+            let part =
+                Located::parse(fp, &partition.to_string(), &lines).map_err(Error::Internal)?;
+            return self
+                .expire_part(partition, id, &part, Partition(coordinator))
+                .await;
+        }
         let located = if parts == partition.to_string() {
             Located::parse(fp, &parts, &lines).map_err(Error::Internal)?
         } else {
-            match self.locate(id).await {
+            let id = RequestId::parse("reservation_id", id)?;
+            match self.locate(&id).await {
                 Ok(located) => located,
                 Err(Error::NotFound(_)) => return Ok(Expiry::Unknown),
                 Err(e) => return Err(e),
@@ -553,7 +629,7 @@ impl Engine {
         };
         let window = self.window_ms();
         let plan = located
-            .plan(keys, id.as_str())
+            .plan(keys, id)
             .ok_or_else(|| Error::Internal(format!("reservation {id}: lines outside its parts")))?;
         let groups = plan.reservation_groups(keys, &self.inner.markers);
         let outcome = self
@@ -562,9 +638,8 @@ impl Engine {
                 &plan,
                 &located.fingerprint,
                 &groups,
-                false,
+                Mode::PLAIN,
                 [Finish::Expire.op().to_owned(), window],
-                Creates::No,
             )
             .await?;
         Ok(match outcome {
@@ -572,28 +647,22 @@ impl Engine {
             Outcome::NotDue | Outcome::State(_) => Expiry::NotDue,
             Outcome::Unknown => Expiry::Unknown,
             Outcome::Corrupt(detail) => Expiry::Broken(detail),
-            other => return Err(refusal(other, id)),
+            other => Expiry::Broken(format!("finish answered {other:?}")),
         })
     }
 
     async fn finish(&self, id: &RequestId, how: Finish) -> Result<Changed, Error> {
         self.ensure_serving()?;
-        let params = [how.op().to_owned(), self.window_ms()];
-        let outcome = self.on_located(id, &scripts::FINISH, false, params).await?;
+        let outcome = self.on_located(id, OnHeld::Finish(how)).await?;
         changed(outcome, id)
     }
 
     /// Runs `script` on the reservation `id` as this instance remembers
     /// it; when the script does not know that reservation (the id was
     /// finished and reused meanwhile), once more as its locator says now.
-    async fn on_located(
-        &self,
-        id: &RequestId,
-        script: &redis::Script,
-        with_locator: bool,
-        params: [String; 2],
-    ) -> Result<Outcome, Error> {
+    async fn on_located(&self, id: &RequestId, op: OnHeld) -> Result<Outcome, Error> {
         let keys = &self.inner.keys;
+        let window = self.window_ms();
         let mut cached = self.inner.located.get(id.as_str());
         loop {
             let from_cache = cached.is_some();
@@ -604,18 +673,48 @@ impl Engine {
             let plan = located.plan(keys, id.as_str()).ok_or_else(|| {
                 Error::Internal(format!("reservation {id}: lines outside its parts"))
             })?;
-            let groups = plan.reservation_groups(keys, &self.inner.markers);
-            let outcome = self
-                .run(
-                    script,
-                    &plan,
-                    &located.fingerprint,
-                    &groups,
-                    with_locator,
-                    params.clone(),
-                    Creates::No,
-                )
-                .await?;
+            let fp = &located.fingerprint;
+            let outcome = match op {
+                OnHeld::Finish(how) if self.coordinates(&plan) => {
+                    self.finish_across(&plan, fp, how).await?
+                }
+                OnHeld::Extend(ttl) if self.coordinates(&plan) => {
+                    self.extend_across(&plan, fp, ttl).await?
+                }
+                OnHeld::Finish(how) => {
+                    let groups = plan.reservation_groups(keys, &self.inner.markers);
+                    self.run(
+                        &scripts::FINISH,
+                        &plan,
+                        fp,
+                        &groups,
+                        Mode::PLAIN,
+                        [how.op().to_owned(), window.clone()],
+                    )
+                    .await?
+                }
+                OnHeld::Extend(ttl) => {
+                    let groups = plan.reservation_groups(keys, &self.inner.markers);
+                    let outcome = self
+                        .run(
+                            &scripts::EXTEND,
+                            &plan,
+                            fp,
+                            &groups,
+                            Mode::LOCATED,
+                            [ttl.as_millis().to_string(), window.clone()],
+                        )
+                        .await?;
+                    if matches!(outcome, Outcome::Applied { .. }) {
+                        self.claim_locator(
+                            &plan,
+                            fp,
+                            ttl + self.inner.settings.idempotency_window * 2,
+                        );
+                    }
+                    outcome
+                }
+            };
             if outcome == Outcome::Unknown && from_cache {
                 self.inner.located.forget(id.as_str());
                 continue;
@@ -654,6 +753,14 @@ impl Engine {
                 self.inner.located.remember(id.as_str(), located.clone());
                 return Ok(located);
             }
+            // On a cluster the locator of a reservation of one partition is
+            // written after it, and may be missing: look in every partition.
+            if self.inner.conn.is_cluster()
+                && let Some(located) = self.probe(id.as_str()).await?
+            {
+                self.inner.located.remember(id.as_str(), located.clone());
+                return Ok(located);
+            }
             // Only a partition re-established from Postgres within the
             // window may have forgotten a reservation Postgres knows.
             let maybe_forgotten = seen_until.is_some_and(|until| until > now_ms());
@@ -667,22 +774,55 @@ impl Engine {
         }
     }
 
+    /// The reservation `id` of one partition, found by reading its record
+    /// in every partition (one batch; a locator's absence is rare).
+    async fn probe(&self, id: &str) -> Result<Option<Located>, Error> {
+        let keys = &self.inner.keys;
+        let mut batch = CommandBatch::new();
+        for p in keys.partitions() {
+            let record = keys.reservation(p, id);
+            let mut read = redis::cmd("HMGET");
+            read.arg(&record).arg(&["fp", "parts", "lines", "coord"]);
+            batch.cmd(record, read);
+        }
+        for (p, reply) in keys.partitions().zip(batch.query(&self.inner.conn).await?) {
+            let (fp, parts, lines, coordinator): (
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+            ) = redis::from_redis_value(reply)
+                .map_err(|e| Error::Internal(format!("reservation record: {e}")))?;
+            if let (Some(fp), Some(parts), Some(lines), None) = (fp, parts, lines, coordinator)
+                && parts == p.to_string()
+            {
+                return Located::parse(fp, &parts, &lines)
+                    .map(Some)
+                    .map_err(Error::Internal);
+            }
+        }
+        Ok(None)
+    }
+
     /// Runs a stock-changing script: loads items it misses from Postgres,
     /// looks up ids Postgres may know, and turns partition refusals into
     /// errors; returns every other outcome for the caller to interpret.
-    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         script: &redis::Script,
         plan: &Plan,
         fp: &str,
         groups: &[scripts::Group],
-        with_locator: bool,
+        mode: Mode,
         params: [String; 2],
-        creates: Creates,
     ) -> Result<Outcome, Error> {
         let keys = &self.inner.keys;
-        let mut flags = Flags::default();
+        let with_locator = mode.locator && !self.inner.conn.is_cluster();
+        let creates = mode.creates;
+        let mut flags = Flags {
+            part_of: mode.part_of,
+            ..Flags::default()
+        };
         let mut loaded = false;
         loop {
             let layout = plan.layout(keys, fp, groups, with_locator, flags, params.clone());

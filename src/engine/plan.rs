@@ -13,6 +13,9 @@ pub(super) enum Kind {
     Reservation,
     /// `NS:{pNN}:idem:<id>`
     Request,
+    /// `NS:{pNN}:part:<id>`: a part of a reservation spanning partitions on
+    /// a cluster.
+    Part,
 }
 
 impl Kind {
@@ -20,6 +23,7 @@ impl Kind {
         match self {
             Kind::Reservation => keys.reservation(partition, id),
             Kind::Request => keys.idempotency(partition, id),
+            Kind::Part => keys.part(partition, id),
         }
     }
 }
@@ -116,7 +120,7 @@ impl Plan {
     pub fn reservation_groups(&self, keys: &Keyspace, markers: &Markers) -> Vec<Group> {
         self.groups(markers, |p| {
             vec![
-                keys.reservation(p, &self.id),
+                self.kind.record(keys, p, &self.id),
                 keys.reservation_expiry(p),
                 keys.events(p),
                 keys.marker(p),

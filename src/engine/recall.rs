@@ -28,7 +28,7 @@ impl Engine {
     /// Puts `plan`'s id back into Redis from Postgres when Postgres knows it.
     pub(super) async fn recall(&self, plan: &Plan) -> Result<(), Error> {
         match plan.kind {
-            Kind::Reservation => self.recall_reservation(&plan.id).await.map(|_| ()),
+            Kind::Reservation | Kind::Part => self.recall_reservation(&plan.id).await.map(|_| ()),
             Kind::Request => self.recall_request(plan).await,
         }
     }

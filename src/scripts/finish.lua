@@ -15,6 +15,8 @@
 --         {'noop', <state>} for 'expire' when the hold is not (or no longer) due;
 --         {'corrupt', <detail>} when a stock hash cannot take the change;
 --         {'lost' | 'healing' | 'rollback', marker key}.
+-- A part (flag P<n>) applies the op its coordinator decided, whatever its
+-- own expiry says.
 -- Invariants: held is the only state that moves, and it moves exactly once
 -- (so the reapers of several instances expire a hold exactly once); expiry
 -- is judged by the Redis clock; every check runs before the first write.
@@ -34,8 +36,17 @@ end
 local state = rec[1]
 local due = state == 'held' and NOW >= tonumber(rec[2])
 local replayed = false
+local final_of = { commit = 'committed', release = 'released', expire = 'expired' }
 
-if op == 'commit' then
+if PART_OF then
+  -- A part does what its coordinator decided, whatever its own expiry.
+  if state == final_of[op] then
+    return reply('replay', rec[4])
+  end
+  if state ~= 'held' then
+    return reply('state', state)
+  end
+elseif op == 'commit' then
   if state == 'committed' then
     return reply('replay', rec[4])
   end
@@ -81,7 +92,7 @@ for i = 1, N do
     s[1], s[2], s[3], d_avail_per_unit * qty, -qty)
 end
 
-local final = ({ commit = 'committed', release = 'released', expire = 'expired' })[op]
+local final = final_of[op]
 for j = 1, K do
   redis.call('HSET', group_key(W, j, 1), 'state', final)
   redis.call('PEXPIRE', group_key(W, j, 1), WINDOW)

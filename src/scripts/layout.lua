@@ -9,6 +9,10 @@
 --            L  a locator record and its marker follow (KEYS[4], KEYS[5])
 --            C  the id was already looked up in Postgres: do not answer 'check'
 --            X  create an item Redis lacks (set)
+--            P<n>  a part of a reservation whose coordinator is in partition
+--               <n> (on a Redis Cluster, where a script may not span
+--               partitions): the part follows the coordinator's decisions
+--               and stores no refusal and no locator of its own
 --        [6], [7] two parameters of the script (see its header),
 --        [8] the groups' partition numbers joined by ',' (for the locator),
 --        [9 .. 8+k] per group: the newest flushed entry id this instance has
@@ -55,6 +59,7 @@ local P1, P2 = ARGV[6], ARGV[7]
 local HAS_LOCATOR = string.find(FLAGS, 'L', 1, true) ~= nil
 local CHECKED = string.find(FLAGS, 'C', 1, true) ~= nil
 local CREATE = string.find(FLAGS, 'X', 1, true) ~= nil
+local PART_OF = string.match(FLAGS, 'P(%d+)')
 local PARTS = ARGV[8]
 local FIRST_GROUP_KEY = HAS_LOCATOR and 6 or 4
 local LINES_AT = 9 + K
@@ -125,7 +130,7 @@ end
 -- caller passes two 32-bit hashes of the id; probe i is (h1 + i * h2) mod m
 -- (scripts::bloom_positions computes the same when building the filter).
 local function maybe_seen()
-  if CHECKED then
+  if CHECKED or PART_OF then
     return false
   end
   local m = redis.call('HMGET', KEYS[2], 'seen_until', 'seen_bits')

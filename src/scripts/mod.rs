@@ -95,6 +95,18 @@ script!(
     "restore_request.lua"
 );
 script!(
+    /// The coordinator of a request spanning partitions on a cluster.
+    COORDINATE,
+    "common.lua",
+    "coordinate.lua"
+);
+script!(
+    /// A request's locator, written after it (on a cluster).
+    CLAIM,
+    "common.lua",
+    "claim.lua"
+);
+script!(
     /// Release a lock held with a token.
     UNLOCK,
     "unlock.lua"
@@ -125,6 +137,8 @@ pub(crate) struct Flags {
     pub checked: bool,
     /// Create an item Redis lacks (SetStock).
     pub create: bool,
+    /// A part of a request coordinated in this partition (cluster).
+    pub part_of: Option<Partition>,
 }
 
 /// A request's own records: the coordinator (where its outcome lives), its
@@ -168,6 +182,9 @@ impl Layout<'_> {
         }
         if self.flags.create {
             flags.push('X');
+        }
+        if let Some(coordinator) = self.flags.part_of {
+            flags.push_str(&format!("P{coordinator}"));
         }
         for group in self.groups {
             for key in &group.keys {

@@ -5,8 +5,9 @@
 --        own partition when the lines span partitions; W = 4 keys per
 --        group: the partition's record of this reservation, its rexp zset,
 --        its events stream, its marker.
--- ARGV   the layout; [6] ttl in ms, [7] idempotency window in ms; amounts
---        are quantities.
+-- ARGV   the layout; [6] ttl in ms (of a part: its provisional expiry,
+--        until the reaper asks the coordinator), [7] idempotency window in
+--        ms; amounts are quantities.
 -- Returns {'ok', out} or {'replay', out} with
 --          out = {"exp": expires_at_ms, "levels": [[sku, loc, avail, resv, ver], ...]};
 --         {'exists'} when the id names a reservation of another payload;
@@ -53,7 +54,8 @@ end
 
 local state, why, detail = check_lines(W, function(qty) return -qty end)
 if not state then
-  if why ~= 'missing' then
+  -- A part's refusal is the coordinator's to store.
+  if why ~= 'missing' and not PART_OF then
     -- One outcome per id: a late copy of this request replays the refusal.
     redis.call('HSET', KEYS[1], 'fp', FP, 'state', 'refused', 'why', why, 'out', detail)
     redis.call('PEXPIRE', KEYS[1], WINDOW)
@@ -82,5 +84,11 @@ end
 local out = cjson.encode({ exp = exp, levels = levels })
 -- The coordinator may be one of the groups' records; these fields add to it.
 redis.call('HSET', KEYS[1], 'state', 'held', 'exp', exp, 'fp', FP, 'out', out)
-write_locator(LOCATOR_TTL)
+if PART_OF then
+  -- The reaper asks the coordinator what became of a part when its
+  -- (provisional) expiry comes.
+  redis.call('HSET', KEYS[1], 'coord', PART_OF)
+else
+  write_locator(LOCATOR_TTL)
+end
 return reply('ok', out)

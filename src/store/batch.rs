@@ -353,17 +353,21 @@ async fn upsert_outcomes(
     let mut seen: HashMap<(&str, u32), (&str, &'static str, Vec<serde_json::Value>)> =
         HashMap::new();
     for e in changes {
-        if e.op.reservation_state().is_some() {
-            continue;
-        }
+        // A decrement spanning partitions on a cluster is an internal hold
+        // committed at once: its commit events are the decrement's outcome.
+        let (request_id, op) = match (e.op, crate::engine::decrement_of_internal(&e.reference)) {
+            (Op::Commit, Some(request_id)) => (request_id, "decrement"),
+            _ if e.op.reservation_state().is_some() => continue,
+            _ => (e.reference.as_str(), e.op.as_str()),
+        };
         // Reconcile repairs write `set` events without a request behind them.
         let Some(fp) = e.fingerprint.as_deref() else {
             continue;
         };
-        let key = (e.reference.as_str(), e.partition);
+        let key = (request_id, e.partition);
         let row = seen.entry(key).or_insert_with(|| {
             order.push(key);
-            (fp, e.op.as_str(), Vec::new())
+            (fp, op, Vec::new())
         });
         row.2.push(json!([
             e.sku,

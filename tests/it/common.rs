@@ -144,7 +144,18 @@ impl Options {
     }
 }
 
+/// Logs of the servers a test starts go to the test's own output (shown
+/// when it fails): warnings and errors, or what `STOCKD_TEST_LOG` says.
+fn init_test_logs() {
+    let filter = std::env::var("STOCKD_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}
+
 pub async fn spawn_app_with(options: Options) -> TestApp {
+    init_test_logs();
     let config = config_for(&options);
     let application = Application::build(config).await.expect("stockd starts");
     let addr = application.grpc_addr();

@@ -112,7 +112,7 @@ async fn expiring_a_hold_that_is_not_due_changes_nothing() {
     let id = stockd::domain::RequestId::parse("id", "fresh-hold").unwrap();
     assert_eq!(
         engine
-            .expire(app.keys.partition_of("fresh"), &id)
+            .expire(app.keys.partition_of("fresh"), id.as_str())
             .await
             .unwrap(),
         stockd::engine::Expiry::NotDue
@@ -120,7 +120,7 @@ async fn expiring_a_hold_that_is_not_due_changes_nothing() {
     let unknown = stockd::domain::RequestId::parse("id", "no-such-hold").unwrap();
     assert_eq!(
         engine
-            .expire(app.keys.partition_of("fresh"), &unknown)
+            .expire(app.keys.partition_of("fresh"), unknown.as_str())
             .await
             .unwrap(),
         stockd::engine::Expiry::Unknown

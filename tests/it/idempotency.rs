@@ -97,7 +97,7 @@ async fn same_id_with_another_payload_is_already_exists_and_changes_nothing() {
         .unwrap();
 
     let before = app.snapshot().await;
-    let conflicts = vec![
+    let mut conflicts = vec![
         code_of(
             inv.reserve(pb::ReserveRequest {
                 reservation_id: "r1".into(),
@@ -112,22 +112,6 @@ async fn same_id_with_another_payload_is_already_exists_and_changes_nothing() {
                 reservation_id: "r1".into(),
                 lines: vec![line("a", "", 1)],
                 ttl_seconds: 61,
-            })
-            .await,
-        ),
-        // a reservation in another partition under the same id
-        code_of(
-            inv.reserve(pb::ReserveRequest {
-                reservation_id: "r1".into(),
-                lines: vec![line("b", "", 1)],
-                ttl_seconds: 60,
-            })
-            .await,
-        ),
-        code_of(
-            inv.decrement(pb::DecrementRequest {
-                request_id: "d1".into(),
-                lines: vec![line("b", "", 1)],
             })
             .await,
         ),
@@ -165,6 +149,28 @@ async fn same_id_with_another_payload_is_already_exists_and_changes_nothing() {
                 .await,
         ),
     ];
+    // An id reused in another partition: refused by a standalone Redis, in
+    // the same script; on a cluster a request of one partition stays one
+    // script there, and the reuse is noticed (logged, counted) after the
+    // fact instead (docs/design.md, "Cluster mode").
+    if !redis_cluster() {
+        assert_ne!(app.keys.partition_of("a"), app.keys.partition_of("b"));
+        conflicts.push(code_of(
+            inv.reserve(pb::ReserveRequest {
+                reservation_id: "r1".into(),
+                lines: vec![line("b", "", 1)],
+                ttl_seconds: 60,
+            })
+            .await,
+        ));
+        conflicts.push(code_of(
+            inv.decrement(pb::DecrementRequest {
+                request_id: "d1".into(),
+                lines: vec![line("b", "", 1)],
+            })
+            .await,
+        ));
+    }
     assert!(
         conflicts.iter().all(|c| *c == Code::AlreadyExists),
         "{conflicts:?}"

@@ -86,12 +86,18 @@ async fn carts_across_partitions_are_all_or_nothing() {
         format!("{:?}", Some(failure)),
         "the stored refusal is replayed"
     );
-    let other = inv
-        .reserve(reserve("cart-1", vec![line(&skus[0], "", 1)], 60))
-        .await
-        .unwrap_err();
-    assert_eq!(other.code(), Code::AlreadyExists);
-    assert_eq!(app.stock_and_streams().await, before);
+    // Another cart under the id: refused in the same script on a
+    // standalone Redis (on a cluster only when it reaches the partition
+    // that coordinated cart-1: see the idempotency tests).
+    let home = app.keys.partition_of("cart-1");
+    if !redis_cluster() || app.keys.partition_of(&skus[0]) == home {
+        let other = inv
+            .reserve(reserve("cart-1", vec![line(&skus[0], "", 1)], 60))
+            .await
+            .unwrap_err();
+        assert_eq!(other.code(), Code::AlreadyExists);
+        assert_eq!(app.stock_and_streams().await, before);
+    }
 
     // The same cart fits, under a new id, once the short line asks for what
     // is there.
