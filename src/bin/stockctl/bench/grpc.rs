@@ -11,8 +11,8 @@ use tonic::{Code, Status};
 use super::ledger::Level;
 use super::workload::{Line, Op};
 use super::{Names, fail};
-use crate::ctl::commands::{Admin, Failure, Inventory};
-use crate::pb;
+use crate::commands::{Admin, Failure, Inventory};
+use stockd::pb;
 
 /// SetStock calls in flight while seeding.
 const SEED_CONCURRENCY: usize = 64;

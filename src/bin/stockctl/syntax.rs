@@ -15,7 +15,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::pb;
+use stockd::pb;
 
 /// A parsed ITEM: `SKU` or `SKU@LOCATION`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -45,10 +45,10 @@ use tonic::Code;
 
 use super::commands::{Admin, BearerAuth, Failure, Inventory, Target};
 use super::render::Format;
-use crate::pb::admin_client::AdminClient;
-use crate::pb::inventory_client::InventoryClient;
 use ledger::{Diff, Ledger};
 use report::{Latency, Outcomes, Report, Verify};
+use stockd::pb::admin_client::AdminClient;
+use stockd::pb::inventory_client::InventoryClient;
 pub use workload::Workload;
 use workload::{Generator, Op};
 
@@ -231,10 +231,6 @@ impl Names {
 
     pub fn len(&self) -> usize {
         self.0.skus.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.skus.is_empty()
     }
 
     pub fn run_id(&self) -> &str {
@@ -1049,7 +1045,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::ctl::args::{Cli, Command};
+    use crate::args::{Cli, Command};
 
     fn plan(args: &[&str]) -> Result<Plan, String> {
         let argv = ["stockctl", "bench"]
@@ -1265,7 +1261,7 @@ mod tests {
     use tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status};
 
-    use crate::pb;
+    use stockd::pb;
 
     /// A held reservation's (sku, quantity) lines.
     type HeldLines = Vec<(String, i64)>;
@@ -1466,7 +1462,7 @@ mod tests {
         .chain(args.iter().copied());
         let cli = Cli::try_parse_from(argv).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let code = crate::ctl::run(cli, &mut out, &mut err).await;
+        let code = crate::run(cli, &mut out, &mut err).await;
         let err = String::from_utf8(err).unwrap();
         let v = serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
         (code, v, err)
@@ -1487,7 +1483,7 @@ mod tests {
             "100",
         ];
         let (code, v, err) = bench(addr, &args).await;
-        assert_eq!(code, crate::ctl::EXIT_OK, "{err}");
+        assert_eq!(code, crate::EXIT_OK, "{err}");
         assert_eq!(v["requests"], 300);
         assert_eq!(v["outcomes"]["OK"], 100);
         assert_eq!(v["outcomes"]["FAILED_PRECONDITION"], 200);
@@ -1516,7 +1512,7 @@ mod tests {
             "40",
         ];
         let (code, v, err) = bench(addr, &args).await;
-        assert_eq!(code, crate::ctl::EXIT_OK, "{err}\n{v}");
+        assert_eq!(code, crate::EXIT_OK, "{err}\n{v}");
         assert_eq!(v["verify"]["state"]["items"], 20);
         assert_eq!(v["verify"]["state"]["version_mismatch_items"], 0);
         assert_eq!(v["oversold"], 0);
@@ -1548,7 +1544,7 @@ mod tests {
             "10",
         ];
         let (code, v, err) = bench(addr, &args).await;
-        assert_eq!(code, crate::ctl::EXIT_RPC_ERROR);
+        assert_eq!(code, crate::EXIT_RPC_ERROR);
         assert_eq!(
             v["outcomes"]["OK"], 100,
             "the server said yes to everything"
@@ -1575,7 +1571,7 @@ mod tests {
             "5",
         ];
         let (code, v, err) = bench(addr, &args).await;
-        assert_eq!(code, crate::ctl::EXIT_OK, "{err}");
+        assert_eq!(code, crate::EXIT_OK, "{err}");
         let n = v["requests"].as_u64().unwrap();
         assert!((150..=210).contains(&n), "about 200 in 1 s, got {n}");
         assert_eq!(v["rate_limit_per_s"], 200.0);

@@ -14,9 +14,9 @@ use super::render::{
     self, DecrementOut, EventOut, ExtendOut, Format, GetOut, LevelOut, Output, PreloadOut,
     ReconcileOut, RequestId, ReserveOut, SettleOut,
 };
-use crate::pb;
-use crate::pb::admin_client::AdminClient;
-use crate::pb::inventory_client::InventoryClient;
+use stockd::pb;
+use stockd::pb::admin_client::AdminClient;
+use stockd::pb::inventory_client::InventoryClient;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

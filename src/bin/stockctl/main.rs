@@ -1,4 +1,6 @@
-//! `stockctl`, the command-line client for people and scripts.
+//! `stockctl` — the command-line client of the stockd inventory server, for
+//! people and scripts. It uses only the generated protocol types
+//! (`stockd::pb`) of the server's library.
 //!
 //! - [`args`]: the command line (clap).
 //! - [`syntax`]: the ITEM (`SKU[@LOCATION]`) and LINE (`SKU[@LOCATION]:QTY`)
@@ -11,30 +13,49 @@
 //!
 //! Exit codes: 0 on success, 1 on an rpc error, 2 on a usage error.
 
-pub mod args;
-pub mod bench;
-pub mod commands;
-pub mod render;
-pub mod syntax;
-pub mod webhook;
+mod args;
+mod bench;
+mod commands;
+mod render;
+mod syntax;
+mod webhook;
 
 use std::io::{self, Write};
+use std::process::ExitCode;
 
-pub use args::Cli;
+use args::Cli;
+use clap::Parser;
 
 use commands::{Failure, Target};
 use render::Format;
 
 /// The command succeeded.
-pub const EXIT_OK: u8 = 0;
+const EXIT_OK: u8 = 0;
 /// The server answered with an error (or could not be reached).
-pub const EXIT_RPC_ERROR: u8 = 1;
+const EXIT_RPC_ERROR: u8 = 1;
 /// The command line was wrong (clap uses the same code).
-pub const EXIT_USAGE: u8 = 2;
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    // Usage errors exit with 2 here (clap's default).
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RPC_ERROR);
+        }
+    };
+    let code = runtime.block_on(run(cli, &mut io::stdout(), &mut io::stderr()));
+    ExitCode::from(code)
+}
 
 /// Runs a parsed command line; output goes to `out`, messages to `err`.
 /// Returns the process exit code.
-pub async fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+async fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let format = if cli.json {
         Format::Json
     } else {
@@ -93,7 +114,7 @@ mod tests {
     use tonic_types::{ErrorDetails, PreconditionViolation, StatusExt};
 
     use super::*;
-    use crate::pb;
+    use stockd::pb;
 
     /// (rpc, authorization header) of each call, in order.
     type Calls = Vec<(String, Option<String>)>;

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use crate::pb;
+use stockd::pb;
 
 /// How responses are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::args::Secret;
 use super::commands::{Admin, Failure};
 use super::render::{Align, Format, Table, clean, format_ms};
-use crate::pb;
+use stockd::pb;
 
 /// `--events` names: out_of_stock, back_in_stock, low_stock.
 fn webhook_event(name: &str) -> Result<pb::WebhookEvent, String> {
