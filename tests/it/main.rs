@@ -2,6 +2,7 @@
 //! Redis, one namespace per test so that tests run in parallel. One test
 //! binary for all of them keeps link time down.
 
+mod auth;
 mod cli;
 mod common;
 mod concurrency;
