@@ -18,6 +18,7 @@ mod model;
 mod operability;
 mod process;
 mod proxy;
+mod reasons;
 mod reconcile;
 mod redis_settings;
 mod validation;

@@ -18,6 +18,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use crate::common::*;
 use crate::faults::OwnRedis;
 use crate::process::Stockd;
+use crate::reasons::{reason, retry_delay};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -476,6 +477,13 @@ async fn oversized_requests_and_floods_are_refused_fast() {
     let served = results.iter().filter(|r| r.is_ok()).count();
     assert_eq!(shed + served, 400, "only refusals or successes");
     assert!(shed > 0, "the flood was shed");
+    for refusal in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(reason(refusal), "OVERLOADED");
+        assert!(
+            retry_delay(refusal).is_some(),
+            "worth retrying: {refusal:?}"
+        );
+    }
     let level = app.level("limit", "").await.unwrap();
     assert_eq!(
         level.reserved, served as i64,
