@@ -304,3 +304,67 @@ async fn webhook_list_pages_past_the_message_limit() {
     assert_eq!(listed_ids, ids);
     app.stop().await;
 }
+
+/// Answers the first page of Preload and never the second.
+struct StuckAfterOnePage;
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for StuckAfterOnePage {
+    async fn preload(
+        &self,
+        request: tonic::Request<pb::PreloadRequest>,
+    ) -> Result<tonic::Response<pb::PreloadResponse>, tonic::Status> {
+        if request.into_inner().cursor.is_empty() {
+            return Ok(tonic::Response::new(pb::PreloadResponse {
+                loaded: 1,
+                next_cursor: "pg:a\tdefault".into(),
+                ..Default::default()
+            }));
+        }
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_job_exits_130_with_its_cursor() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::admin_server::AdminServer::new(StuckAfterOnePage))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let ran = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, BufReader, Read};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stockctl"))
+            // The deadline ends the run should the signal be lost.
+            .args(["--addr", &addr.to_string(), "--timeout", "30s"])
+            .args(["preload", "--all"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        stderr.read_line(&mut first).unwrap();
+        // Waiting for the second page now: Ctrl-C.
+        let signalled = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(signalled.success());
+        let mut rest = String::new();
+        stderr.read_to_string(&mut rest).unwrap();
+        (child.wait().unwrap().code(), first, rest)
+    })
+    .await
+    .unwrap();
+    let (code, first, rest) = ran;
+    assert!(
+        first.starts_with("preloaded: 1 items") && first.contains("'pg:a\tdefault'"),
+        "{first}"
+    );
+    assert_eq!(code, Some(130), "{rest}");
+    assert_eq!(rest, "interrupted; resume with --cursor 'pg:a\tdefault'\n");
+}

@@ -346,6 +346,7 @@ async fn a_trimmed_resume_id_is_out_of_range_and_bad_requests_are_invalid() {
 
     let status = try_watch(&app, &["trim"], &entries[1].1).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(reason(&status), "OUT_OF_RANGE");
     assert!(status.message().contains(&entries[1].1), "{status:?}");
     // Still held: fine, and it starts right after.
     let mut ok = watch(&app, &["trim"], &keep_from).await;

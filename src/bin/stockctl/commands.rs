@@ -332,10 +332,13 @@ where
     let progress = Progress::start(what, display);
     let mut cursor = paging.cursor.unwrap_or_default();
     let mut done = 0;
+    // One listener for the whole job, so a Ctrl-C between two pages counts.
+    let interrupted = ctrl_c();
+    tokio::pin!(interrupted);
     let result = loop {
         let fetched = tokio::select! {
             fetched = fetch(cursor.clone(), paging.page_size) => fetched,
-            () = ctrl_c() => break Err(Failure::Interrupted { resume_cursor: cursor }),
+            () = &mut interrupted => break Err(Failure::Interrupted { resume_cursor: cursor }),
         };
         let page = match fetched {
             Ok(page) => page,
