@@ -29,13 +29,13 @@
 //! - [`app`]: wires config, Redis, the server and the background tasks
 //!   together: `run(config, listener, shutdown)`.
 //! - [`config`], [`telemetry`]: flags/environment and logging.
-//! - [`ctl`]: the `stockctl` command-line client.
+//! - [`pb`]: the generated protocol types, which the `stockctl` binary
+//!   (`src/bin/stockctl/`, its own module tree) also uses.
 
 pub mod app;
 pub mod backlog;
 pub mod config;
 pub mod consumer;
-pub mod ctl;
 pub mod domain;
 pub mod engine;
 pub mod error;

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::{Delta, Item, Level, Lines, RequestId, StockLevel, Ttl};
-use crate::error::{Error, Shortage};
+use crate::error::{ClosedState, Error, Shortage, UnknownItem};
 use crate::keys::{Keyspace, Partition, fnv1a_64};
 use crate::markers::{MarkerState, Markers};
 use crate::redis_conn::{CommandBatch, RedisConn};
@@ -623,7 +623,7 @@ impl Engine {
             let id = RequestId::parse("reservation_id", id)?;
             match self.locate(&id).await {
                 Ok(located) => located,
-                Err(Error::NotFound(_)) => return Ok(Expiry::Unknown),
+                Err(Error::UnknownReservation(_)) => return Ok(Expiry::Unknown),
                 Err(e) => return Err(e),
             }
         };
@@ -950,7 +950,7 @@ fn changed(outcome: Outcome, id: &RequestId) -> Result<Changed, Error> {
 }
 
 fn unknown_reservation(id: &RequestId) -> Error {
-    Error::NotFound(format!("unknown reservation {id}"))
+    Error::UnknownReservation(id.to_string())
 }
 
 /// The error a script's refusal stands for.
@@ -959,10 +959,12 @@ fn refusal(outcome: Outcome, id: &RequestId) -> Error {
         Outcome::Exists => {
             Error::AlreadyExists(format!("id {id} was already used for a different request"))
         }
-        Outcome::Missing(items) => {
-            let names: Vec<String> = items.iter().map(|(s, l)| format!("{l}/{s}")).collect();
-            Error::NotFound(format!("unknown item(s): {}", names.join(", ")))
-        }
+        Outcome::Missing(items) => Error::UnknownItems(
+            items
+                .into_iter()
+                .map(|(sku, location)| UnknownItem { sku, location })
+                .collect(),
+        ),
         Outcome::Short(lines) => Error::InsufficientStock(
             lines
                 .into_iter()
@@ -986,7 +988,13 @@ fn refusal(outcome: Outcome, id: &RequestId) -> Error {
             ))
         }
         Outcome::Unknown => unknown_reservation(id),
-        Outcome::State(state) => Error::FailedPrecondition(format!("reservation {id} is {state}")),
+        Outcome::State(state) => match ClosedState::parse(&state) {
+            Some(state) => Error::ReservationClosed {
+                id: id.to_string(),
+                state,
+            },
+            None => Error::Internal(format!("reservation {id} is in state {state:?}")),
+        },
         Outcome::NotDue => Error::FailedPrecondition(format!("reservation {id} is not due")),
         Outcome::Corrupt(detail) => {
             Error::Internal(format!("stock does not match reservation: {detail}"))

@@ -223,9 +223,11 @@ impl pb::admin_server::Admin for AdminService {
     #[tracing::instrument(name = "ListWebhooks", skip_all)]
     async fn list_webhooks(
         &self,
-        _request: Request<pb::ListWebhooksRequest>,
+        request: Request<pb::ListWebhooksRequest>,
     ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
-        Ok(Response::new(self.webhooks.list().await?))
+        Ok(Response::new(
+            self.webhooks.list(request.into_inner()).await?,
+        ))
     }
 
     #[tracing::instrument(name = "RemoveWebhook", skip_all, fields(id = request.get_ref().id))]

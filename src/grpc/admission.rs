@@ -15,6 +15,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::decode_errors;
+use crate::error::Error;
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
@@ -92,10 +93,7 @@ where
                     Some(Err(_)) => {
                         record(&rpc, Code::ResourceExhausted, started);
                         tracing::debug!("shed: too many requests in flight");
-                        return Ok(Status::resource_exhausted(
-                            "too many requests in flight; retry with backoff",
-                        )
-                        .into_http());
+                        return Ok(Status::from(Error::Overloaded).into_http());
                     }
                     Some(Ok(permit)) => Some(permit),
                     None => None,

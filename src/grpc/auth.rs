@@ -5,7 +5,8 @@ use tonic::{Request, Status};
 use crate::error::Error;
 
 /// An interceptor that lets a request through when no token is configured,
-/// or when it carries `authorization: Bearer <token>`.
+/// or when it carries `authorization: Bearer <token>` (the scheme in any
+/// case, as RFC 7235 has it: `bearer`, `BEARER`).
 #[derive(Clone)]
 pub struct RequireToken {
     token: Option<String>,
@@ -26,7 +27,7 @@ impl RequireToken {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
             Ok(request)
@@ -34,6 +35,15 @@ impl RequireToken {
             Err(Error::Unauthenticated.into())
         }
     }
+}
+
+/// The token of `Bearer <token>`: the scheme matched case-insensitively,
+/// then one or more spaces (RFC 7235 `credentials`, RFC 6750 `b64token`).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start_matches(' '))
 }
 
 /// Compares without an early exit on the first differing byte, so the time
@@ -65,5 +75,23 @@ mod tests {
         assert!(guarded.check(with_header("Bearer wrong!")).is_err());
         assert!(guarded.check(with_header("s3cret")).is_err());
         assert!(guarded.check(with_header("Bearer s3cret")).is_ok());
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_the_token_is_not() {
+        let guarded = RequireToken::new(Some("s3cret".into()));
+        for accepted in ["bearer s3cret", "BEARER s3cret", "bEaReR  s3cret"] {
+            assert!(guarded.check(with_header(accepted)).is_ok(), "{accepted}");
+        }
+        for refused in [
+            "Bearer S3CRET",
+            "Bearers3cret",
+            "Basic s3cret",
+            "Bearer",
+            "Bearer ",
+            "s3cret s3cret",
+        ] {
+            assert!(guarded.check(with_header(refused)).is_err(), "{refused}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use prost::Message;
 use rand::Rng;
 use sqlx::{PgPool, Row};
 
@@ -18,6 +19,13 @@ const MIN_SECRET_BYTES: usize = 16;
 const MAX_SECRET_BYTES: usize = 256;
 const DEFAULT_DEAD_LETTERS: u32 = 100;
 const MAX_DEAD_LETTERS: u32 = 1_000;
+/// Subscriptions per ListWebhooks page: the default and the most.
+const DEFAULT_PAGE_SIZE: u32 = 50;
+const MAX_PAGE_SIZE: u32 = 100;
+/// A page's encoded subscriptions stay under this, well below the 4 MiB
+/// message limit gRPC clients have by default (one subscription is at most
+/// about 130 KiB: 1,000 SKUs of 128 bytes and a 2 KiB URL).
+const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 #[derive(Clone)]
 pub struct Subscriptions {
@@ -240,17 +248,56 @@ impl Subscriptions {
         })
     }
 
-    pub async fn list(&self) -> Result<pb::ListWebhooksResponse, Error> {
+    /// One page of subscriptions in id order: at most `page_size` (0 = the
+    /// default), and fewer rather than pass [`MAX_PAGE_BYTES`] (always at
+    /// least one), so a page fits any client's message limit.
+    pub async fn list(
+        &self,
+        req: pb::ListWebhooksRequest,
+    ) -> Result<pb::ListWebhooksResponse, Error> {
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let after: i64 = if req.page_token.is_empty() {
+            0
+        } else {
+            req.page_token
+                .parse()
+                .map_err(|_| Error::invalid("page_token", "not a token this server gave"))?
+        };
+        // One more than the page, to know whether another page follows.
         let rows = sqlx::query(concat!(
             "SELECT ",
             webhook_columns!(),
-            " FROM webhook_subscriptions s ORDER BY s.id"
+            " FROM webhook_subscriptions s WHERE s.id > $1 ORDER BY s.id LIMIT $2"
         ))
+        .bind(after)
+        .bind(i64::from(page_size) + 1)
         .fetch_all(&self.pool)
         .await
         .map_err(Error::from)?;
+        let mut webhooks = Vec::new();
+        let mut bytes = 0;
+        for row in rows.iter().take(page_size as usize) {
+            let webhook = webhook(row);
+            bytes += webhook.encoded_len();
+            if !webhooks.is_empty() && bytes > MAX_PAGE_BYTES {
+                break;
+            }
+            webhooks.push(webhook);
+        }
+        let next_page_token = if rows.len() > webhooks.len() {
+            webhooks
+                .last()
+                .map(|w| w.id.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(pb::ListWebhooksResponse {
-            webhooks: rows.iter().map(webhook).collect(),
+            webhooks,
+            next_page_token,
         })
     }
 

@@ -8,6 +8,7 @@ use stockd::pb;
 use tonic::Code;
 
 use crate::common::*;
+use crate::reasons::{reason, retry_delay};
 
 /// A throwaway redis-server without persistence, killed on drop.
 pub struct OwnRedis {
@@ -104,6 +105,8 @@ async fn redis_gone_is_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), "REDIS_UNAVAILABLE");
+    assert!(retry_delay(&status).is_some(), "worth retrying: {status:?}");
     assert!(
         !status.message().contains("127.0.0.1"),
         "no infrastructure detail leaks: {status:?}"

@@ -13,6 +13,7 @@ use tonic::Code;
 
 use crate::common::*;
 use crate::proxy::FaultProxy;
+use crate::reasons::{reason, retry_delay};
 
 /// Random operations on `skus` from `clients` concurrent clients.
 pub async fn random_load(
@@ -294,7 +295,11 @@ async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
                 })
                 .await
             {
-                Err(s) if s.code() == Code::Unavailable => Some(id),
+                Err(s) if s.code() == Code::Unavailable => {
+                    assert_eq!(reason(&s), "BACKLOG");
+                    assert!(retry_delay(&s).is_some(), "worth retrying: {s:?}");
+                    Some(id)
+                }
                 Ok(_) => None,
                 Err(s) => panic!("{s:?}"),
             }

@@ -2,6 +2,8 @@
 //! Redis, one namespace per test so that tests run in parallel. One test
 //! binary for all of them keeps link time down.
 
+mod auth;
+mod cli;
 mod common;
 mod concurrency;
 mod crash;
@@ -16,6 +18,7 @@ mod model;
 mod operability;
 mod process;
 mod proxy;
+mod reasons;
 mod reconcile;
 mod redis_settings;
 mod validation;

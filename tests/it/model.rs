@@ -340,7 +340,7 @@ fn to_answer(result: Result<Changed, Error>) -> Answer {
                 .collect(),
             replayed: changed.replayed,
         },
-        Err(Error::NotFound(_)) => Answer::NotFound,
+        Err(Error::UnknownItems(_) | Error::UnknownReservation(_)) => Answer::NotFound,
         Err(Error::InsufficientStock(short)) => Answer::Short(
             short
                 .iter()
@@ -355,7 +355,7 @@ fn to_answer(result: Result<Changed, Error>) -> Answer {
                 .collect(),
         ),
         Err(Error::AlreadyExists(_)) => Answer::AlreadyExists,
-        Err(Error::FailedPrecondition(_)) => Answer::WrongState,
+        Err(Error::ReservationClosed { .. }) => Answer::WrongState,
         Err(Error::VersionMismatch { .. }) => Answer::VersionMismatch,
         Err(other) => panic!("unexpected error {other:?}"),
     }

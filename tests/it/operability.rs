@@ -18,6 +18,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use crate::common::*;
 use crate::faults::OwnRedis;
 use crate::process::Stockd;
+use crate::reasons::{reason, retry_delay};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -349,7 +350,7 @@ async fn tls_and_mutual_tls_refuse_plaintext_and_untrusted_clients() {
         .is_err()
     );
     // stockctl speaks TLS too.
-    let stockctl = |extra: &[&str]| {
+    let stockctl_run = |extra: &[&str], command: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_stockctl"))
             .args([
                 "--addr",
@@ -358,23 +359,25 @@ async fn tls_and_mutual_tls_refuse_plaintext_and_untrusted_clients() {
                 "localhost",
             ])
             .args(extra)
-            .args(["get", "x"])
+            .args(command)
             .env_remove("STOCKD_CLIENT_TOKEN")
             .stdin(Stdio::null())
             .output()
             .unwrap()
     };
+    let stockctl = |extra: &[&str]| stockctl_run(extra, &["get", "x"]);
     let ca_file = write(&dir, "ca.pem", &ca.pem);
     let cert_file = write(&dir, "client.pem", &client_cert);
     let key_file = write(&dir, "client.key", &client_key);
-    let ok = stockctl(&[
+    let mutual = [
         "--tls-ca",
         &ca_file,
         "--tls-cert",
         &cert_file,
         "--tls-key",
         &key_file,
-    ]);
+    ];
+    let ok = stockctl(&mutual);
     assert!(
         ok.status.success(),
         "{}",
@@ -385,11 +388,35 @@ async fn tls_and_mutual_tls_refuse_plaintext_and_untrusted_clients() {
         "{}",
         String::from_utf8_lossy(&ok.stdout)
     );
-    assert_eq!(
-        stockctl(&["--tls-ca", &ca_file]).status.code(),
-        Some(1),
-        "no client certificate"
+    // The server cuts the connection: UNAVAILABLE or UNKNOWN, depending on
+    // when the client notices.
+    let refused = stockctl(&["--tls-ca", &ca_file]).status.code();
+    assert!(
+        matches!(refused, Some(65..=80)),
+        "no client certificate: an rpc error, got {refused:?}"
     );
+    // So does its bench, with the same flags.
+    let bench = stockctl_run(
+        &[&mutual[..], &["--json"]].concat(),
+        &[
+            "bench",
+            "--workload",
+            "hot",
+            "--requests",
+            "20",
+            "--clients",
+            "2",
+            "--no-postgres-check",
+        ],
+    );
+    let report = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["outcomes"]["OK"], 20, "{report}");
     app.stop().await;
 
     // TLS without client certificates: any client that trusts the server.
@@ -476,6 +503,13 @@ async fn oversized_requests_and_floods_are_refused_fast() {
     let served = results.iter().filter(|r| r.is_ok()).count();
     assert_eq!(shed + served, 400, "only refusals or successes");
     assert!(shed > 0, "the flood was shed");
+    for refusal in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(reason(refusal), "OVERLOADED");
+        assert!(
+            retry_delay(refusal).is_some(),
+            "worth retrying: {refusal:?}"
+        );
+    }
     let level = app.level("limit", "").await.unwrap();
     assert_eq!(
         level.reserved, served as i64,

@@ -396,9 +396,10 @@ async fn stockctl_pages_through_preload_and_reconcile_with_progress() {
         (doc["checked"].as_u64(), doc["ledger_mismatch"].as_u64()),
         (Some(2), Some(0))
     );
+    let progress = String::from_utf8_lossy(&json.stderr);
     assert!(
-        json.stderr.is_empty(),
-        "JSON output keeps standard error clean"
+        progress.starts_with("reconciled: 2 items"),
+        "progress goes to standard error under --json too: {progress}"
     );
     pool.close().await;
     app.stop().await;

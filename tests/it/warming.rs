@@ -291,7 +291,7 @@ async fn a_cold_item_is_loaded_once_under_100_concurrent_requests() {
             Ttl::parse("ttl", 0).unwrap(),
         )
         .await;
-    assert!(matches!(ghost, Err(Error::NotFound(_))), "{ghost:?}");
+    assert!(matches!(ghost, Err(Error::UnknownItems(_))), "{ghost:?}");
     let (_, missing) = engine
         .get(&[Item::parse("", "ghost".into(), String::new()).unwrap()])
         .await

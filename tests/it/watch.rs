@@ -12,6 +12,7 @@ use tonic::codec::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::common::*;
+use crate::reasons::{reason, retry_delay};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -345,6 +346,7 @@ async fn a_trimmed_resume_id_is_out_of_range_and_bad_requests_are_invalid() {
 
     let status = try_watch(&app, &["trim"], &entries[1].1).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(reason(&status), "OUT_OF_RANGE");
     assert!(status.message().contains(&entries[1].1), "{status:?}");
     // Still held: fine, and it starts right after.
     let mut ok = watch(&app, &["trim"], &keep_from).await;
@@ -440,6 +442,8 @@ async fn a_slow_watcher_is_cut_and_can_resume_from_the_id_it_is_given() {
         }
     };
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "CLIENT_TOO_SLOW");
+    assert!(retry_delay(&status).is_some(), "worth retrying: {status:?}");
     assert!(status.message().contains("too slow"), "{status:?}");
     assert!(
         received.len() < 4_000,
@@ -491,6 +495,8 @@ async fn open_watches_end_at_shutdown_with_the_id_to_resume_from() {
         .expect("the watch ends")
         .expect_err("with a status");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), "SHUTTING_DOWN");
+    assert!(retry_delay(&status).is_some(), "worth retrying: {status:?}");
     assert!(
         status.message().ends_with(&last.event_id),
         "{status:?} names {}",

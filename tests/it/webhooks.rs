@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use clap::Parser;
 use stockd::pb;
 use stockd::webhooks::signing;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -337,21 +336,10 @@ async fn adjust(app: &TestApp, sku: &str, delta: i64) {
 }
 
 /// Runs a `stockctl` command line against the app; (exit code, stdout).
-async fn stockctl(app: &TestApp, args: &[&str]) -> (u8, String) {
-    let url = format!("http://{}", app.addr);
-    let argv = ["stockctl", "--addr", url.as_str()]
-        .into_iter()
-        .chain(args.iter().copied());
-    let cli = stockd::ctl::args::Cli::try_parse_from(argv).unwrap();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = stockd::ctl::run(cli, &mut out, &mut err).await;
-    let out = String::from_utf8(out).unwrap();
-    assert!(
-        code == 0,
-        "stockctl {args:?}: {}",
-        String::from_utf8_lossy(&err)
-    );
-    (code, out)
+async fn stockctl(app: &TestApp, args: &[&str]) -> (i32, String) {
+    let ran = crate::cli::stockctl(app.addr, args).await;
+    assert!(ran.code == 0, "stockctl {args:?}: {}", ran.stderr);
+    (ran.code, ran.stdout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

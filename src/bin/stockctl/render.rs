@@ -4,13 +4,15 @@
 //! The JSON documents are our own structs (the prost types do not implement
 //! serde); their field names are the wire names of DESIGN.md.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use serde::Serialize;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use crate::pb;
+use super::commands::RpcContext;
+use stockd::pb;
 
 /// How responses are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -526,12 +528,25 @@ pub struct ErrorDoc {
     /// The id a failed decrement/adjust/set was sent with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Where a paged job that failed midway resumes (`--cursor`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ErrorOut {
     pub code: &'static str,
+    /// The `google.rpc.ErrorInfo` reason, e.g. `OUT_OF_STOCK` (none when
+    /// the status did not come from stockd, e.g. a connection failure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub message: String,
+    /// The ErrorInfo metadata, e.g. `reservation_id`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// From `google.rpc.RetryInfo`: the server advises a retry after this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u128>,
     pub details: Vec<DetailOut>,
 }
 
@@ -550,41 +565,47 @@ pub enum DetailOut {
 
 impl ErrorOut {
     pub fn from_status(status: &Status) -> Self {
+        let all = status.get_error_details();
         let mut details = Vec::new();
-        if let Some(pf) = status.get_details_precondition_failure() {
+        if let Some(pf) = all.precondition_failure() {
             details.extend(
                 pf.violations
-                    .into_iter()
+                    .iter()
                     .map(|v| DetailOut::PreconditionFailure {
-                        violation_type: v.r#type,
-                        subject: v.subject,
-                        description: v.description,
+                        violation_type: v.r#type.clone(),
+                        subject: v.subject.clone(),
+                        description: v.description.clone(),
                     }),
             );
         }
-        if let Some(br) = status.get_details_bad_request() {
-            details.extend(
-                br.field_violations
-                    .into_iter()
-                    .map(|v| DetailOut::BadRequest {
-                        field: v.field,
-                        description: v.description,
-                    }),
-            );
+        if let Some(br) = all.bad_request() {
+            details.extend(br.field_violations.iter().map(|v| DetailOut::BadRequest {
+                field: v.field.clone(),
+                description: v.description.clone(),
+            }));
         }
+        let info = all.error_info();
         ErrorOut {
             code: code_name(status.code()),
+            reason: info.map(|i| i.reason.clone()),
             message: status.message().to_owned(),
+            metadata: info
+                .map(|i| i.metadata.clone().into_iter().collect())
+                .unwrap_or_default(),
+            retry_after_ms: all
+                .retry_info()
+                .and_then(|r| r.retry_delay)
+                .map(|d| d.as_millis()),
             details,
         }
     }
 }
 
 /// Prints a failed rpc: the JSON document on `out` with `--json`, otherwise
-/// `error: CODE: message` and one line per detail on `err`.
+/// `error: CODE (REASON): message` and one line per detail on `err`.
 pub fn write_error(
     status: &Status,
-    request_id: Option<&RequestId>,
+    context: &RpcContext,
     format: Format,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -594,16 +615,22 @@ pub fn write_error(
         Format::Json => {
             let doc = ErrorDoc {
                 error: e,
-                request_id: request_id.map(|r| r.id.clone()),
+                request_id: context.request_id.as_ref().map(|r| r.id.clone()),
+                resume_cursor: context.resume_cursor.clone(),
             };
             serde_json::to_writer_pretty(&mut *out, &doc).map_err(io::Error::other)?;
             writeln!(out)
         }
         Format::Table => {
+            let code = match &e.reason {
+                // The reason adds nothing when it only repeats the code.
+                Some(reason) if reason != e.code => format!("{} ({})", e.code, clean(reason)),
+                _ => e.code.to_owned(),
+            };
             if e.message.is_empty() {
-                writeln!(err, "error: {}", e.code)?;
+                writeln!(err, "error: {code}")?;
             } else {
-                writeln!(err, "error: {}: {}", e.code, clean(&e.message))?;
+                writeln!(err, "error: {code}: {}", clean(&e.message))?;
             }
             for d in &e.details {
                 match d {
@@ -617,11 +644,58 @@ pub fn write_error(
                     }
                 }
             }
-            if let Some(r) = request_id {
+            if let Some(ms) = e.retry_after_ms {
+                writeln!(err, "retry after: {ms} ms")?;
+            }
+            if let Some(r) = &context.request_id {
                 let (k, v) = request_id_field(r);
                 writeln!(err, "{k}: {v}")?;
             }
+            if let Some(cursor) = &context.resume_cursor {
+                writeln!(err, "resume with: --cursor {}", shell_word(cursor))?;
+            }
             Ok(())
+        }
+    }
+}
+
+/// The `{ "error": ... }` document of a command line that cannot work.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct UsageErrorDoc<'a> {
+    error: UsageErrorOut<'a>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct UsageErrorOut<'a> {
+    code: &'static str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<&'a str>,
+}
+
+/// Prints a usage error on `err`: `error: message`, or with `--json` a JSON
+/// document `{"error": {"code": "USAGE", "message", "usage"}}`. `text` may
+/// be clap's whole report (`error: ...`, then `Usage: ...`).
+pub fn write_usage_error(text: &str, format: Format, err: &mut dyn Write) -> io::Result<()> {
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or_default();
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    match format {
+        Format::Table => writeln!(
+            err,
+            "error: {}",
+            text.strip_prefix("error: ").unwrap_or(text)
+        ),
+        Format::Json => {
+            let doc = UsageErrorDoc {
+                error: UsageErrorOut {
+                    code: "USAGE",
+                    message,
+                    usage: lines.find_map(|l| l.strip_prefix("Usage: ")),
+                },
+            };
+            serde_json::to_writer(&mut *err, &doc).map_err(io::Error::other)?;
+            writeln!(err)
         }
     }
 }
@@ -808,6 +882,16 @@ pub fn clean(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// `s` as one shell word, single-quoted when it holds anything but plain
+/// characters (a resume cursor holds a tab), so it can be pasted back.
+pub fn shell_word(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_.,:/=@%+".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        return s.to_owned();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// Unix milliseconds as an RFC 3339 UTC timestamp, e.g.
@@ -1032,6 +1116,22 @@ missing: nope@default
         );
     }
 
+    /// What `write_error` prints: (stdout, stderr).
+    fn printed(status: &Status, context: &RpcContext, format: Format) -> (String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        write_error(status, context, format, &mut out, &mut err).unwrap();
+        (
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    fn printed_table(status: &Status) -> String {
+        let (out, err) = printed(status, &RpcContext::default(), Format::Table);
+        assert!(out.is_empty(), "{out}");
+        err
+    }
+
     #[test]
     fn precondition_failure_one_line_per_violation() {
         let status = Status::with_error_details(
@@ -1042,20 +1142,14 @@ missing: nope@default
                 PreconditionViolation::new("STOCK", "default/b", "requested 2, available 0"),
             ]),
         );
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        write_error(&status, None, Format::Table, &mut out, &mut err).unwrap();
-        assert!(out.is_empty());
         assert_eq!(
-            String::from_utf8(err).unwrap(),
+            printed_table(&status),
             "error: FAILED_PRECONDITION: not enough stock\n  berlin/a: requested 3, available 1\n  default/b: requested 2, available 0\n"
         );
 
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        write_error(&status, None, Format::Json, &mut out, &mut err).unwrap();
+        let (out, err) = printed(&status, &RpcContext::default(), Format::Json);
         assert!(err.is_empty());
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["error"]["code"], "FAILED_PRECONDITION");
         assert_eq!(v["error"]["message"], "not enough stock");
         assert_eq!(
@@ -1079,11 +1173,8 @@ missing: nope@default
                 "must be 1..=1000000",
             )]),
         );
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        write_error(&status, None, Format::Table, &mut out, &mut err).unwrap();
         assert_eq!(
-            String::from_utf8(err).unwrap(),
+            printed_table(&status),
             "error: INVALID_ARGUMENT: lines[0].quantity out of range\n  field lines[0].quantity: must be 1..=1000000\n"
         );
     }
@@ -1091,16 +1182,66 @@ missing: nope@default
     #[test]
     fn plain_error_and_control_characters() {
         let status = Status::new(Code::Unimplemented, "");
-        let mut err = Vec::new();
-        write_error(&status, None, Format::Table, &mut Vec::new(), &mut err).unwrap();
-        assert_eq!(String::from_utf8(err).unwrap(), "error: UNIMPLEMENTED\n");
-
+        assert_eq!(printed_table(&status), "error: UNIMPLEMENTED\n");
         let status = Status::not_found("unknown sku \u{1b}[31mred");
+        assert_eq!(
+            printed_table(&status),
+            "error: NOT_FOUND: unknown sku \\u{1b}[31mred\n"
+        );
+    }
+
+    #[test]
+    fn reason_and_retry_advice() {
+        let mut details = ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(2)));
+        details.set_error_info("BACKLOG", "stockd.v1", std::collections::HashMap::new());
+        let status = Status::with_error_details(Code::Unavailable, "retry later", details);
+        let context = RpcContext {
+            request_id: None,
+            resume_cursor: Some("pg:42".into()),
+        };
+        let (_, err) = printed(&status, &context, Format::Table);
+        assert_eq!(
+            err,
+            "error: UNAVAILABLE (BACKLOG): retry later\nretry after: 2000 ms\nresume with: --cursor pg:42\n"
+        );
+        let (out, _) = printed(&status, &context, Format::Json);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["error"]["reason"], "BACKLOG");
+        assert_eq!(v["error"]["retry_after_ms"], 2000);
+        assert_eq!(v["resume_cursor"], "pg:42");
+        assert!(
+            v["error"].get("metadata").is_none(),
+            "empty metadata is left out"
+        );
+    }
+
+    #[test]
+    fn shell_words_paste_back() {
+        assert_eq!(shell_word("redis:42"), "redis:42");
+        assert_eq!(shell_word("pg:a\tdefault"), "'pg:a\tdefault'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
+    }
+
+    #[test]
+    fn usage_error_documents() {
+        let clap_text = "error: unexpected argument '--nope' found\n\nUsage: stockctl get <ITEM>...\n\nFor more information, try '--help'.\n";
         let mut err = Vec::new();
-        write_error(&status, None, Format::Table, &mut Vec::new(), &mut err).unwrap();
+        write_usage_error(clap_text, Format::Json, &mut err).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&err).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {
+                "code": "USAGE",
+                "message": "unexpected argument '--nope' found",
+                "usage": "stockctl get <ITEM>...",
+            }})
+        );
+        let mut err = Vec::new();
+        write_usage_error("invalid --admin-token: empty", Format::Table, &mut err).unwrap();
         assert_eq!(
             String::from_utf8(err).unwrap(),
-            "error: NOT_FOUND: unknown sku \\u{1b}[31mred\n"
+            "error: invalid --admin-token: empty\n"
         );
     }
 

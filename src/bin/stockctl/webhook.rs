@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::args::Secret;
 use super::commands::{Admin, Failure};
 use super::render::{Align, Format, Table, clean, format_ms};
-use crate::pb;
+use stockd::pb;
 
 /// `--events` names: out_of_stock, back_in_stock, low_stock.
 fn webhook_event(name: &str) -> Result<pb::WebhookEvent, String> {
@@ -186,15 +186,9 @@ pub async fn execute(
                 generated_secret: (!r.generated_secret.is_empty()).then_some(r.generated_secret),
             })
         }
-        WebhookCommand::List => {
-            let r = admin
-                .list_webhooks(pb::ListWebhooksRequest {})
-                .await?
-                .into_inner();
-            WebhookOutput::List {
-                webhooks: r.webhooks.into_iter().map(Into::into).collect(),
-            }
-        }
+        WebhookCommand::List => WebhookOutput::List {
+            webhooks: list_every_page(admin).await?,
+        },
         WebhookCommand::Remove { id } => {
             let r = admin
                 .remove_webhook(pb::RemoveWebhookRequest { id })
@@ -240,6 +234,27 @@ pub async fn execute(
     output.write(format, out)?;
     out.flush()?;
     Ok(())
+}
+
+/// Every subscription, page by page (a page stays under the message limit
+/// however large the subscriptions are).
+async fn list_every_page(admin: &mut Admin) -> Result<Vec<WebhookOut>, Failure> {
+    let mut webhooks = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_webhooks(pb::ListWebhooksRequest {
+                page_size: 0,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        webhooks.extend(page.webhooks.into_iter().map(WebhookOut::from));
+        if page.next_page_token.is_empty() {
+            return Ok(webhooks);
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 fn or_dash(s: String) -> String {

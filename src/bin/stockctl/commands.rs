@@ -1,43 +1,81 @@
 //! Runs one `stockctl` command against the server.
 
 use std::io::{self, Write};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tonic::codegen::InterceptedService;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 
-use super::args::{Command, RequestIdArg, Secret};
+use super::args::{Command, PagingArgs, RequestIdArg, Secret};
+use super::progress::{self, Progress};
 use super::render::{
     self, DecrementOut, EventOut, ExtendOut, Format, GetOut, LevelOut, Output, PreloadOut,
     ReconcileOut, RequestId, ReserveOut, SettleOut,
 };
-use crate::pb;
-use crate::pb::admin_client::AdminClient;
-use crate::pb::inventory_client::InventoryClient;
+use stockd::pb;
+use stockd::pb::admin_client::AdminClient;
+use stockd::pb::inventory_client::InventoryClient;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a command did not succeed.
 #[derive(Debug)]
 pub enum Failure {
-    /// The server (or the connection to it) answered with an error status;
-    /// with the request id of a mutating request, since a retry with the
-    /// same id is safe (the server returns the first outcome).
-    Rpc(Status, Option<RequestId>),
+    /// The server (or the connection to it) answered with an error status.
+    Rpc(Status, RpcContext),
     /// The invocation cannot work (e.g. a token that is not a header value).
     Usage(String),
     /// Writing the output failed.
     Io(io::Error),
     /// The command ran but failed otherwise (e.g. a bench run's checks).
     Other(String),
+    /// Reconcile found this many items out of sync (its report is printed).
+    OutOfSync(u64),
+    /// A paged job was stopped by the user; it resumes at this cursor
+    /// (empty: it had not started).
+    Interrupted { resume_cursor: String },
+}
+
+/// What to tell the user besides the status of a failed rpc.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RpcContext {
+    /// The id of a mutating request: a retry with the same id is safe (the
+    /// server returns the first outcome).
+    pub request_id: Option<RequestId>,
+    /// Where a paged job that failed midway resumes.
+    pub resume_cursor: Option<String>,
+}
+
+impl Failure {
+    /// A failed rpc. tonic reports a deadline that passed on this side as
+    /// CANCELLED: it is DEADLINE_EXCEEDED, as when the server notices first.
+    pub fn rpc(status: Status, context: RpcContext) -> Self {
+        let timed_out = std::iter::successors(std::error::Error::source(&status), |e| e.source())
+            .any(|e| e.is::<tonic::TimeoutExpired>());
+        let status = if status.code() == Code::Cancelled && timed_out {
+            Status::deadline_exceeded("the deadline (--timeout) passed")
+        } else {
+            status
+        };
+        Failure::Rpc(status, context)
+    }
+
+    /// A failed mutating request sent with `request_id`.
+    pub fn rpc_with_id(status: Status, request_id: &RequestId) -> Self {
+        let context = RpcContext {
+            request_id: Some(request_id.clone()),
+            ..RpcContext::default()
+        };
+        Failure::rpc(status, context)
+    }
 }
 
 impl From<Status> for Failure {
     fn from(s: Status) -> Self {
-        Failure::Rpc(s, None)
+        Failure::rpc(s, RpcContext::default())
     }
 }
 
@@ -47,32 +85,67 @@ impl From<io::Error> for Failure {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every request when a token is set.
+/// What every request of one client carries: `authorization: Bearer
+/// <token>` when a token is set, and the deadline (`grpc-timeout`, which
+/// the channel enforces too) when one is set.
 #[derive(Clone, Default)]
-pub struct BearerAuth(Option<MetadataValue<Ascii>>);
+pub struct CallSettings {
+    authorization: Option<MetadataValue<Ascii>>,
+    timeout: Option<Duration>,
+}
 
-impl BearerAuth {
-    /// `which` names the flag for the error message; the token is never
-    /// shown. An empty token (e.g. `STOCKD_ADMIN_TOKEN=`) counts as unset.
-    pub fn new(token: Option<&Secret>, which: &str) -> Result<Self, Failure> {
-        match token {
-            None => Ok(BearerAuth(None)),
-            Some(t) if t.expose().is_empty() => Ok(BearerAuth(None)),
+impl CallSettings {
+    /// `which` names the token's flag for the error message; the token is
+    /// never shown. An empty token (e.g. `STOCKD_ADMIN_TOKEN=`) counts as
+    /// unset.
+    pub fn new(
+        token: Option<&Secret>,
+        which: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Self, Failure> {
+        let authorization = match token {
+            None => None,
+            Some(t) if t.expose().is_empty() => None,
             Some(t) => {
                 let mut v = t
                     .bearer()
                     .map_err(|e| Failure::Usage(format!("invalid {which}: {e}")))?;
                 v.set_sensitive(true);
-                Ok(BearerAuth(Some(v)))
+                Some(v)
             }
-        }
+        };
+        Ok(CallSettings {
+            authorization,
+            timeout,
+        })
+    }
+
+    /// For the Inventory service.
+    pub fn client(target: &Target) -> Result<Self, Failure> {
+        Self::new(
+            target.client_token.as_ref(),
+            "--client-token / STOCKD_CLIENT_TOKEN",
+            target.timeout,
+        )
+    }
+
+    /// For the Admin service.
+    pub fn admin(target: &Target) -> Result<Self, Failure> {
+        Self::new(
+            target.admin_token.as_ref(),
+            "--admin-token / STOCKD_ADMIN_TOKEN",
+            target.timeout,
+        )
     }
 }
 
-impl Interceptor for BearerAuth {
+impl Interceptor for CallSettings {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
+        if let Some(v) = &self.authorization {
             req.metadata_mut().insert("authorization", v.clone());
+        }
+        if let Some(timeout) = self.timeout {
+            req.set_timeout(timeout);
         }
         Ok(req)
     }
@@ -85,6 +158,10 @@ pub struct Target {
     pub client_token: Option<Secret>,
     /// TLS settings for an https:// address.
     pub tls: TlsFiles,
+    /// The deadline of each rpc.
+    pub timeout: Option<Duration>,
+    /// How long jobs show their progress.
+    pub progress: progress::Display,
 }
 
 /// Where the client's TLS material is.
@@ -139,17 +216,33 @@ fn request_id(arg: RequestIdArg) -> RequestId {
     }
 }
 
-async fn connect(addr: &str, tls: &TlsFiles) -> Result<Channel, Failure> {
-    let mut endpoint = Endpoint::from_shared(addr.to_owned())
-        .map_err(|e| Status::invalid_argument(format!("bad address {addr}: {e}")))?
-        .connect_timeout(CONNECT_TIMEOUT);
+/// The server's endpoint: TLS for an https:// address; connecting gives up
+/// after 5 s, or after `--timeout` when that is shorter.
+pub fn endpoint(target: &Target) -> Result<Endpoint, Failure> {
+    let addr = &target.addr;
+    let connect_timeout = target
+        .timeout
+        .map_or(CONNECT_TIMEOUT, |t| t.min(CONNECT_TIMEOUT));
+    let mut endpoint = Endpoint::from_shared(addr.clone())
+        .map_err(|e| Failure::Usage(format!("bad address {addr}: {e}")))?
+        .connect_timeout(connect_timeout);
     if addr.starts_with("https://") {
         endpoint = endpoint
-            .tls_config(tls.config()?)
+            .tls_config(target.tls.config()?)
             .map_err(|e| Failure::Usage(format!("TLS settings: {}", error_chain(&e))))?;
     }
+    Ok(endpoint)
+}
+
+/// Connects `endpoint`; a failure is UNAVAILABLE, as if the server had said so.
+pub async fn connect(endpoint: Endpoint) -> Result<Channel, Failure> {
     endpoint.connect().await.map_err(|e| {
-        Status::unavailable(format!("cannot connect to {addr}: {}", error_chain(&e))).into()
+        Status::unavailable(format!(
+            "cannot connect to {}: {}",
+            endpoint.uri(),
+            error_chain(&e)
+        ))
+        .into()
     })
 }
 
@@ -168,8 +261,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-pub type Inventory = InventoryClient<InterceptedService<Channel, BearerAuth>>;
-pub type Admin = AdminClient<InterceptedService<Channel, BearerAuth>>;
+pub type Inventory = InventoryClient<InterceptedService<Channel, CallSettings>>;
+pub type Admin = AdminClient<InterceptedService<Channel, CallSettings>>;
 
 /// Whether `command` calls the Admin service (and so sends the admin token).
 pub fn is_admin(command: &Command) -> bool {
@@ -187,94 +280,144 @@ pub fn is_admin(command: &Command) -> bool {
         | Command::Decrement { .. }
         | Command::Adjust { .. }
         | Command::Watch { .. }
-        | Command::Bench(_) => false,
+        | Command::Bench(_)
+        | Command::Completions { .. } => false,
     }
 }
 
-/// Items per page of `preload --all` and `reconcile --all`: each page is one
-/// rpc, so progress shows between them.
-const PAGE_SIZE: u32 = 50_000;
 /// Items of a paged reconcile shown with both sides.
 const MAX_RECONCILE_ITEMS: usize = 100;
 
-/// One progress line on standard error (tables only: JSON output stays clean).
-fn progress(
-    err: &mut dyn Write,
-    format: Format,
-    started: Instant,
-    done: u64,
-    what: &str,
-) -> Result<(), Failure> {
-    if format == Format::Table {
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        writeln!(
-            err,
-            "{what}: {done} items, {:.1} s, {:.0} items/s",
-            secs,
-            done as f64 / secs
-        )?;
-    }
-    Ok(())
+/// A page of `--all`: how many items it covered, and where the next starts.
+trait Page {
+    fn items(&self) -> u64;
+    /// Empty after the last page.
+    fn next_cursor(&self) -> &str;
 }
 
-/// `preload --all`, page by page with progress; the totals.
+impl Page for pb::PreloadResponse {
+    fn items(&self) -> u64 {
+        self.loaded + self.skipped
+    }
+    fn next_cursor(&self) -> &str {
+        &self.next_cursor
+    }
+}
+
+impl Page for pb::ReconcileResponse {
+    fn items(&self) -> u64 {
+        self.checked
+    }
+    fn next_cursor(&self) -> &str {
+        &self.next_cursor
+    }
+}
+
+/// Fetches one page after another until the cursor comes back empty,
+/// showing progress; `fetch` sends one rpc (cursor, page size), `add` takes
+/// each page in. Ctrl-C, or a failed page, stops the job with the cursor to
+/// resume from.
+async fn every_page<P, Fut>(
+    what: &'static str,
+    paging: PagingArgs,
+    display: progress::Display,
+    err: &mut dyn Write,
+    mut fetch: impl FnMut(String, u32) -> Fut,
+    mut add: impl FnMut(P),
+) -> Result<(), Failure>
+where
+    P: Page,
+    Fut: Future<Output = Result<P, Status>>,
+{
+    let progress = Progress::start(what, display);
+    let mut cursor = paging.cursor.unwrap_or_default();
+    let mut done = 0;
+    // One listener for the whole job, so a Ctrl-C between two pages counts.
+    let interrupted = ctrl_c();
+    tokio::pin!(interrupted);
+    let result = loop {
+        let fetched = tokio::select! {
+            fetched = fetch(cursor.clone(), paging.page_size) => fetched,
+            () = &mut interrupted => break Err(Failure::Interrupted { resume_cursor: cursor }),
+        };
+        let page = match fetched {
+            Ok(page) => page,
+            Err(status) => {
+                let context = RpcContext {
+                    resume_cursor: (!cursor.is_empty()).then_some(cursor),
+                    ..RpcContext::default()
+                };
+                break Err(Failure::rpc(status, context));
+            }
+        };
+        done += page.items();
+        let next = page.next_cursor().to_owned();
+        add(page);
+        if let Err(e) = progress.page(done, &next, err) {
+            break Err(e.into());
+        }
+        if next.is_empty() {
+            break Ok(());
+        }
+        cursor = next;
+    };
+    progress.finish();
+    result
+}
+
+/// `preload --all`, page by page; the totals.
 async fn preload_everything(
-    admin: &mut Admin,
-    format: Format,
+    admin: &Admin,
+    paging: PagingArgs,
+    display: progress::Display,
     err: &mut dyn Write,
 ) -> Result<pb::PreloadResponse, Failure> {
-    let started = Instant::now();
     let mut total = pb::PreloadResponse::default();
-    let mut cursor = String::new();
-    loop {
-        let page = admin
-            .preload(pb::PreloadRequest {
+    let fetch = |cursor, page_size| {
+        let mut admin = admin.clone();
+        async move {
+            let request = pb::PreloadRequest {
                 all: true,
-                page_size: PAGE_SIZE,
+                page_size,
                 cursor,
                 ..Default::default()
-            })
-            .await?
-            .into_inner();
+            };
+            Ok(admin.preload(request).await?.into_inner())
+        }
+    };
+    let add = |page: pb::PreloadResponse| {
         total.loaded += page.loaded;
         total.skipped += page.skipped;
         total.not_found += page.not_found;
-        progress(
-            err,
-            format,
-            started,
-            total.loaded + total.skipped,
-            "preloaded",
-        )?;
-        if page.next_cursor.is_empty() {
-            return Ok(total);
-        }
-        cursor = page.next_cursor;
-    }
+    };
+    every_page("preloaded", paging, display, err, fetch, add).await?;
+    Ok(total)
 }
 
-/// `reconcile --all`, page by page with progress; the totals and the first
-/// items that are not in sync.
+/// `reconcile --all`, page by page; the totals and the first items that are
+/// not in sync.
 async fn reconcile_everything(
-    admin: &mut Admin,
+    admin: &Admin,
     mode: pb::ReconcileMode,
-    format: Format,
+    paging: PagingArgs,
+    display: progress::Display,
     err: &mut dyn Write,
 ) -> Result<pb::ReconcileResponse, Failure> {
-    let started = Instant::now();
     let mut total = pb::ReconcileResponse::default();
-    let mut cursor = String::new();
-    loop {
-        let page = admin
-            .reconcile(pb::ReconcileRequest {
+    let fetch = |cursor, page_size| {
+        let mut admin = admin.clone();
+        async move {
+            let request = pb::ReconcileRequest {
                 all: true,
                 mode: mode as i32,
-                page_size: PAGE_SIZE,
+                page_size,
                 cursor,
                 ..Default::default()
-            })
-            .await?
-            .into_inner();
+            };
+            Ok(admin.reconcile(request).await?.into_inner())
+        }
+    };
+    let add = |page: pb::ReconcileResponse| {
         total.checked += page.checked;
         total.in_sync += page.in_sync;
         total.pending_flush += page.pending_flush;
@@ -286,12 +429,14 @@ async fn reconcile_everything(
         total.repaired += page.repaired;
         let room = MAX_RECONCILE_ITEMS.saturating_sub(total.items.len());
         total.items.extend(page.items.into_iter().take(room));
-        progress(err, format, started, total.checked, "reconciled")?;
-        if page.next_cursor.is_empty() {
-            return Ok(total);
-        }
-        cursor = page.next_cursor;
-    }
+    };
+    every_page("reconciled", paging, display, err, fetch, add).await?;
+    Ok(total)
+}
+
+/// Items a reconcile found in a class other than in_sync and pending_flush.
+fn out_of_sync(r: &pb::ReconcileResponse) -> u64 {
+    r.redis_stale + r.drift + r.missing_in_redis + r.missing_in_postgres + r.ledger_mismatch
 }
 
 /// Runs `command`; prints its output on `out` (watch: as events arrive).
@@ -302,29 +447,28 @@ pub async fn execute(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<(), Failure> {
-    // bench connects by itself, with both tokens.
     let command = match command {
+        // bench connects by itself, with both tokens.
         Command::Bench(args) => return super::bench::run(args, target, format, out, err).await,
+        Command::Completions { shell } => {
+            let mut cli = <super::args::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "stockctl", out);
+            out.flush()?;
+            return Ok(());
+        }
         command => command,
     };
     // Only the token of the service the command uses is checked and sent,
     // before connecting, so a bad token is reported as such.
-    let (client_auth, admin_auth) = if is_admin(&command) {
-        let auth = BearerAuth::new(
-            target.admin_token.as_ref(),
-            "--admin-token / STOCKD_ADMIN_TOKEN",
-        )?;
-        (BearerAuth::default(), auth)
+    let (client_settings, admin_settings) = if is_admin(&command) {
+        (CallSettings::default(), CallSettings::admin(target)?)
     } else {
-        let auth = BearerAuth::new(
-            target.client_token.as_ref(),
-            "--client-token / STOCKD_CLIENT_TOKEN",
-        )?;
-        (auth, BearerAuth::default())
+        (CallSettings::client(target)?, CallSettings::default())
     };
-    let channel = connect(&target.addr, &target.tls).await?;
-    let mut inventory: Inventory = InventoryClient::with_interceptor(channel.clone(), client_auth);
-    let mut admin: Admin = AdminClient::with_interceptor(channel, admin_auth);
+    let channel = connect(endpoint(target)?).await?;
+    let mut inventory: Inventory =
+        InventoryClient::with_interceptor(channel.clone(), client_settings);
+    let mut admin: Admin = AdminClient::with_interceptor(channel, admin_settings);
 
     let output = match command {
         Command::Get { items } => {
@@ -352,7 +496,7 @@ pub async fn execute(
                     expected_version,
                 })
                 .await
-                .map_err(|s| Failure::Rpc(s, Some(rid.clone())))?
+                .map_err(|s| Failure::rpc_with_id(s, &rid))?
                 .into_inner();
             Output::Level(LevelOut::from_set(rid, r))
         }
@@ -413,7 +557,7 @@ pub async fn execute(
                     lines: lines.into_iter().map(Into::into).collect(),
                 })
                 .await
-                .map_err(|s| Failure::Rpc(s, Some(rid.clone())))?
+                .map_err(|s| Failure::rpc_with_id(s, &rid))?
                 .into_inner();
             Output::Decrement(DecrementOut::new(rid, r))
         }
@@ -433,13 +577,13 @@ pub async fn execute(
                     reason,
                 })
                 .await
-                .map_err(|s| Failure::Rpc(s, Some(rid.clone())))?
+                .map_err(|s| Failure::rpc_with_id(s, &rid))?
                 .into_inner();
             Output::Level(LevelOut::from_adjust(rid, r))
         }
-        Command::Preload { skus, all } => {
+        Command::Preload { skus, all, paging } => {
             let r = if all {
-                preload_everything(&mut admin, format, err).await?
+                preload_everything(&admin, paging, target.progress, err).await?
             } else {
                 admin
                     .preload(pb::PreloadRequest {
@@ -451,14 +595,19 @@ pub async fn execute(
             };
             Output::Preload(PreloadOut::from(r))
         }
-        Command::Reconcile { skus, all, repair } => {
+        Command::Reconcile {
+            skus,
+            all,
+            repair,
+            paging,
+        } => {
             let mode = if repair {
                 pb::ReconcileMode::Repair
             } else {
                 pb::ReconcileMode::Report
             };
             let r = if all {
-                reconcile_everything(&mut admin, mode, format, err).await?
+                reconcile_everything(&admin, mode, paging, target.progress, err).await?
             } else {
                 admin
                     .reconcile(pb::ReconcileRequest {
@@ -469,7 +618,13 @@ pub async fn execute(
                     .await?
                     .into_inner()
             };
-            Output::Reconcile(ReconcileOut::from(r))
+            let found = out_of_sync(&r);
+            Output::Reconcile(ReconcileOut::from(r)).write(format, out)?;
+            out.flush()?;
+            return match found {
+                0 => Ok(()),
+                n => Err(Failure::OutOfSync(n)),
+            };
         }
         Command::FlushStatus => {
             let r = admin
@@ -478,7 +633,7 @@ pub async fn execute(
                 .into_inner();
             Output::FlushStatus(r.into())
         }
-        Command::Bench(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::Completions { .. } => unreachable!("handled above"),
         Command::Webhook(command) => {
             return super::webhook::execute(&mut admin, command, format, out).await;
         }
@@ -579,11 +734,11 @@ mod tests {
     #[test]
     fn interceptor_adds_bearer_only_when_set() {
         let token: Secret = "tok".parse().unwrap();
-        let mut auth = BearerAuth::new(Some(&token), "--admin-token").unwrap();
+        let mut auth = CallSettings::new(Some(&token), "--admin-token", None).unwrap();
         let req = auth.call(Request::new(())).unwrap();
         assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer tok");
 
-        let mut none = BearerAuth::new(None, "--admin-token").unwrap();
+        let mut none = CallSettings::new(None, "--admin-token", None).unwrap();
         let req = none.call(Request::new(())).unwrap();
         assert!(req.metadata().get("authorization").is_none());
     }
@@ -591,7 +746,7 @@ mod tests {
     #[test]
     fn invalid_token_is_a_usage_error_without_the_token() {
         let token: Secret = "bad token".parse().unwrap();
-        match BearerAuth::new(Some(&token), "--admin-token") {
+        match CallSettings::new(Some(&token), "--admin-token", None) {
             Err(Failure::Usage(m)) => {
                 assert!(m.contains("--admin-token"), "{m}");
                 assert!(!m.contains("bad token"), "{m}");

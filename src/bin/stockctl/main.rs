@@ -1,4 +1,6 @@
-//! `stockctl`, the command-line client for people and scripts.
+//! `stockctl` — the command-line client of the stockd inventory server, for
+//! people and scripts. It uses only the generated protocol types
+//! (`stockd::pb`) of the server's library.
 //!
 //! - [`args`]: the command line (clap).
 //! - [`syntax`]: the ITEM (`SKU[@LOCATION]`) and LINE (`SKU[@LOCATION]:QTY`)
@@ -8,33 +10,104 @@
 //! - [`render`]: tables, JSON documents and error reports.
 //! - [`bench`]: `stockctl bench`, the load generator and its checks.
 //! - [`webhook`]: `stockctl webhook add|list|remove|dead-letters|redeliver`.
+//! - [`progress`]: the progress of `preload --all` and `reconcile --all`.
 //!
-//! Exit codes: 0 on success, 1 on an rpc error, 2 on a usage error.
+//! Exit codes (also in `--help` and the README): 0 success, 1 another
+//! failure, 2 usage error, 3 reconcile found items out of sync, 64 + the
+//! gRPC status code when an rpc failed (grpcurl's convention), 130 a paged
+//! job interrupted.
 
-pub mod args;
-pub mod bench;
-pub mod commands;
-pub mod render;
-pub mod syntax;
-pub mod webhook;
+mod args;
+mod bench;
+mod commands;
+mod progress;
+mod render;
+mod syntax;
+mod webhook;
 
-use std::io::{self, Write};
+use std::ffi::OsString;
+use std::io::{self, IsTerminal, Write};
+use std::process::ExitCode;
 
-pub use args::Cli;
+use args::Cli;
+use clap::Parser;
 
 use commands::{Failure, Target};
 use render::Format;
 
 /// The command succeeded.
-pub const EXIT_OK: u8 = 0;
-/// The server answered with an error (or could not be reached).
-pub const EXIT_RPC_ERROR: u8 = 1;
+const EXIT_OK: u8 = 0;
+/// Any other failure: the output could not be written, a bench run's
+/// checks failed.
+const EXIT_FAILURE: u8 = 1;
 /// The command line was wrong (clap uses the same code).
-pub const EXIT_USAGE: u8 = 2;
+const EXIT_USAGE: u8 = 2;
+/// Reconcile found items in a class other than in_sync and pending_flush.
+const EXIT_OUT_OF_SYNC: u8 = 3;
+/// An rpc failed: this plus its gRPC status code (grpcurl's convention).
+const EXIT_RPC_BASE: u8 = 64;
+/// A paged job was interrupted (128 + SIGINT, as shells report it).
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return ExitCode::from(usage_error(&e, std::env::args_os())),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let display = if io::stderr().is_terminal() {
+        progress::Display::Bar
+    } else {
+        progress::Display::Lines
+    };
+    let code = runtime.block_on(run(cli, &mut io::stdout(), &mut io::stderr(), display));
+    ExitCode::from(code)
+}
+
+/// Reports a command line clap refused (or `--help`, `--version`); the exit
+/// code. With `--json` among the arguments a refusal is a JSON document on
+/// standard error, so a script can read it too.
+fn usage_error(e: &clap::Error, args: impl IntoIterator<Item = OsString>) -> u8 {
+    let code = u8::try_from(e.exit_code()).unwrap_or(EXIT_USAGE);
+    if !e.use_stderr() || !json_requested(args) {
+        // Nothing better to do if even this cannot be written.
+        let _ = e.print();
+        return code;
+    }
+    let _ = render::write_usage_error(&e.render().to_string(), Format::Json, &mut io::stderr());
+    code
+}
+
+/// Whether `--json` is among the options (before a `--`).
+fn json_requested(args: impl IntoIterator<Item = OsString>) -> bool {
+    args.into_iter()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// The exit code of a failed rpc: 64 + its status code.
+fn rpc_exit_code(status: &tonic::Status) -> u8 {
+    EXIT_RPC_BASE + status.code() as u8
+}
 
 /// Runs a parsed command line; output goes to `out`, messages to `err`.
 /// Returns the process exit code.
-pub async fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+async fn run(
+    cli: Cli,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    progress: progress::Display,
+) -> u8 {
     let format = if cli.json {
         Format::Json
     } else {
@@ -50,29 +123,44 @@ pub async fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             key: cli.tls_key,
             domain: cli.tls_domain,
         },
+        timeout: cli.timeout,
+        progress,
     };
     let result = commands::execute(cli.command, &target, format, out, err).await;
+    // Nothing better to do below if even the error cannot be written.
     match result {
         Ok(()) => EXIT_OK,
-        Err(Failure::Rpc(status, request_id)) => {
-            // Nothing better to do if even the error cannot be written.
-            let _ = render::write_error(&status, request_id.as_ref(), format, out, err);
+        Err(Failure::Rpc(status, context)) => {
+            let _ = render::write_error(&status, &context, format, out, err);
             let _ = out.flush();
-            EXIT_RPC_ERROR
+            rpc_exit_code(&status)
         }
         Err(Failure::Usage(message)) => {
-            let _ = writeln!(err, "error: {message}");
+            let _ = render::write_usage_error(&message, format, err);
             EXIT_USAGE
+        }
+        Err(Failure::OutOfSync(items)) => {
+            let _ = writeln!(err, "reconcile: {items} items out of sync");
+            EXIT_OUT_OF_SYNC
+        }
+        Err(Failure::Interrupted { resume_cursor }) => {
+            let _ = if resume_cursor.is_empty() {
+                writeln!(err, "interrupted before the first page was done")
+            } else {
+                let cursor = render::shell_word(&resume_cursor);
+                writeln!(err, "interrupted; resume with --cursor {cursor}")
+            };
+            EXIT_INTERRUPTED
         }
         // `stockctl watch | head`: the reader is gone, which is not an error.
         Err(Failure::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => EXIT_OK,
         Err(Failure::Io(e)) => {
             let _ = writeln!(err, "error: cannot write the output: {e}");
-            EXIT_RPC_ERROR
+            EXIT_FAILURE
         }
         Err(Failure::Other(message)) => {
             let _ = writeln!(err, "error: {message}");
-            EXIT_RPC_ERROR
+            EXIT_FAILURE
         }
     }
 }
@@ -93,7 +181,7 @@ mod tests {
     use tonic_types::{ErrorDetails, PreconditionViolation, StatusExt};
 
     use super::*;
-    use crate::pb;
+    use stockd::pb;
 
     /// (rpc, authorization header) of each call, in order.
     type Calls = Vec<(String, Option<String>)>;
@@ -164,11 +252,34 @@ mod tests {
                     )
                 })
                 .collect();
+            let mut details = ErrorDetails::with_precondition_failure(violations);
+            details.set_error_info(
+                "OUT_OF_STOCK",
+                "stockd.v1",
+                [("short_lines".into(), "2".into())],
+            );
             Err(Status::with_error_details(
                 Code::FailedPrecondition,
                 "not enough stock",
-                ErrorDetails::with_precondition_failure(violations),
+                details,
             ))
+        }
+
+        async fn extend(
+            &self,
+            req: Request<pb::ExtendRequest>,
+        ) -> Result<Response<pb::ExtendResponse>, Status> {
+            let timeout = req
+                .metadata()
+                .get("grpc-timeout")
+                .map(|v| v.to_str().unwrap().to_owned());
+            self.seen
+                .lock()
+                .unwrap()
+                .push(("extend".to_owned(), timeout));
+            // Slower than any deadline the tests set.
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            Ok(Response::new(pb::ExtendResponse::default()))
         }
 
         async fn adjust(
@@ -258,7 +369,7 @@ mod tests {
             .chain(args.iter().copied());
         let cli = Cli::try_parse_from(argv).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let code = run(cli, &mut out, &mut err).await;
+        let code = run(cli, &mut out, &mut err, progress::Display::Lines).await;
         Ran {
             code,
             out: String::from_utf8(out).unwrap(),
@@ -286,27 +397,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn precondition_failure_exits_1_with_one_line_per_violation() {
+    async fn precondition_failure_exits_73_with_one_line_per_violation() {
         let addr = serve(Fake::default()).await;
         let r = ctl(
             addr,
             &["decrement", "a@berlin:3", "b:2", "--request-id", "r-1"],
         )
         .await;
-        assert_eq!(r.code, EXIT_RPC_ERROR);
+        assert_eq!(r.code, 73);
         assert_eq!(r.out, "");
         assert_eq!(
             r.err,
-            "error: FAILED_PRECONDITION: not enough stock\n\
+            "error: FAILED_PRECONDITION (OUT_OF_STOCK): not enough stock\n\
              \x20 berlin/a: requested 3, available 1\n\
              \x20 /b: requested 2, available 1\n\
              request_id: r-1\n"
         );
 
         let r = ctl(addr, &["--json", "decrement", "a:3"]).await;
-        assert_eq!(r.code, EXIT_RPC_ERROR);
+        assert_eq!(r.code, 73);
         let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
         assert_eq!(v["error"]["code"], "FAILED_PRECONDITION");
+        assert_eq!(v["error"]["reason"], "OUT_OF_STOCK");
+        assert_eq!(v["error"]["metadata"]["short_lines"], "2");
         assert_eq!(v["error"]["details"][0]["subject"], "/a");
         assert!(
             v["request_id"].as_str().unwrap().starts_with("ctl-"),
@@ -368,12 +481,12 @@ mod tests {
     async fn unimplemented_rpc_is_reported_cleanly() {
         let addr = serve(Fake::default()).await;
         let r = ctl(addr, &["preload", "--all"]).await;
-        assert_eq!(r.code, EXIT_RPC_ERROR);
+        assert_eq!(r.code, 76);
         assert!(r.err.starts_with("error: UNIMPLEMENTED"), "{}", r.err);
         assert_eq!(r.err.lines().count(), 1, "{}", r.err);
 
         let r = ctl(addr, &["--json", "reconcile", "a", "--repair"]).await;
-        assert_eq!(r.code, EXIT_RPC_ERROR);
+        assert_eq!(r.code, 76);
         let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
         assert_eq!(v["error"]["code"], "UNIMPLEMENTED");
         assert!(v.get("request_id").is_none());
@@ -402,7 +515,7 @@ mod tests {
             .unwrap();
         let mut client = pb::inventory_client::InventoryClient::with_interceptor(
             channel,
-            commands::BearerAuth::default(),
+            commands::CallSettings::default(),
         );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -446,12 +559,56 @@ mod tests {
             .local_addr()
             .unwrap();
         let r = ctl(addr, &["get", "a"]).await;
-        assert_eq!(r.code, EXIT_RPC_ERROR);
+        assert_eq!(r.code, 78);
         assert!(
             r.err.starts_with("error: UNAVAILABLE: cannot connect to"),
             "{}",
             r.err
         );
+    }
+
+    #[tokio::test]
+    async fn the_timeout_is_each_calls_deadline() {
+        let fake = Fake::default();
+        let addr = serve(fake.clone()).await;
+        let started = std::time::Instant::now();
+        let r = ctl(addr, &["--timeout", "300ms", "extend", "r1", "--ttl", "60"]).await;
+        assert_eq!(r.code, 64 + 4, "DEADLINE_EXCEEDED: {}", r.err);
+        assert!(r.err.starts_with("error: DEADLINE_EXCEEDED"), "{}", r.err);
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        let seen = fake.seen.lock().unwrap().clone();
+        let (_, timeout) = seen.iter().find(|(rpc, _)| rpc == "extend").unwrap();
+        let timeout = timeout.as_deref().expect("grpc-timeout sent");
+        // tonic sends the deadline in its finest unit that fits.
+        assert!(
+            ["300000u", "300m", "300000000n"].contains(&timeout),
+            "{timeout}"
+        );
+    }
+
+    #[tokio::test]
+    async fn usage_errors_are_json_with_json() {
+        let addr = serve(Fake::default()).await;
+        let r = ctl(addr, &["--json", "--admin-token", "x y", "flush-status"]).await;
+        assert_eq!(r.code, EXIT_USAGE);
+        assert_eq!(r.out, "");
+        let v: serde_json::Value = serde_json::from_str(&r.err).unwrap();
+        assert_eq!(v["error"]["code"], "USAGE");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--admin-token"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn json_is_requested_before_a_double_dash_only() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(json_requested(args(&["stockctl", "get", "--json"])));
+        assert!(!json_requested(args(&["stockctl", "get", "--", "--json"])));
+        assert!(!json_requested(args(&["--json"])), "the program name");
     }
 
     #[tokio::test]

@@ -4,9 +4,13 @@
 //! - LINE is `SKU:QTY` or `SKU@LOCATION:QTY`, e.g. `tshirt-red-m@berlin:2`.
 //!
 //! The quantity is split off at the *last* `:` and the location at the *last*
-//! `@`, so a SKU that itself contains `:` or `@` can still be written (a SKU
-//! with `@` then needs an explicit location: `a@b@default`). An omitted
-//! location is sent as the empty string, which the server reads as `default`.
+//! `@`, so a SKU that contains `:`, or `@` followed by a location, can be
+//! written as it is. Any name can be written by escaping: `\` makes the
+//! next character literal (`a\@b` is the SKU `a@b`), and double quotes make
+//! everything between them literal (`"a@b"@berlin:2`). A literal `\` or `"`
+//! is written `\\` or `\"`. An omitted location is sent as the empty
+//! string, which the server reads as `default`. [`ItemSpec`]'s `Display`
+//! writes the form that parses back to the same item.
 //!
 //! Only the syntax is checked here. Length limits, allowed characters and the
 //! quantity range are the server's to judge (it answers `INVALID_ARGUMENT`),
@@ -15,7 +19,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::pb;
+use stockd::pb;
 
 /// A parsed ITEM: `SKU` or `SKU@LOCATION`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +45,8 @@ pub enum SyntaxError {
     MissingQuantity,
     EmptyQuantity,
     BadQuantity(String),
+    UnclosedQuote,
+    TrailingBackslash,
 }
 
 impl fmt::Display for SyntaxError {
@@ -56,33 +62,80 @@ impl fmt::Display for SyntaxError {
             }
             SyntaxError::EmptyQuantity => f.write_str("the quantity after ':' is empty"),
             SyntaxError::BadQuantity(q) => write!(f, "the quantity '{q}' is not an integer"),
+            SyntaxError::UnclosedQuote => f.write_str("a '\"' is not closed"),
+            SyntaxError::TrailingBackslash => {
+                f.write_str("a '\\' at the end escapes nothing (write '\\\\' for a backslash)")
+            }
         }
     }
 }
 
 impl std::error::Error for SyntaxError {}
 
-/// Parses `SKU` or `SKU@LOCATION`.
-pub fn parse_item(s: &str) -> Result<ItemSpec, SyntaxError> {
-    if s.is_empty() {
-        return Err(SyntaxError::Empty);
-    }
-    let (sku, location) = match s.rsplit_once('@') {
-        Some((sku, location)) => {
-            if location.is_empty() {
-                return Err(SyntaxError::EmptyLocation);
+/// One character of an argument after unescaping; `literal` when it was
+/// escaped or quoted, so it cannot separate parts.
+#[derive(Clone, Copy)]
+struct Char {
+    c: char,
+    literal: bool,
+}
+
+/// Removes the quotes and escapes, remembering which characters they made
+/// literal.
+fn unescape(s: &str) -> Result<Vec<Char>, SyntaxError> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut chars = s.chars();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                let next = chars.next().ok_or(SyntaxError::TrailingBackslash)?;
+                out.push(Char {
+                    c: next,
+                    literal: true,
+                });
             }
-            (sku, location)
+            '"' => quoted = !quoted,
+            c => out.push(Char { c, literal: quoted }),
         }
-        None => (s, ""),
+    }
+    if quoted {
+        return Err(SyntaxError::UnclosedQuote);
+    }
+    Ok(out)
+}
+
+/// Splits at the last separator `sep` that is not literal.
+fn split_last(chars: &[Char], sep: char) -> Option<(&[Char], &[Char])> {
+    let at = chars.iter().rposition(|ch| ch.c == sep && !ch.literal)?;
+    Some((&chars[..at], &chars[at + 1..]))
+}
+
+fn text(chars: &[Char]) -> String {
+    chars.iter().map(|ch| ch.c).collect()
+}
+
+fn item_of(chars: &[Char]) -> Result<ItemSpec, SyntaxError> {
+    let (sku, location) = match split_last(chars, '@') {
+        Some((_, [])) => return Err(SyntaxError::EmptyLocation),
+        Some((sku, location)) => (sku, text(location)),
+        None => (chars, String::new()),
     };
     if sku.is_empty() {
         return Err(SyntaxError::EmptySku);
     }
     Ok(ItemSpec {
-        sku: sku.to_owned(),
-        location: location.to_owned(),
+        sku: text(sku),
+        location,
     })
+}
+
+/// Parses `SKU` or `SKU@LOCATION`.
+pub fn parse_item(s: &str) -> Result<ItemSpec, SyntaxError> {
+    if s.is_empty() {
+        return Err(SyntaxError::Empty);
+    }
+    item_of(&unescape(s)?)
 }
 
 /// Parses `SKU[@LOCATION]:QTY`.
@@ -90,18 +143,19 @@ pub fn parse_line(s: &str) -> Result<LineSpec, SyntaxError> {
     if s.is_empty() {
         return Err(SyntaxError::Empty);
     }
-    let (item, qty) = s.rsplit_once(':').ok_or(SyntaxError::MissingQuantity)?;
+    let chars = unescape(s)?;
+    let (item, qty) = split_last(&chars, ':').ok_or(SyntaxError::MissingQuantity)?;
+    let qty = text(qty);
     if qty.is_empty() {
         return Err(SyntaxError::EmptyQuantity);
     }
     let quantity = qty
         .parse::<i64>()
-        .map_err(|_| SyntaxError::BadQuantity(qty.to_owned()))?;
-    let item = parse_item(item).map_err(|e| match e {
-        SyntaxError::Empty => SyntaxError::EmptySku,
-        other => other,
-    })?;
-    Ok(LineSpec { item, quantity })
+        .map_err(|_| SyntaxError::BadQuantity(qty.clone()))?;
+    Ok(LineSpec {
+        item: item_of(item)?,
+        quantity,
+    })
 }
 
 impl FromStr for ItemSpec {
@@ -118,13 +172,33 @@ impl FromStr for LineSpec {
     }
 }
 
+/// Writes `name` with the characters that could be read as syntax escaped.
+fn write_escaped(f: &mut fmt::Formatter<'_>, name: &str) -> fmt::Result {
+    for c in name.chars() {
+        // `:` needs no escape: the quantity is split off at the last `:`,
+        // and a quantity has none.
+        if matches!(c, '\\' | '"' | '@') {
+            f.write_str("\\")?;
+        }
+        write!(f, "{c}")?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for ItemSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.location.is_empty() {
-            f.write_str(&self.sku)
-        } else {
-            write!(f, "{}@{}", self.sku, self.location)
+        write_escaped(f, &self.sku)?;
+        if !self.location.is_empty() {
+            f.write_str("@")?;
+            write_escaped(f, &self.location)?;
         }
+        Ok(())
+    }
+}
+
+impl fmt::Display for LineSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.item, self.quantity)
     }
 }
 
@@ -279,8 +353,63 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in ["a", "a@b", "a@b@c"] {
+        for s in ["a", "a@b", "a\\@b@c", "ns:sku@x:y"] {
             assert_eq!(parse_item(s).unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn backslash_makes_the_next_character_literal() {
+        assert_eq!(parse_item("a\\@b"), Ok(item("a@b", "")));
+        assert_eq!(parse_item("a@x\\@y"), Ok(item("a", "x@y")));
+        assert_eq!(parse_item("a\\\\b"), Ok(item("a\\b", "")));
+        assert_eq!(
+            parse_line("a\\:3@b\\:c:2"),
+            Ok(LineSpec {
+                item: item("a:3", "b:c"),
+                quantity: 2
+            })
+        );
+        assert_eq!(parse_line("a\\:2"), Err(SyntaxError::MissingQuantity));
+    }
+
+    #[test]
+    fn quotes_make_their_content_literal() {
+        assert_eq!(
+            parse_line("\"a@b\"@\"x@y:z\":4"),
+            Ok(LineSpec {
+                item: item("a@b", "x@y:z"),
+                quantity: 4
+            })
+        );
+        assert_eq!(parse_item("\"a\\\"b\""), Ok(item("a\"b", "")));
+        assert_eq!(parse_item("pre\"@\"post"), Ok(item("pre@post", "")));
+    }
+
+    #[test]
+    fn escapes_that_do_not_close() {
+        assert_eq!(parse_item("\"a"), Err(SyntaxError::UnclosedQuote));
+        assert_eq!(parse_item("a\\"), Err(SyntaxError::TrailingBackslash));
+        assert_eq!(parse_item("\"\"@b"), Err(SyntaxError::EmptySku));
+        assert_eq!(parse_item("a@\"\""), Err(SyntaxError::EmptyLocation));
+    }
+
+    /// Names with every character the syntax gives a meaning to.
+    fn name() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::string::string_regex("[a-z@:\\\\\"%é -]{1,12}").unwrap()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn items_and_lines_parse_back_from_their_rendering(
+            sku in name(),
+            location in proptest::option::of(name()),
+            quantity in proptest::num::i64::ANY,
+        ) {
+            let item = ItemSpec { sku, location: location.unwrap_or_default() };
+            proptest::prop_assert_eq!(parse_item(&item.to_string()), Ok(item.clone()));
+            let line = LineSpec { item, quantity };
+            proptest::prop_assert_eq!(parse_line(&line.to_string()), Ok(line));
         }
     }
 }

@@ -43,12 +43,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use super::commands::{Admin, BearerAuth, Failure, Inventory, Target};
+use super::commands::{self, Admin, CallSettings, Failure, Inventory, Target};
 use super::render::Format;
-use crate::pb::admin_client::AdminClient;
-use crate::pb::inventory_client::InventoryClient;
 use ledger::{Diff, Ledger};
 use report::{Latency, Outcomes, Report, Verify};
+use stockd::pb::admin_client::AdminClient;
+use stockd::pb::inventory_client::InventoryClient;
 pub use workload::Workload;
 use workload::{Generator, Op};
 
@@ -233,10 +233,6 @@ impl Names {
         self.0.skus.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.skus.is_empty()
-    }
-
     pub fn run_id(&self) -> &str {
         &self.0.run_id
     }
@@ -337,18 +333,10 @@ pub async fn run(
     err: &mut dyn Write,
 ) -> Result<(), Failure> {
     let plan = Plan::new(args).map_err(Failure::Usage)?;
-    let client_auth = BearerAuth::new(
-        target.client_token.as_ref(),
-        "--client-token / STOCKD_CLIENT_TOKEN",
-    )?;
-    let admin_auth = BearerAuth::new(
-        target.admin_token.as_ref(),
-        "--admin-token / STOCKD_ADMIN_TOKEN",
-    )?;
     let conn = Conn {
-        addr: target.addr.clone(),
-        client_auth,
-        admin_auth,
+        endpoint: commands::endpoint(target)?,
+        client_auth: CallSettings::client(target)?,
+        admin_auth: CallSettings::admin(target)?,
     };
 
     let (progress, mut messages) = mpsc::unbounded_channel::<String>();
@@ -400,11 +388,11 @@ pub async fn run(
     }
 }
 
-/// How to reach stockd.
+/// How to reach stockd (TLS settings included).
 struct Conn {
-    addr: String,
-    client_auth: BearerAuth,
-    admin_auth: BearerAuth,
+    endpoint: tonic::transport::Endpoint,
+    client_auth: CallSettings,
+    admin_auth: CallSettings,
 }
 
 type Progress = mpsc::UnboundedSender<String>;
@@ -524,7 +512,7 @@ async fn wait_drained(
     loop {
         let snapshot = grpc::flush_status(admin)
             .await
-            .map_err(|s| Failure::Rpc(s, None))?
+            .map_err(Failure::from)?
             .unwrap_or_default();
         if let Some(samples) = samples {
             samples.lock().unwrap().flush(snapshot);
@@ -748,7 +736,7 @@ fn length(plan: &Plan) -> String {
 
 async fn execute_stockd(plan: Plan, conn: Conn, progress: Progress) -> Result<Report, Failure> {
     let names = Names::new(&plan.run_id, plan.skus);
-    let admin_channel = grpc::connect(&conn.addr).await?;
+    let admin_channel = grpc::connect(&conn.endpoint).await?;
     let mut admin: Admin = AdminClient::with_interceptor(admin_channel.clone(), conn.admin_auth);
     let mut inventory: Inventory =
         InventoryClient::with_interceptor(admin_channel, conn.client_auth.clone());
@@ -763,7 +751,7 @@ async fn execute_stockd(plan: Plan, conn: Conn, progress: Progress) -> Result<Re
     grpc::seed(&admin, &names, plan.stock).await?;
     let flush_supported = grpc::flush_status(&mut admin)
         .await
-        .map_err(|s| Failure::Rpc(s, None))?
+        .map_err(Failure::from)?
         .is_some();
     if flush_supported {
         // Start with an empty backlog, so the lag and the drain are the load's.
@@ -777,7 +765,7 @@ async fn execute_stockd(plan: Plan, conn: Conn, progress: Progress) -> Result<Re
 
     let mut channels = Vec::with_capacity(plan.connections as usize);
     for _ in 0..plan.connections {
-        channels.push(grpc::connect(&conn.addr).await?);
+        channels.push(grpc::connect(&conn.endpoint).await?);
     }
     let callers = (0..plan.clients as usize)
         .map(|i| {
@@ -1049,7 +1037,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::ctl::args::{Cli, Command};
+    use crate::args::{Cli, Command};
 
     fn plan(args: &[&str]) -> Result<Plan, String> {
         let argv = ["stockctl", "bench"]
@@ -1265,7 +1253,7 @@ mod tests {
     use tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status};
 
-    use crate::pb;
+    use stockd::pb;
 
     /// A held reservation's (sku, quantity) lines.
     type HeldLines = Vec<(String, i64)>;
@@ -1466,7 +1454,7 @@ mod tests {
         .chain(args.iter().copied());
         let cli = Cli::try_parse_from(argv).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let code = crate::ctl::run(cli, &mut out, &mut err).await;
+        let code = crate::run(cli, &mut out, &mut err, crate::progress::Display::Lines).await;
         let err = String::from_utf8(err).unwrap();
         let v = serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
         (code, v, err)
@@ -1487,7 +1475,7 @@ mod tests {
             "100",
         ];
         let (code, v, err) = bench(addr, &args).await;
-        assert_eq!(code, crate::ctl::EXIT_OK, "{err}");
+        assert_eq!(code, crate::EXIT_OK, "{err}");
         assert_eq!(v["requests"], 300);
         assert_eq!(v["outcomes"]["OK"], 100);
         assert_eq!(v["outcomes"]["FAILED_PRECONDITION"], 200);
@@ -1516,7 +1504,7 @@ mod tests {
             "40",
         ];
         let (code, v, err) = bench(addr, &args).await;
-        assert_eq!(code, crate::ctl::EXIT_OK, "{err}\n{v}");
+        assert_eq!(code, crate::EXIT_OK, "{err}\n{v}");
         assert_eq!(v["verify"]["state"]["items"], 20);
         assert_eq!(v["verify"]["state"]["version_mismatch_items"], 0);
         assert_eq!(v["oversold"], 0);
@@ -1548,7 +1536,7 @@ mod tests {
             "10",
         ];
         let (code, v, err) = bench(addr, &args).await;
-        assert_eq!(code, crate::ctl::EXIT_RPC_ERROR);
+        assert_eq!(code, crate::EXIT_FAILURE);
         assert_eq!(
             v["outcomes"]["OK"], 100,
             "the server said yes to everything"
@@ -1575,7 +1563,7 @@ mod tests {
             "5",
         ];
         let (code, v, err) = bench(addr, &args).await;
-        assert_eq!(code, crate::ctl::EXIT_OK, "{err}");
+        assert_eq!(code, crate::EXIT_OK, "{err}");
         let n = v["requests"].as_u64().unwrap();
         assert!((150..=210).contains(&n), "about 200 in 1 s, got {n}");
         assert_eq!(v["rate_limit_per_s"], 200.0);

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tonic::Code;
 
 use super::ledger::Diff;
-use crate::ctl::render::code_name;
+use crate::render::code_name;
 
 /// Latency histograms count microseconds, up to this (longer calls are
 /// recorded as this).

@@ -11,8 +11,8 @@ use tonic::{Code, Status};
 use super::ledger::Level;
 use super::workload::{Line, Op};
 use super::{Names, fail};
-use crate::ctl::commands::{Admin, Failure, Inventory};
-use crate::pb;
+use crate::commands::{self, Admin, Failure, Inventory};
+use stockd::pb;
 
 /// SetStock calls in flight while seeding.
 const SEED_CONCURRENCY: usize = 64;
@@ -20,15 +20,8 @@ const SEED_CONCURRENCY: usize = 64;
 const GET_BATCH: usize = 100;
 
 /// One HTTP/2 connection; requests of many clients are multiplexed on it.
-pub async fn connect(addr: &str) -> Result<Channel, Failure> {
-    let endpoint = Endpoint::from_shared(addr.to_owned())
-        .map_err(|e| Failure::Usage(format!("bad address {addr}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| fail(format!("cannot connect to {addr}: {e}")))
+pub async fn connect(endpoint: &Endpoint) -> Result<Channel, Failure> {
+    commands::connect(endpoint.clone().tcp_nodelay(true)).await
 }
 
 /// One client's calls.
@@ -141,10 +134,10 @@ fn seed_failure(sku: &str, s: &Status) -> Failure {
     if s.code() == Code::Aborted {
         return fail(format!("seeding {sku}: it exists already (run id reused?)"));
     }
-    Failure::Rpc(
-        Status::new(s.code(), format!("seeding {sku}: {}", s.message())),
-        None,
-    )
+    Failure::from(Status::new(
+        s.code(),
+        format!("seeding {sku}: {}", s.message()),
+    ))
 }
 
 /// What FlushStatus says, summed over the partitions.
@@ -194,7 +187,7 @@ pub async fn read_levels(
                     .collect(),
             })
             .await
-            .map_err(|s| Failure::Rpc(s, None))?
+            .map_err(Failure::from)?
             .into_inner();
         for l in r.levels {
             if let Some(i) = names.index_of(&l.sku)

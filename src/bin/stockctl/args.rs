@@ -2,19 +2,36 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap_complete::Shell;
 
 use super::syntax::{ItemSpec, LineSpec};
 
 /// The default server address.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 
+/// What `--help` says about exit codes (README, "Exit codes", says the same).
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0       success
+  1       any other failure (output not writable, bench checks failed)
+  2       usage error (with --json, reported as JSON on stderr)
+  3       reconcile found items out of sync (other than in_sync, pending_flush)
+  64+N    the rpc failed with gRPC status code N (grpcurl's convention), e.g.
+          67 INVALID_ARGUMENT, 68 DEADLINE_EXCEEDED, 69 NOT_FOUND,
+          70 ALREADY_EXISTS, 72 RESOURCE_EXHAUSTED, 73 FAILED_PRECONDITION,
+          74 ABORTED, 77 INTERNAL, 78 UNAVAILABLE (also: cannot connect),
+          80 UNAUTHENTICATED
+  130     preload/reconcile --all interrupted (Ctrl-C); resume with --cursor";
+
 /// stockctl — command-line client of the stockd inventory server.
 #[derive(Debug, Parser)]
-#[command(name = "stockctl", version)]
+#[command(name = "stockctl", version, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
-    /// Server address: http://HOST:PORT, or https://HOST:PORT for TLS.
+    /// Server address: HOST:PORT or http://HOST:PORT, or https://HOST:PORT
+    /// for TLS.
     #[arg(
         long,
         env = "STOCKD_ADDR",
@@ -27,6 +44,11 @@ pub struct Cli {
     /// Print one JSON document per response (watch: one JSON object per line).
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Deadline of each rpc, e.g. 5s, 500ms, 1m or 2.5 (seconds); sent to
+    /// the server too. Watch: the time to start the stream. Default: none.
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
 
     /// Bearer token sent with Admin rpcs (set, preload, reconcile, flush-status).
     #[arg(
@@ -148,21 +170,25 @@ pub enum Command {
     Preload {
         #[arg(value_name = "SKU")]
         skus: Vec<String>,
-        /// Every item in Postgres.
+        /// Every item in Postgres, page by page with progress on stderr.
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        paging: PagingArgs,
     },
     /// Compare Redis and Postgres (Admin.Reconcile); report, or repair with --repair.
     #[command(group(ArgGroup::new("target").required(true).args(["skus", "all"])))]
     Reconcile {
         #[arg(value_name = "SKU")]
         skus: Vec<String>,
-        /// Every item.
+        /// Every item, page by page with progress on stderr.
         #[arg(long)]
         all: bool,
         /// Repair what differs instead of only reporting it.
         #[arg(long)]
         repair: bool,
+        #[command(flatten)]
+        paging: PagingArgs,
     },
     /// Write-behind state per partition (Admin.FlushStatus).
     FlushStatus,
@@ -180,6 +206,23 @@ pub enum Command {
     /// Webhook subscriptions and their dead letters (Admin.*Webhook*).
     #[command(subcommand)]
     Webhook(super::webhook::WebhookCommand),
+    /// Print a completion script for SHELL, e.g.
+    /// `stockctl completions bash > /etc/bash_completion.d/stockctl`.
+    Completions { shell: Shell },
+}
+
+/// How `--all` walks the catalogue. (`conflicts_with = "skus"` rather than
+/// `requires = "all"`: a flag counts as present through its default.)
+#[derive(Debug, Args)]
+pub struct PagingArgs {
+    /// With --all: start where an interrupted run stopped (it prints the
+    /// cursor with its progress); the totals then cover this run only.
+    #[arg(long, conflicts_with = "skus", value_name = "CURSOR")]
+    pub cursor: Option<String>,
+    /// With --all: items per rpc.
+    #[arg(long, conflicts_with = "skus", value_name = "N", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub page_size: u32,
 }
 
 #[derive(Debug, Args)]
@@ -232,16 +275,43 @@ impl Secret {
     }
 }
 
+/// `HOST:PORT` (plaintext, so `http://` is assumed) or an http(s) URL; the URL.
 fn parse_addr(s: &str) -> Result<String, String> {
-    let uri: tonic::transport::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    let url = if s.contains("://") {
+        s.to_owned()
+    } else {
+        format!("http://{s}")
+    };
+    let uri: tonic::transport::Uri = url.parse().map_err(|e| format!("not an address: {e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => return Err("expected an http:// or https:// URL, e.g. http://127.0.0.1:50051".into()),
+        _ => {
+            return Err(
+                "expected HOST:PORT or an http:// or https:// URL, e.g. 127.0.0.1:50051".into(),
+            );
+        }
     }
-    if uri.host().is_none() {
-        return Err("the URL has no host".into());
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("the address has no host".into());
     }
-    Ok(s.to_owned())
+    Ok(url)
+}
+
+/// `5s`, `500ms`, `1m`, or plain seconds (`2.5`); more than 0, at most a day.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit_secs) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    match number.trim().parse::<f64>() {
+        Ok(n) if n > 0.0 && n * unit_secs <= 86_400.0 => Ok(Duration::from_secs_f64(n * unit_secs)),
+        _ => Err("expected a duration such as 5s, 500ms, 1m or 2.5, at most a day".into()),
+    }
 }
 
 #[cfg(test)]
@@ -358,11 +428,48 @@ mod tests {
     }
 
     #[test]
-    fn addr_must_be_an_http_or_https_url() {
-        assert!(parse(&["--addr", "127.0.0.1:50051", "flush-status"]).is_err());
+    fn addr_is_host_port_or_an_http_or_https_url() {
+        let cli = parse(&["--addr", "127.0.0.1:50051", "flush-status"]).unwrap();
+        assert_eq!(cli.addr, "http://127.0.0.1:50051");
+        let cli = parse(&["--addr", "stock.internal:7000", "flush-status"]).unwrap();
+        assert_eq!(cli.addr, "http://stock.internal:7000");
+        assert!(parse(&["--addr", ":50051", "flush-status"]).is_err());
         assert!(parse(&["--addr", "ftp://x", "flush-status"]).is_err());
         assert!(parse(&["--addr", "https://stock.example", "flush-status"]).is_ok());
         assert!(parse(&["--addr", "http://stock.example", "flush-status"]).is_ok());
+    }
+
+    #[test]
+    fn timeouts_take_a_unit() {
+        let timeout = |s: &str| parse(&["--timeout", s, "flush-status"]).map(|c| c.timeout);
+        assert_eq!(timeout("5s").unwrap(), Some(Duration::from_secs(5)));
+        assert_eq!(timeout("250ms").unwrap(), Some(Duration::from_millis(250)));
+        assert_eq!(timeout("2m").unwrap(), Some(Duration::from_secs(120)));
+        assert_eq!(timeout("1.5").unwrap(), Some(Duration::from_millis(1500)));
+        for bad in ["0", "-1s", "soon", "2d", "100000s", ""] {
+            assert!(timeout(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cursor_and_page_size_only_with_all() {
+        assert!(parse(&["preload", "a", "--cursor", "c"]).is_err());
+        assert!(parse(&["reconcile", "a", "--page-size", "10"]).is_err());
+        let cli = parse(&["reconcile", "--all", "--cursor", "c", "--page-size", "10"]).unwrap();
+        match cli.command {
+            Command::Reconcile { paging, .. } => {
+                assert_eq!(paging.cursor.as_deref(), Some("c"));
+                assert_eq!(paging.page_size, 10);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn help_documents_the_exit_codes() {
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("64+N"), "{help}");
+        assert!(help.contains("reconcile found items out of sync"), "{help}");
     }
 
     #[test]

@@ -64,16 +64,6 @@ pub enum Op {
 pub type Effect = (u32, i64, i64);
 
 impl Op {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Op::Reserve { .. } => "reserve",
-            Op::Commit { .. } => "commit",
-            Op::Release { .. } => "release",
-            Op::Decrement { .. } => "decrement",
-            Op::Adjust { .. } => "adjust",
-        }
-    }
-
     /// What the operation changes when it succeeds, one entry per item (each
     /// entry is also one new version of that item).
     pub fn effects(&self) -> Vec<Effect> {
@@ -200,6 +190,16 @@ mod tests {
 
     use super::*;
 
+    fn kind(op: &Op) -> &'static str {
+        match op {
+            Op::Reserve { .. } => "reserve",
+            Op::Commit { .. } => "commit",
+            Op::Release { .. } => "release",
+            Op::Decrement { .. } => "decrement",
+            Op::Adjust { .. } => "adjust",
+        }
+    }
+
     fn ops(g: &mut Generator, n: usize, ok: bool) -> Vec<Op> {
         (0..n)
             .map(|_| {
@@ -282,7 +282,7 @@ mod tests {
         let ops = ops(&mut g, 5000, true);
         let mut kinds = std::collections::HashMap::new();
         for pair in ops.windows(2) {
-            *kinds.entry(pair[0].kind()).or_insert(0u32) += 1;
+            *kinds.entry(kind(&pair[0])).or_insert(0u32) += 1;
             if let Op::Reserve { id, lines } = &pair[0] {
                 match &pair[1] {
                     Op::Commit { id: i, lines: l } | Op::Release { id: i, lines: l } => {

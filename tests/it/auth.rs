@@ -1,0 +1,62 @@
+//! The bearer scheme of both tokens is matched case-insensitively (RFC
+//! 7235); the token itself is compared exactly.
+
+use tonic::Code;
+
+use stockd::pb;
+
+use crate::common::*;
+
+fn with_authorization<T>(value: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", value.parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn bearer_scheme_in_any_case() {
+    let app = spawn_app_with(Options {
+        extra_args: vec![
+            "--admin-token".into(),
+            "adm1n".into(),
+            "--client-token".into(),
+            "cl1ent".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let get = || pb::GetStockRequest {
+        items: vec![pb::ItemRef {
+            sku: "x".into(),
+            location: String::new(),
+        }],
+    };
+    let (mut inventory, mut admin) = (app.inventory.clone(), app.admin.clone());
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        inventory
+            .get_stock(with_authorization(&format!("{scheme} cl1ent"), get()))
+            .await
+            .unwrap_or_else(|s| panic!("{scheme}: {s:?}"));
+        admin
+            .flush_status(with_authorization(
+                &format!("{scheme} adm1n"),
+                pb::FlushStatusRequest {},
+            ))
+            .await
+            .unwrap_or_else(|s| panic!("{scheme}: {s:?}"));
+    }
+    for refused in ["bearer CL1ENT", "Basic cl1ent", "bearercl1ent"] {
+        assert_eq!(
+            code_of(
+                inventory
+                    .get_stock(with_authorization(refused, get()))
+                    .await
+            ),
+            Code::Unauthenticated,
+            "{refused}"
+        );
+    }
+    app.stop().await;
+}
