@@ -53,6 +53,7 @@ impl Stockd {
             .args(["--flush-batch", "50"])
             .args(["--database-max-connections", "4"])
             .args(["--metrics-addr", ""])
+            .args(["--http-addr", ""])
             .args(extra)
             .env("STOCKD_LOG", "info")
             .env_remove("STOCKD_FAILPOINT")
