@@ -5,6 +5,7 @@
 mod common;
 mod concurrency;
 mod crash;
+mod demo_browser;
 mod deploy_kit;
 mod events;
 mod expiry;
