@@ -342,3 +342,150 @@ async fn subscriptions_name_a_bounded_number_of_skus() {
     );
     app.stop().await;
 }
+
+/// A raw `GET /v1/events` whose reader reads nothing until told: its small
+/// receive buffer fills, the server's writes stall, and the hub's queue for
+/// it overflows.
+async fn stalled_sse(addr: std::net::SocketAddr, sku: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /v1/events?sku={sku} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+/// Everything the server sends until it closes, de-chunked: the SSE text.
+async fn read_to_end_dechunked(mut stream: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::new();
+    if tokio::time::timeout(DEADLINE, stream.read_to_end(&mut raw))
+        .await
+        .is_err()
+    {
+        panic!("the response did not end ({} bytes read)", raw.len());
+    }
+    let text = String::from_utf8(raw).unwrap();
+    let (head, mut body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_sse_subscriber_is_cut_with_the_id_to_resume_from() {
+    let app = spawn_app_with(options(&["--watch-buffer", "300"])).await;
+    let http = app.http_addr;
+    // One SKU at 100 locations: every event in one partition, so resuming
+    // is exact. 20,000 events (~7 MB of SSE) are more than the socket
+    // buffers of the stalled connection can take (4 MB at most here).
+    let locations: Vec<String> = (0..100).map(|i| format!("wh-{i}")).collect();
+    for location in &locations {
+        app.seed("slow", location, 1_000_000).await;
+    }
+    let stalled = stalled_sse(http, "slow").await;
+    let lines: Vec<stockd::pb::Line> = locations.iter().map(|l| line("slow", l, 1)).collect();
+    let mut inventory = app.inventory.clone();
+    for i in 0..100 {
+        let id = format!("slow-{i}");
+        inventory
+            .reserve(stockd::pb::ReserveRequest {
+                reservation_id: id.clone(),
+                lines: lines.clone(),
+                ttl_seconds: 600,
+            })
+            .await
+            .unwrap();
+        release(&app, &id).await;
+    }
+    // Every change after the seeds, as the stream holds them (read in
+    // pages: one reply of 20,000 entries is slow to decode).
+    let stream = app.keys.events(app.keys.partition_of("slow"));
+    let mut all: Vec<String> = Vec::new();
+    let mut start = "-".to_owned();
+    loop {
+        let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(&stream)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut app.redis.clone())
+            .await
+            .unwrap();
+        let Some((last, _)) = page.last() else { break };
+        start = format!("({last}");
+        all.extend(
+            page.into_iter()
+                .filter(|(_, fields)| {
+                    fields.contains(&("op".into(), "reserve".into()))
+                        || fields.contains(&("op".into(), "release".into()))
+                })
+                .map(|(id, _)| id),
+        );
+    }
+    assert_eq!(all.len(), 20_000);
+
+    let text = read_to_end_dechunked(stalled).await;
+    let blocks: Vec<&str> = text.split("\n\n").filter(|b| b.contains("data:")).collect();
+    let field = |block: &str, name: &str| {
+        block
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map(str::to_owned)
+    };
+    let (last, received) = blocks.split_last().unwrap();
+    assert_eq!(
+        field(last, "event").as_deref(),
+        Some("stream_error"),
+        "{last}"
+    );
+    let problem: serde_json::Value = serde_json::from_str(&field(last, "data").unwrap()).unwrap();
+    assert_eq!(problem["error"]["code"], "RESOURCE_EXHAUSTED", "{problem}");
+    let resume = problem["error"]["resume_from"].as_str().unwrap().to_owned();
+    assert_eq!(field(last, "id").as_deref(), Some(resume.as_str()));
+    let received: Vec<String> = received.iter().map(|b| field(b, "id").unwrap()).collect();
+    assert!(
+        received.len() < all.len(),
+        "cut before the end ({})",
+        received.len()
+    );
+    assert_eq!(received, all[..received.len()], "what it got came in order");
+    if let Some(last_received) = received.last() {
+        assert_eq!(&resume, last_received, "resume from the last event it got");
+    }
+
+    // Resuming from there gives exactly the rest.
+    let mut again = Sse::open(http, &["slow"], Some(&resume), None)
+        .await
+        .unwrap();
+    let rest: Vec<String> = again
+        .take(all.len() - received.len())
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(rest, all[received.len()..]);
+    app.stop().await;
+}
