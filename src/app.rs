@@ -1,7 +1,8 @@
 //! Wiring: [`Application::build`] connects to Redis and Postgres, checks the
 //! deployment's meta record, binds the listener and assembles every
 //! component; [`Application::run_until_stopped`] warms Redis when it must,
-//! then runs the gRPC server and the background tasks until shutdown.
+//! then runs the gRPC server, the HTTP API and the background tasks until
+//! shutdown.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use crate::consumer::StepError;
 use crate::engine::{Engine, EngineSettings};
 use crate::flusher::{Flusher, FlusherSettings};
 use crate::grpc::{AdminService, AdmissionLayer, InventoryService, RequireToken};
+use crate::http::HttpServer;
 use crate::keys::Keyspace;
 use crate::markers::Markers;
 use crate::meta::{self, MetaError};
@@ -63,6 +65,8 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("cannot start webhooks: {0}")]
     Webhooks(String),
+    #[error("HTTP server: {0}")]
+    Http(#[source] std::io::Error),
 }
 
 /// Opens a multiplexed Redis connection, to a cluster when `cluster` (see
@@ -212,6 +216,8 @@ pub struct Application {
     hub: Hub,
     dispatcher: Dispatcher,
     subscriptions: Subscriptions,
+    /// The HTTP API, unless switched off.
+    http: Option<HttpServer>,
 }
 
 impl Application {
@@ -333,6 +339,16 @@ impl Application {
             wakeup,
         );
 
+        // The HTTP API: its live channels fan out from the same hub.
+        let http = HttpServer::bind(
+            &config,
+            engine.clone(),
+            hub.clone(),
+            warmer.availability().clone(),
+        )
+        .await
+        .map_err(StartError::Http)?;
+
         Ok(Self {
             config,
             listener,
@@ -345,6 +361,7 @@ impl Application {
             hub,
             dispatcher,
             subscriptions,
+            http,
         })
     }
 
@@ -353,6 +370,11 @@ impl Application {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// Where the HTTP API listens, when it is on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|h| h.local_addr().ok())
     }
 
     /// Serves until `shutdown` is cancelled: stops accepting requests, lets
@@ -371,6 +393,7 @@ impl Application {
             hub,
             dispatcher,
             subscriptions,
+            http,
         } = self;
 
         // A new deployment, or a Redis that lost or rolled back its data,
@@ -407,6 +430,7 @@ impl Application {
             ),
         ];
 
+        let http = http.map(|server| tokio::spawn(server.serve(shutdown.clone())));
         let served = serve(
             &config,
             listener,
@@ -421,6 +445,13 @@ impl Application {
             shutdown,
         )
         .await;
+        if let Some(http) = http {
+            match http.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::error!(error = %err, "HTTP server failed"),
+                Err(err) => tracing::error!(error = %err, "HTTP server task failed"),
+            }
+        }
 
         // No request can add events any more: let the background tasks
         // finish what they hold (the flusher commits its batch in hand).

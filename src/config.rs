@@ -33,6 +33,8 @@ pub struct Config {
     pub watch: WatchConfig,
     #[command(flatten, next_help_heading = "Webhooks")]
     pub webhooks: WebhookConfig,
+    #[command(flatten, next_help_heading = "HTTP API")]
+    pub http: HttpConfig,
     #[command(flatten, next_help_heading = "Security")]
     pub security: SecurityConfig,
     #[command(flatten, next_help_heading = "Logging")]
@@ -308,6 +310,77 @@ pub struct WebhookConfig {
     pub webhook_ca_file: Option<PathBuf>,
 }
 
+/// The HTTP API for storefronts: JSON reads, Server-Sent Events, GraphQL
+/// (the client token is under Security).
+#[derive(Debug, Clone, Args)]
+pub struct HttpConfig {
+    /// Address the HTTP API listens on; empty = no HTTP server.
+    #[arg(long, env = "STOCKD_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: ListenAddr,
+
+    /// Public mode: requests without a token are answered, with an
+    /// availability bucket (in_stock, low_stock, out_of_stock) instead of
+    /// quantities.
+    #[arg(long, env = "STOCKD_HTTP_PUBLIC", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub http_public: bool,
+
+    /// An item is `low_stock` when 0 < available <= this (0: never).
+    #[arg(long, env = "STOCKD_LOW_STOCK", default_value_t = 5)]
+    pub low_stock: u32,
+
+    /// Origins allowed to call the API from a browser (CORS), comma
+    /// separated, e.g. `https://shop.example.com`; `*` = any; empty = none.
+    #[arg(long, env = "STOCKD_HTTP_CORS_ORIGINS", value_delimiter = ',')]
+    pub http_cors_origins: Vec<String>,
+
+    /// Most SKUs one subscription (SSE or GraphQL) may name.
+    #[arg(long, env = "STOCKD_HTTP_MAX_SKUS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub http_max_skus: u32,
+
+    /// Most GraphQL subscriptions open at once on one WebSocket connection.
+    #[arg(long, env = "STOCKD_HTTP_MAX_SUBSCRIPTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub http_max_subscriptions: u32,
+
+    /// Time limit of one HTTP request (not of the event streams that follow
+    /// it), in milliseconds.
+    #[arg(long, env = "STOCKD_HTTP_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_timeout_ms: u64,
+}
+
+impl HttpConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.http_timeout_ms)
+    }
+
+    /// The configured CORS origins, blanks dropped.
+    pub fn cors_origins(&self) -> Vec<&str> {
+        self.http_cors_origins
+            .iter()
+            .map(|o| o.trim())
+            .filter(|o| !o.is_empty())
+            .collect()
+    }
+}
+
+/// A listening address that may be switched off with an empty value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+impl FromStr for ListenAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            Ok(Self(None))
+        } else {
+            s.trim().parse().map(|addr| Self(Some(addr)))
+        }
+    }
+}
+
 /// Tokens and TLS.
 #[derive(Debug, Clone, Args)]
 pub struct SecurityConfig {
@@ -315,7 +388,8 @@ pub struct SecurityConfig {
     #[arg(long, env = "STOCKD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
 
-    /// When set, every Inventory rpc needs `authorization: Bearer <token>`.
+    /// When set, every Inventory rpc and HTTP API request needs
+    /// `authorization: Bearer <token>` (except in --http-public mode).
     #[arg(long, env = "STOCKD_CLIENT_TOKEN", hide_env_values = true)]
     pub client_token: Option<Secret>,
 
@@ -542,5 +616,33 @@ mod tests {
         let none = Config::try_parse_from(["stockd"]).unwrap();
         assert!(none.webhooks.webhook_allow_networks.allowed().is_empty());
         assert!(none.webhooks.webhook_ca_file.is_none());
+    }
+
+    #[test]
+    fn http_settings_default_on_and_switch_off_when_empty() {
+        let config = Config::try_parse_from(["stockd"]).unwrap();
+        assert_eq!(
+            config.http.http_addr,
+            ListenAddr(Some("127.0.0.1:8080".parse().unwrap()))
+        );
+        assert!(!config.http.http_public);
+        assert_eq!(config.http.low_stock, 5);
+        assert!(config.http.cors_origins().is_empty());
+        let config = Config::try_parse_from([
+            "stockd",
+            "--http-addr",
+            "",
+            "--http-public",
+            "--http-cors-origins",
+            "https://a.example,https://b.example",
+        ])
+        .unwrap();
+        assert_eq!(config.http.http_addr, ListenAddr(None));
+        assert!(config.http.http_public);
+        assert_eq!(
+            config.http.cors_origins(),
+            ["https://a.example", "https://b.example"]
+        );
+        assert!(Config::try_parse_from(["stockd", "--http-addr", "nope"]).is_err());
     }
 }

@@ -22,8 +22,9 @@
 //!   one instance at a time.
 //! - [`reconcile`]: compares Redis and Postgres item by item, classifies
 //!   the differences and repairs them on request.
-//! - [`watch`]: `Inventory.Watch`, one stream reader per instance fanned
-//!   out to every watcher; [`webhooks`]: stock transitions detected from
+//! - [`watch`]: live events, one stream reader per instance fanned out to
+//!   every watcher (gRPC `Watch`, SSE, GraphQL subscriptions); [`http`]:
+//!   the HTTP API for storefronts (JSON, SSE, GraphQL, a demo page); [`webhooks`]: stock transitions detected from
 //!   the streams (a consumer group of their own) and POSTed, signed, to
 //!   subscribed URLs from a Postgres outbox.
 //! - [`app`]: wires config, Redis, the server and the background tasks
@@ -42,6 +43,7 @@ pub mod error;
 pub mod events;
 pub mod flusher;
 pub mod grpc;
+pub mod http;
 pub mod keys;
 pub mod lock;
 pub mod markers;

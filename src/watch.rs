@@ -1,5 +1,8 @@
-//! `Inventory.Watch`: live change events, fanned out to many watchers from
-//! one reader.
+//! Live change events, fanned out to many watchers from one reader: the
+//! source of gRPC `Inventory.Watch` (src/grpc/), Server-Sent Events and
+//! GraphQL subscriptions (src/http/). The hub speaks domain types only: a
+//! [`Filter`] and a resume [`EntryId`] in, [`ChangeEvent`]s and one final
+//! [`Interrupted`] out; each edge converts them to its own protocol.
 //!
 //! Every stockd instance runs ONE reader task ([`Hub::run`]): a plain
 //! `XREAD BLOCK` over every partition stream (not a consumer group: watching
@@ -8,8 +11,8 @@
 //! watcher whose SKU filter matches, through that watcher's bounded queue
 //! (`STOCKD_WATCH_BUFFER` events). A watcher whose queue is full is cut: the
 //! reader never waits for a slow client and never holds more than the
-//! buffer for it; the client gets `RESOURCE_EXHAUSTED` with the id to resume
-//! from, after the events it was already sent.
+//! buffer for it; the client gets, after the events it was already sent,
+//! an [`Interrupted`] (`RESOURCE_EXHAUSTED`) with the id to resume from.
 //!
 //! Resuming (`from_event_id` = X, the `event_id` of the last event a client
 //! received): stream ids are per partition, so X is read as
@@ -43,14 +46,11 @@ use redis::streams::{StreamRangeReply, StreamReadReply};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
-use tonic::codegen::BoxStream;
 
 use crate::domain::Sku;
 use crate::error::Error;
 use crate::events::{ChangeEvent, EntryId};
 use crate::keys::{Keyspace, Partition};
-use crate::pb;
 
 /// Most SKUs one watch may name.
 pub const MAX_WATCH_SKUS: usize = 1_000;
@@ -66,9 +66,23 @@ const REPLAY_PAGE: usize = 500;
 /// the server is shutting down.
 const FINAL_STATUS_WAIT: Duration = Duration::from_secs(5);
 
-/// Events between the watcher task and the gRPC stream (flow control from
-/// the client reaches the watcher task through this small queue).
+/// Events between the watcher task and the client's stream (flow control
+/// from the client reaches the watcher task through this small queue).
 const OUT_QUEUE: usize = 16;
+
+/// What a watch yields: its events in order, then, when it ends for any
+/// reason but the client leaving, one [`Interrupted`].
+pub type EventStream = ReceiverStream<Result<Arc<ChangeEvent>, Interrupted>>;
+
+/// Why a watch ended, and where the client resumes (`from_event_id` over
+/// gRPC, `Last-Event-ID` over SSE) to miss nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Interrupted {
+    #[source]
+    pub error: Error,
+    pub resume_from: EntryId,
+}
 
 #[derive(Debug, Clone)]
 pub struct WatchSettings {
@@ -100,6 +114,20 @@ impl WatchSettings {
     }
 }
 
+/// A client's resume position (`from_event_id`, `Last-Event-ID`): empty
+/// means "only new events".
+pub fn parse_resume(field: &str, raw: &str) -> Result<Option<EntryId>, Error> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    EntryId::parse(raw).map(Some).ok_or_else(|| {
+        Error::invalid(
+            field,
+            "expected a stream entry id <ms>-<seq>, e.g. 1764095704036-0",
+        )
+    })
+}
+
 /// Which events a watcher wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Filter {
@@ -113,13 +141,18 @@ impl Filter {
         if skus.is_empty() {
             return Ok(Filter::All);
         }
-        if skus.len() > MAX_WATCH_SKUS {
+        Self::skus(field, skus, MAX_WATCH_SKUS)
+    }
+
+    /// One to `max` SKUs (never "every SKU"), each validated.
+    pub fn skus(field: &str, skus: Vec<String>, max: usize) -> Result<Self, Error> {
+        if skus.is_empty() {
+            return Err(Error::invalid(field, "name at least one SKU"));
+        }
+        if skus.len() > max {
             return Err(Error::invalid(
                 field,
-                format!(
-                    "at most {MAX_WATCH_SKUS} SKUs per watch, got {}",
-                    skus.len()
-                ),
+                format!("at most {max} SKUs per watch, got {}", skus.len()),
             ));
         }
         let mut set = HashSet::new();
@@ -529,23 +562,9 @@ impl Hub {
         })
     }
 
-    /// Validates a watch request and starts it: the stream answers with
-    /// the replay (when resuming), then live events.
-    pub async fn watch(
-        &self,
-        request: pb::WatchRequest,
-    ) -> Result<BoxStream<pb::StockEvent>, Error> {
-        let filter = Filter::parse("skus", request.skus)?;
-        let from = if request.from_event_id.is_empty() {
-            None
-        } else {
-            Some(EntryId::parse(&request.from_event_id).ok_or_else(|| {
-                Error::invalid(
-                    "from_event_id",
-                    "expected a stream entry id <ms>-<seq>, e.g. 1764095704036-0",
-                )
-            })?)
-        };
+    /// Starts a watch of `filter`'s SKUs: the stream answers with the
+    /// replay after `from` (when resuming), then live events.
+    pub async fn watch(&self, filter: Filter, from: Option<EntryId>) -> Result<EventStream, Error> {
         if self.inner.stopped.is_cancelled() {
             return Err(Error::ShuttingDown(
                 "the server is shutting down; watch another instance".into(),
@@ -575,7 +594,7 @@ impl Hub {
             subscribed_at: Vec::new(),
         };
         tokio::spawn(watcher.run(start));
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(ReceiverStream::new(rx))
     }
 
     /// Where the replay of each partition starts for a resume from `x`, or
@@ -678,28 +697,35 @@ impl Drop for Subscription {
 enum Ended {
     /// The client went away: nothing to say.
     ClientGone,
-    Failed(Error),
+    Failed {
+        error: Error,
+        /// The first event that was not sent, when one was dropped.
+        first_unsent: Option<EntryId>,
+    },
 }
 
 impl From<Error> for Ended {
-    fn from(err: Error) -> Self {
-        Ended::Failed(err)
+    fn from(error: Error) -> Self {
+        Ended::Failed {
+            error,
+            first_unsent: None,
+        }
     }
 }
 
 impl From<redis::RedisError> for Ended {
     fn from(err: redis::RedisError) -> Self {
-        Ended::Failed(err.into())
+        Error::from(err).into()
     }
 }
 
-/// One watch: replay, then live, into the gRPC stream.
+/// One watch: replay, then live, into the client's stream.
 struct Watcher {
     hub: Hub,
     filter: Filter,
     partitions: Vec<Partition>,
     from: Option<EntryId>,
-    out: mpsc::Sender<Result<pb::StockEvent, Status>>,
+    out: mpsc::Sender<Result<Arc<ChangeEvent>, Interrupted>>,
     /// Per partition, the last entry read from the stream for this watcher
     /// (sent or filtered out).
     consumed: HashMap<Partition, EntryId>,
@@ -712,12 +738,20 @@ struct Watcher {
 impl Watcher {
     async fn run(mut self, start: Begin) {
         let ended = self.serve(start).await;
-        if let Err(Ended::Failed(err)) = ended {
-            // The status follows the events already queued for the client,
+        if let Err(Ended::Failed {
+            error,
+            first_unsent,
+        }) = ended
+        {
+            // The end follows the events already queued for the client,
             // however long it takes the client to read them; only a server
             // shutdown limits the wait.
             let stopped = self.hub.inner.stopped.clone();
-            let send = self.out.send(Err(err.into()));
+            let interrupted = Interrupted {
+                error,
+                resume_from: self.resume_hint(first_unsent),
+            };
+            let send = self.out.send(Err(interrupted));
             tokio::pin!(send);
             tokio::select! {
                 biased;
@@ -765,14 +799,17 @@ impl Watcher {
                 // Cut: the queued events are dropped with the queue; the
                 // client resumes from the last event it was sent.
                 let first_unsent = Some(event.entry_id);
-                return Err(self.too_slow(first_unsent).into());
+                return Err(Ended::Failed {
+                    error: self.too_slow(first_unsent),
+                    first_unsent,
+                });
             }
             let partition = Partition(event.partition);
             let id = event.entry_id;
             if self.consumed.get(&partition).is_some_and(|&c| c >= id) {
                 continue; // replayed already
             }
-            self.send(&event, id).await?;
+            self.send(event, id).await?;
         }
     }
 
@@ -818,14 +855,14 @@ impl Watcher {
 
     /// Sends one event, waiting for the client (flow control) unless the
     /// server shuts down meanwhile.
-    async fn send(&mut self, event: &ChangeEvent, id: EntryId) -> Result<(), Ended> {
+    async fn send(&mut self, event: Arc<ChangeEvent>, id: EntryId) -> Result<(), Ended> {
         self.consumed.insert(Partition(event.partition), id);
         if !self.filter.matches(&event.sku) {
             return Ok(());
         }
         let stopped = self.hub.inner.stopped.clone();
         let sent = tokio::select! {
-            sent = self.out.send(Ok(stock_event(event))) => Some(sent.is_ok()),
+            sent = self.out.send(Ok(event)) => Some(sent.is_ok()),
             _ = stopped.cancelled() => None,
         };
         match sent {
@@ -856,7 +893,7 @@ impl Watcher {
         struct Cursor {
             partition: Partition,
             index: usize,
-            buf: VecDeque<(EntryId, ChangeEvent)>,
+            buf: VecDeque<(EntryId, Arc<ChangeEvent>)>,
             done: bool,
         }
         let mut cursors: Vec<Cursor> = starts
@@ -904,7 +941,7 @@ impl Watcher {
                     };
                     starts[c.index].1 = Start::After(id);
                     match ChangeEvent::parse(c.partition.0, id, &entry.map) {
-                        Ok(event) => c.buf.push_back((id, event)),
+                        Ok(event) => c.buf.push_back((id, Arc::new(event))),
                         Err(_) => {
                             self.consumed.insert(c.partition, id);
                         }
@@ -921,7 +958,7 @@ impl Watcher {
                 return Ok(());
             };
             let (id, event) = next.buf.pop_front().expect("not empty");
-            self.send(&event, id).await?;
+            self.send(event, id).await?;
         }
     }
 }
@@ -952,24 +989,6 @@ pub fn describe_metrics() {
     }
 }
 
-/// The wire form of an event (DESIGN.md wire names).
-pub fn stock_event(e: &ChangeEvent) -> pb::StockEvent {
-    pb::StockEvent {
-        event_id: e.entry_id.to_string(),
-        partition: e.partition,
-        sku: e.sku.clone(),
-        location: e.location.clone(),
-        op: pb::StockOp::from(e.op).into(),
-        delta_available: e.d_available,
-        delta_reserved: e.d_reserved,
-        available: e.available,
-        reserved: e.reserved,
-        version: e.version,
-        reference: e.reference.clone(),
-        ts_ms: e.ts_ms,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -996,6 +1015,26 @@ mod tests {
         assert_eq!(f.partitions(&keys), expected);
         let err = Filter::parse("skus", vec!["ok".into(), "has space".into()]).unwrap_err();
         assert!(err.to_string().contains("skus[1]"), "{err}");
+    }
+
+    #[test]
+    fn a_bounded_filter_names_one_to_max_skus() {
+        let err = Filter::skus("sku", vec![], 2).unwrap_err();
+        assert!(err.to_string().contains("invalid sku"), "{err}");
+        let err = Filter::skus("sku", vec!["a".into(), "b".into(), "c".into()], 2).unwrap_err();
+        assert!(err.to_string().contains("at most 2"), "{err}");
+        assert!(Filter::skus("sku", vec!["a".into(), "b".into()], 2).is_ok());
+    }
+
+    #[test]
+    fn resume_positions_are_empty_or_entry_ids() {
+        assert_eq!(parse_resume("from", "").unwrap(), None);
+        assert_eq!(
+            parse_resume("from", "7-1").unwrap(),
+            Some(EntryId { ms: 7, seq: 1 })
+        );
+        let err = parse_resume("Last-Event-ID", "7").unwrap_err();
+        assert!(err.to_string().contains("Last-Event-ID"), "{err}");
     }
 
     fn event(sku: &str, id: &str) -> Arc<ChangeEvent> {

@@ -48,7 +48,7 @@ fn bearer_token(value: &str) -> Option<&str> {
 
 /// Compares without an early exit on the first differing byte, so the time
 /// taken does not tell an attacker how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

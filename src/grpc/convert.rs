@@ -3,7 +3,7 @@
 
 use crate::domain::{Item, Lines, MAX_LINES, StockLevel};
 use crate::error::Error;
-use crate::events::Op;
+use crate::events::{ChangeEvent, Op};
 use crate::pb;
 use crate::reconcile::Class;
 
@@ -86,6 +86,24 @@ impl From<Class> for pb::ItemState {
             Class::MissingInPostgres => pb::ItemState::MissingInPostgres,
             Class::LedgerMismatch => pb::ItemState::LedgerMismatch,
         }
+    }
+}
+
+/// The wire form of a change event (DESIGN.md wire names).
+pub fn stock_event(e: &ChangeEvent) -> pb::StockEvent {
+    pb::StockEvent {
+        event_id: e.entry_id.to_string(),
+        partition: e.partition,
+        sku: e.sku.clone(),
+        location: e.location.clone(),
+        op: pb::StockOp::from(e.op).into(),
+        delta_available: e.d_available,
+        delta_reserved: e.d_reserved,
+        available: e.available,
+        reserved: e.reserved,
+        version: e.version,
+        reference: e.reference.clone(),
+        ts_ms: e.ts_ms,
     }
 }
 

@@ -1,5 +1,6 @@
 //! `stockd.v1.Inventory`: the checkout-facing rpcs.
 
+use tokio_stream::StreamExt;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
@@ -7,7 +8,7 @@ use super::convert;
 use crate::domain::{Delta, Item, RequestId, Ttl, parse_reason};
 use crate::engine::Engine;
 use crate::pb;
-use crate::watch::Hub;
+use crate::watch::{self, Filter, Hub};
 
 pub struct InventoryService {
     engine: Engine,
@@ -136,8 +137,14 @@ impl pb::inventory_server::Inventory for InventoryService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<BoxStream<pb::StockEvent>>, Status> {
-        let stream = self.hub.watch(request.into_inner()).await?;
-        Ok(Response::new(stream))
+        let request = request.into_inner();
+        let filter = Filter::parse("skus", request.skus)?;
+        let from = watch::parse_resume("from_event_id", &request.from_event_id)?;
+        let events = self.hub.watch(filter, from).await?.map(|item| match item {
+            Ok(event) => Ok(convert::stock_event(&event)),
+            Err(interrupted) => Err(interrupted.error.into()),
+        });
+        Ok(Response::new(Box::pin(events)))
     }
 }
 

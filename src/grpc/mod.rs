@@ -12,4 +12,5 @@ mod inventory;
 pub use admin::AdminService;
 pub use admission::AdmissionLayer;
 pub use auth::RequireToken;
+pub(crate) use auth::constant_time_eq;
 pub use inventory::InventoryService;

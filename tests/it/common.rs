@@ -67,6 +67,8 @@ pub fn unique_namespace(tag: &str) -> String {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The HTTP API (on port 0 like gRPC).
+    pub http_addr: SocketAddr,
     pub namespace: String,
     /// This test's own Postgres database (stockd creates it).
     pub database: String,
@@ -114,6 +116,8 @@ pub fn config_for(options: &Options) -> Config {
         "stockd".to_owned(),
         "--grpc-addr".into(),
         "127.0.0.1:0".into(),
+        "--http-addr".into(),
+        "127.0.0.1:0".into(),
         "--namespace".into(),
         options.namespace.clone(),
         "--partitions".into(),
@@ -159,6 +163,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let config = config_for(&options);
     let application = Application::build(config).await.expect("stockd starts");
     let addr = application.grpc_addr();
+    let http_addr = application.http_addr().expect("the HTTP API is on");
     let shutdown = CancellationToken::new();
     let mut server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
     let endpoint = match &options.client_tls {
@@ -198,6 +203,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let database_url = options.database_url();
     TestApp {
         addr,
+        http_addr,
         database: database_url.rsplit_once('/').unwrap().1.to_owned(),
         database_url,
         keys: Keyspace::new(options.namespace.clone(), options.partitions),

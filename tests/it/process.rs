@@ -54,6 +54,7 @@ impl Stockd {
             .args(["--database-max-connections", "4"])
             .args(["--metrics-addr", ""])
             .args(redis_cluster().then_some("--redis-cluster"))
+            .args(["--http-addr", ""])
             .args(extra)
             .env("STOCKD_LOG", "info")
             .env_remove("STOCKD_FAILPOINT")
