@@ -306,6 +306,37 @@ impl Watchdog {
         })
     }
 
+    /// Holds Postgres says are held and lapsed long ago: Redis should have
+    /// expired them. When Redis lost their records (keys deleted or evicted
+    /// while the partition kept its marker), they are put back, and the
+    /// reaper expires them, so their units do not stay reserved for ever.
+    pub async fn restore_overdue_holds(&self) -> Result<u64, Error> {
+        let grace = (FULL_CHECK_EVERY * 3).as_millis() as i64;
+        let rows = self.store.overdue_holds(grace, 500).await?;
+        let mut by_id: BTreeMap<&str, Vec<ReservationRow>> = BTreeMap::new();
+        for row in &rows {
+            by_id
+                .entry(row.reservation_id.as_str())
+                .or_default()
+                .push(row.clone());
+        }
+        let mut restored = 0;
+        for (id, rows) in &by_id {
+            if restore_reservation(&self.conn, &self.keys, id, rows, self.window).await? > 0 {
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            counter!("stockd_holds_restored_total").increment(restored);
+            tracing::warn!(
+                restored,
+                "put back lapsed holds whose records Redis had lost; \
+                the reaper expires them now"
+            );
+        }
+        Ok(restored)
+    }
+
     /// The ids Postgres learned within the idempotency window, as a filter
     /// per affected partition: an id's rows' partitions and its own.
     async fn seen_filters(
@@ -447,6 +478,9 @@ impl Watchdog {
                 Ok(troubles) => self.resolve(troubles).await,
                 Err(err) => Err(err),
             };
+            if full && let Err(err) = self.restore_overdue_holds().await {
+                tracing::warn!(error = %err, "checking for holds Redis lost failed; retrying");
+            }
             match checked {
                 Ok(check) if !check.is_steady() && !check.waiting => {
                     tracing::info!(restored = ?check.restored, healed = ?check.healed,

@@ -111,7 +111,7 @@ pub(crate) async fn restore_reservation(
     id: &str,
     rows: &[ReservationRow],
     window: Duration,
-) -> Result<(), Error> {
+) -> Result<u64, Error> {
     let plan = RestorePlan::of(keys, id, rows);
     let mut batch = CommandBatch::new();
     for record in plan.records(keys, id, window) {
@@ -122,8 +122,13 @@ pub(crate) async fn restore_reservation(
         }
         batch.script(record.key, &scripts::RESTORE_RESERVATION, inv);
     }
-    batch.query(conn).await?;
-    Ok(())
+    let mut written = 0;
+    for reply in batch.query(conn).await? {
+        let n: u64 = redis::from_redis_value(reply)
+            .map_err(|e| Error::Internal(format!("restore_reservation.lua: {e}")))?;
+        written += u64::from(n > 0);
+    }
+    Ok(written)
 }
 
 /// One reservation's records as Postgres describes them.

@@ -101,6 +101,27 @@ impl Store {
         rows.into_iter().map(reservation_row).collect()
     }
 
+    /// Held reservation rows whose hold lapsed more than `grace_ms` ago: the
+    /// reaper should long have expired them, unless Redis lost their
+    /// records (keys deleted, evicted) without losing its markers.
+    pub async fn overdue_holds(
+        &self,
+        grace_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<ReservationRow>, sqlx::Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservations
+             WHERE state = 'held'
+               AND expires_at < now() - make_interval(secs => $1 / 1000.0)
+             ORDER BY expires_at LIMIT $2"
+        )))
+        .bind(grace_ms)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter().map(reservation_row).collect()
+    }
+
     /// Reservation rows changed since `since_ms` (Postgres's clock) that
     /// are no longer held: after a rollback, Redis may still hold them.
     pub async fn finished_reservations_since(
