@@ -81,7 +81,10 @@ impl Reaper {
                         counter!("stockd_reservations_expired_total").increment(1);
                     }
                     Expiry::NotDue => outcome.raced += 1,
-                    Expiry::Unknown => self.engine.forget_expiry(partition, &raw).await?,
+                    Expiry::Unknown => {
+                        tracing::debug!(%partition, reservation = %raw, "reaper: no such reservation here any more");
+                        self.engine.forget_expiry(partition, &raw).await?
+                    }
                     Expiry::Broken(detail) => {
                         outcome.broken += 1;
                         counter!("stockd_broken_reservations_total").increment(1);

@@ -110,6 +110,9 @@ impl Finish {
 /// `fp`, `parts` and `all`).
 type LocatorFields = (Option<String>, Option<String>, Option<String>);
 
+/// A part record's `fp`, `lines` and `coord` (its coordinator's partition).
+type PartFields = (Option<String>, Option<String>, Option<u32>);
+
 /// What Commit, Release and Extend do to a held reservation.
 #[derive(Debug, Clone, Copy)]
 enum OnHeld {
@@ -596,27 +599,28 @@ impl Engine {
     /// reservation of one partition it holds every line.
     pub async fn expire(&self, partition: Partition, id: &str) -> Result<Expiry, Error> {
         let keys = &self.inner.keys;
-        let (fp, parts, lines, coordinator): (
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<u32>,
-        ) = redis::cmd("HMGET")
-            .arg(keys.reservation(partition, id))
-            .arg(&["fp", "parts", "lines", "coord"])
-            .query_async(&mut self.conn())
-            .await?;
-        let (Some(fp), Some(parts), Some(lines)) = (fp, parts, lines) else {
-            return Ok(Expiry::Unknown);
-        };
-        if let Some(coordinator) = coordinator {
-            // A part of a reservation spanning partitions on a cluster.
+        // The partition's record of the reservation, or (on a cluster) its
+        // part of one that spans partitions: both in one round trip.
+        let ((fp, parts, lines), (part_fp, part_lines, coordinator)): (LocatorFields, PartFields) =
+            redis::pipe()
+                .cmd("HMGET")
+                .arg(keys.reservation(partition, id))
+                .arg(&["fp", "parts", "lines"])
+                .cmd("HMGET")
+                .arg(keys.part(partition, id))
+                .arg(&["fp", "lines", "coord"])
+                .query_async(&mut self.conn())
+                .await?;
+        if let (Some(fp), Some(lines), Some(coordinator)) = (part_fp, part_lines, coordinator) {
             let part =
                 Located::parse(fp, &partition.to_string(), &lines).map_err(Error::Internal)?;
             return self
                 .expire_part(partition, id, &part, Partition(coordinator))
                 .await;
         }
+        let (Some(fp), Some(parts), Some(lines)) = (fp, parts, lines) else {
+            return Ok(Expiry::Unknown);
+        };
         let located = if parts == partition.to_string() {
             Located::parse(fp, &parts, &lines).map_err(Error::Internal)?
         } else {

@@ -112,7 +112,7 @@ pub(crate) async fn restore_reservation(
     rows: &[ReservationRow],
     window: Duration,
 ) -> Result<u64, Error> {
-    let plan = RestorePlan::of(keys, id, rows);
+    let plan = RestorePlan::of(keys, id, rows, conn.is_cluster());
     let mut batch = CommandBatch::new();
     for record in plan.records(keys, id, window) {
         let mut inv = scripts::RESTORE_RESERVATION.prepare_invoke();
@@ -139,6 +139,9 @@ struct RestorePlan<'a> {
     expires_at_ms: Option<i64>,
     /// Partitions in the order of `all`.
     parts: Vec<Partition>,
+    /// On a cluster, a reservation spanning partitions is a coordinator in
+    /// the id's partition and a `part` record in each of the others.
+    coordinated: bool,
     /// Every line, JSON.
     all: String,
     /// The reserve outcome, and the finish outcome once finished.
@@ -155,7 +158,7 @@ struct RestoreRecord {
 }
 
 impl<'a> RestorePlan<'a> {
-    fn of(keys: &Keyspace, id: &str, rows: &'a [ReservationRow]) -> Self {
+    fn of(keys: &Keyspace, id: &str, rows: &'a [ReservationRow], cluster: bool) -> Self {
         let mut parts = Vec::new();
         let mut all = Vec::new();
         let mut reserve_levels = Vec::new();
@@ -191,6 +194,7 @@ impl<'a> RestorePlan<'a> {
                 .unwrap_or_else(|| format!("restored:{id}")),
             state,
             expires_at_ms,
+            coordinated: cluster && parts.len() > 1,
             parts,
             all: serde_json::to_string(&all).expect("lines serialise"),
             out,
@@ -223,8 +227,15 @@ impl<'a> RestorePlan<'a> {
             |p: Partition, state: &str, lines: String, coordinates: bool, locates: bool| {
                 let pick =
                     |yes: bool, value: &str| if yes { value.to_owned() } else { String::new() };
+                // A part of a coordinated reservation: its own record kind,
+                // pointing at the coordinator.
+                let part = self.coordinated && !lines.is_empty();
                 RestoreRecord {
-                    key: keys.reservation(p, id),
+                    key: if part {
+                        keys.part(p, id)
+                    } else {
+                        keys.reservation(p, id)
+                    },
                     rexp: keys.reservation_expiry(p),
                     args: vec![
                         id.to_owned(),
@@ -237,6 +248,11 @@ impl<'a> RestorePlan<'a> {
                         pick(locates, &self.all),
                         pick(locates || !state.is_empty(), &parts),
                         window_ms.clone(),
+                        if part {
+                            self.home.to_string()
+                        } else {
+                            String::new()
+                        },
                     ],
                 }
             };
@@ -246,10 +262,19 @@ impl<'a> RestorePlan<'a> {
             .map(|row| {
                 let p = Partition(row.partition);
                 let lines = serde_json::to_string(&row.lines).expect("lines serialise");
-                record(p, &row.state, lines, p == coordinator, p == self.home)
+                // Parts of a coordinated reservation hold no outcome and
+                // locate nothing: the coordinator does.
+                let own = !self.coordinated;
+                record(
+                    p,
+                    &row.state,
+                    lines,
+                    own && p == coordinator,
+                    own && p == self.home,
+                )
             })
             .collect();
-        if !self.parts.contains(&self.home) {
+        if self.coordinated || !self.parts.contains(&self.home) {
             // The id's own partition holds no lines: the coordinator of a
             // reservation spanning partitions, or only its locator.
             let mut locator = record(

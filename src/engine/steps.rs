@@ -315,6 +315,18 @@ impl Engine {
             other => return Err(Error::Internal(format!("coordinate decide: {other:?}"))),
         };
         if state == "held" {
+            if ours && let Ok(StoredOutcome { exp: Some(exp), .. }) = StoredOutcome::parse(out) {
+                // The parts wait for the real expiry, not their provisional
+                // one (the reaper would re-date them too, later).
+                let engine = self.clone();
+                let parts: Vec<Partition> = plan.parts.clone();
+                let id = plan.id.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = engine.redate_parts(&id, &parts, exp).await {
+                        tracing::debug!(reservation = %id, error = %err, "re-dating parts later");
+                    }
+                });
+            }
             return Ok(Outcome::Applied {
                 out: out.to_owned(),
                 replayed: !ours,
@@ -470,13 +482,36 @@ impl Engine {
             )
             .await?;
         Ok(match word(&words, 0) {
-            "ok" => Outcome::Applied {
-                out: word(&words, 1).to_owned(),
-                replayed: false,
-            },
+            "ok" => {
+                let exp: i64 = word(&words, 1)
+                    .parse()
+                    .map_err(|_| Error::Internal(format!("extend: {words:?}")))?;
+                self.redate_parts(&plan.id, &plan.parts, exp).await?;
+                Outcome::Applied {
+                    out: exp.to_string(),
+                    replayed: false,
+                }
+            }
             "state" => Outcome::State(word(&words, 1).to_owned()),
             _ => Outcome::Unknown,
         })
+    }
+
+    /// Every held part's expiry entry moves to `exp`, the coordinator's:
+    /// one batch (`XX`: a part finished meanwhile is not put back). A part
+    /// record's own `exp` is left as it was: parts never judge expiry, the
+    /// coordinator does.
+    async fn redate_parts(&self, id: &str, parts: &[Partition], exp: i64) -> Result<(), Error> {
+        let keys = &self.inner.keys;
+        let mut batch = CommandBatch::new();
+        for &p in parts {
+            let index = keys.reservation_expiry(p);
+            let mut date = redis::cmd("ZADD");
+            date.arg(&index).arg("XX").arg(exp).arg(id);
+            batch.cmd(index, date);
+        }
+        batch.query(&self.inner.conn).await?;
+        Ok(())
     }
 
     /// Decrement across partitions: an internal hold of the lines,
@@ -485,6 +520,20 @@ impl Engine {
         let window = self.window_ms();
         let all = all_lines(plan);
         let parts = parts_text(&plan.parts);
+        // The quantities, positive: the internal hold takes them.
+        let lines: Vec<ScriptLine> = plan
+            .lines
+            .iter()
+            .map(|(l, _)| ScriptLine {
+                amount: -l.amount,
+                ..l.clone()
+            })
+            .collect();
+        // An unknown item is no outcome: nothing may be stored for the id.
+        let probe = Plan::new(&self.inner.keys, Kind::Reservation, &plan.id, lines.clone());
+        if let Some(missing @ Outcome::Missing(_)) = self.precheck(&probe).await? {
+            return Ok(missing);
+        }
         let mut checked = false;
         let mut attempt: u32 = loop {
             let words = self
@@ -517,16 +566,12 @@ impl Engine {
         };
         loop {
             let internal = internal_decrement_id(attempt, &plan.id);
-            // The quantities, positive: the hold takes them.
-            let lines: Vec<ScriptLine> = plan
-                .lines
-                .iter()
-                .map(|(l, _)| ScriptLine {
-                    amount: -l.amount,
-                    ..l.clone()
-                })
-                .collect();
-            let hold = Plan::new(&self.inner.keys, Kind::Reservation, &internal, lines);
+            let hold = Plan::new(
+                &self.inner.keys,
+                Kind::Reservation,
+                &internal,
+                lines.clone(),
+            );
             match self.reserve_across(&hold, fp, INTERNAL_HOLD).await? {
                 Outcome::Applied { .. } => {}
                 refused @ (Outcome::Short(_) | Outcome::Ceiling(_)) => {
@@ -663,6 +708,7 @@ impl Engine {
                 [how.op().to_owned(), self.window_ms()],
             )
             .await?;
+        tracing::debug!(%partition, reservation = %id, state = %state, ?outcome, "expire_part");
         Ok(match outcome {
             Outcome::Applied { .. } => Expiry::Expired,
             Outcome::State(_) | Outcome::NotDue => Expiry::NotDue,

@@ -25,7 +25,8 @@
 --              place of "%EXP%"; 'refused': why = first word of out)
 --              → 'ok' out | 'decided' state out | 'refused' why out
 --              (someone decided first)
---          'finish' op        held → committed|released|expired; a commit
+--          'finish' op        held → committed|released|expired ('unknown'
+--              when the request never held: refused, aborted, pending); a commit
 --              of a lapsed hold is refused ('state' expired); a release of
 --              a lapsed one expires it (a replay for the client)
 --              → 'ok' final | 'replay' final fin | 'state' state
@@ -88,6 +89,14 @@ if verb == 'begin' then
 end
 
 if not fp or fp ~= FP then
+  return { 'unknown' }
+end
+
+-- A reservation that was refused, aborted or is still being decided never
+-- held anything: to Commit, Release and Extend it does not exist, as on a
+-- single Redis (finish.lua answers 'unknown' for a stored refusal).
+if (verb == 'finish' or verb == 'extend')
+  and (state == 'refused' or state == 'aborted' or state == 'pending') then
   return { 'unknown' }
 end
 

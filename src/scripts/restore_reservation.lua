@@ -46,6 +46,7 @@ add('out', ARGV[6])
 add('fin', ARGV[7])
 add('all', ARGV[8])
 add('parts', ARGV[9])
+add('coord', ARGV[11] or '')
 redis.call('HSET', KEYS[1], unpack(fields))
 if state == 'held' and ARGV[5] ~= '' then
   redis.call('ZADD', KEYS[2], tonumber(exp), id)

@@ -346,8 +346,11 @@ async fn subscriptions_name_a_bounded_number_of_skus() {
 /// A raw `GET /v1/events` whose reader reads nothing until told: its small
 /// receive buffer fills, the server's writes stall, and the hub's queue for
 /// it overflows.
-async fn stalled_sse(addr: std::net::SocketAddr, sku: &str) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
+/// Opens an SSE request that is then not read, returned once the server
+/// answered with its head (so the watch is registered: changes made after
+/// this returns are the stream's).
+async fn stalled_sse(addr: std::net::SocketAddr, sku: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr).await.unwrap();
@@ -360,13 +363,22 @@ async fn stalled_sse(addr: std::net::SocketAddr, sku: &str) -> tokio::net::TcpSt
         )
         .await
         .unwrap();
-    stream
+    // Byte by byte up to the blank line: nothing of the body is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = tokio::time::timeout(DEADLINE, stream.read_u8())
+            .await
+            .expect("the response head in time")
+            .unwrap();
+        head.push(byte);
+    }
+    (stream, String::from_utf8(head).unwrap())
 }
 
 /// Everything the server sends until it closes, de-chunked: the SSE text.
-async fn read_to_end_dechunked(mut stream: tokio::net::TcpStream) -> String {
+async fn read_to_end_dechunked((mut stream, head): (tokio::net::TcpStream, String)) -> String {
     use tokio::io::AsyncReadExt;
-    let mut raw = Vec::new();
+    let mut raw = head.into_bytes();
     if tokio::time::timeout(DEADLINE, stream.read_to_end(&mut raw))
         .await
         .is_err()

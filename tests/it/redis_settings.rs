@@ -24,16 +24,19 @@ async fn redis_client(url: &str) -> redis::aio::MultiplexedConnection {
 async fn an_older_layout_is_refused_then_moved_over_with_reset_redis() {
     let namespace = unique_namespace("layout");
     let keys = stockd::keys::Keyspace::new(namespace.clone(), 16);
-    let mut conn = redis_client(&redis_url()).await;
+    let mut conn = shared_redis().await;
     // What the first layout left: its meta record, an unencoded stock key,
     // and a change still in its stream, unflushed, read by an old flusher.
     let p = keys.partition_of("old-sku");
     let stream = keys.events(p);
-    let () = redis::pipe()
-        .cmd("HSET")
+    // The meta record lives in its own slot on a cluster: written apart.
+    let () = redis::cmd("HSET")
         .arg(keys.meta())
         .arg(&["partitions", "16", "schema", "1", "epoch", "old"])
-        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let () = redis::pipe()
         .cmd("HSET")
         .arg(format!("{namespace}:{{p{:02}}}:stock:default:old-sku", p.0))
         .arg(&[
