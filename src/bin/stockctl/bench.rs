@@ -18,7 +18,10 @@
 //!    safe, so the ledger is exact;
 //! 5. waits for the flush to drain (`drain_ms`), then compares the ledger's
 //!    expected available/reserved/version of every SKU with GetStock, and
-//!    GetStock with Postgres' `stock` rows.
+//!    GetStock with Postgres' `stock` rows;
+//! 6. reports the database's commits per second from the start of the load
+//!    to the end of the drain ([`pgstat`]), and stockd's CPU time per
+//!    request over the same window (`--stockd-pid`).
 //!
 //! The load runs on its own Tokio runtime (`--threads` workers) in its own
 //! thread, whatever runtime the caller has.
@@ -28,6 +31,7 @@
 
 pub mod grpc;
 pub mod ledger;
+pub mod pgstat;
 pub mod postgres;
 pub mod report;
 pub mod workload;
@@ -531,6 +535,8 @@ async fn wait_drained(
 struct Loaded {
     elapsed: Duration,
     cpu: report::Cpu,
+    /// `--stockd-pid`'s CPU time when the load began.
+    stockd_cpu_at_start: Option<Duration>,
     histogram: Histogram<u64>,
     outcomes: Outcomes,
     ledger: Ledger,
@@ -659,6 +665,7 @@ async fn load(plan: &Plan, callers: Vec<Caller>) -> Result<Loaded, Failure> {
     let mut loaded = Loaded {
         elapsed: Duration::ZERO,
         cpu: report::Cpu::default(),
+        stockd_cpu_at_start: cpu_before.1,
         histogram: report::new_histogram(),
         outcomes: Outcomes::default(),
         ledger: Ledger::default(),
@@ -678,6 +685,7 @@ async fn load(plan: &Plan, callers: Vec<Caller>) -> Result<Loaded, Failure> {
             plan.stockd_pid.and_then(|p| cpu_time(Some(p))),
             loaded.elapsed,
         ),
+        stockd_us_per_request: None,
     };
     for h in &shared.histograms {
         loaded
@@ -798,6 +806,7 @@ async fn execute_stockd(plan: Plan, conn: Conn, progress: Progress) -> Result<Re
             plan.connections
         ),
     );
+    let commits = start_commit_count(&plan, &progress).await;
     let mut loaded = load(&plan, callers).await?;
     let load_end = Instant::now();
 
@@ -823,6 +832,14 @@ async fn execute_stockd(plan: Plan, conn: Conn, progress: Progress) -> Result<Re
     }
     stop.cancel();
     let _ = sampler.await;
+    // The flush's work is the requests' too: CPU and commits up to the
+    // end of the drain.
+    loaded.cpu.stockd_us_per_request = cpu_per_request(
+        loaded.stockd_cpu_at_start,
+        plan.stockd_pid.and_then(|p| cpu_time(Some(p))),
+        loaded.outcomes.total(),
+    );
+    let pg_commits_per_s = commits_per_second(commits, &mut problems).await;
 
     say(
         &progress,
@@ -855,9 +872,47 @@ async fn execute_stockd(plan: Plan, conn: Conn, progress: Progress) -> Result<Re
         still_unknown,
     };
     let samples = samples.lock().unwrap().clone();
-    Ok(build_report(
-        &plan, &loaded, verify, &samples, drain_ms, problems,
-    ))
+    let mut report = build_report(&plan, &loaded, verify, &samples, drain_ms, problems);
+    report.pg_commits_per_s = pg_commits_per_s;
+    Ok(report)
+}
+
+/// Starts counting the database's commits (see [`pgstat`]); a database
+/// that cannot be asked leaves the figure out.
+async fn start_commit_count(plan: &Plan, progress: &Progress) -> Option<pgstat::Commits> {
+    match pgstat::Commits::start(&plan.database_url).await {
+        Ok(commits) => Some(commits),
+        Err(e) => {
+            say(
+                progress,
+                format!("Postgres commits not counted (pg_stat_database: {e})"),
+            );
+            None
+        }
+    }
+}
+
+async fn commits_per_second(
+    commits: Option<pgstat::Commits>,
+    problems: &mut Vec<String>,
+) -> Option<f64> {
+    match commits?.per_second().await {
+        Ok(rate) => Some(rate),
+        Err(e) => {
+            problems.push(format!("Postgres commits not counted: {e}"));
+            None
+        }
+    }
+}
+
+/// CPU microseconds per request between two readings.
+fn cpu_per_request(
+    before: Option<Duration>,
+    after: Option<Duration>,
+    requests: u64,
+) -> Option<f64> {
+    let used = after?.checked_sub(before?)?;
+    (requests > 0).then(|| (used.as_secs_f64() * 1e6 / requests as f64 * 10.0).round() / 10.0)
 }
 
 /// GetStock's levels as the expectation for Postgres (a missing item is
@@ -916,9 +971,12 @@ async fn execute_postgres(plan: Plan, progress: Progress) -> Result<Report, Fail
             plan.clients
         ),
     );
+    let commits = start_commit_count(&plan, &progress).await;
     let loaded = load(&plan, callers).await?;
     stop.cancel();
     let _ = sampler.await;
+    let mut problems = Vec::new();
+    let pg_commits_per_s = commits_per_second(commits, &mut problems).await;
 
     say(
         &progress,
@@ -938,7 +996,6 @@ async fn execute_postgres(plan: Plan, progress: Progress) -> Result<Report, Fail
         replayed_unknown: 0,
         still_unknown: 0,
     };
-    let mut problems = Vec::new();
     if let Err(e) = postgres::clean_up(&pool, &names).await {
         problems.push(format!("could not delete the run's bench_stock rows: {e}"));
     }
@@ -946,6 +1003,7 @@ async fn execute_postgres(plan: Plan, progress: Progress) -> Result<Report, Fail
     let samples = samples.lock().unwrap().clone();
     let mut report = build_report(&plan, &loaded, verify, &samples, None, problems);
     report.connections = connections;
+    report.pg_commits_per_s = pg_commits_per_s;
     Ok(report)
 }
 
@@ -1024,6 +1082,7 @@ fn build_report(
         max_pending: samples.max_pending,
         drain_ms,
         cpu_pct: loaded.cpu,
+        pg_commits_per_s: None,
         peak_rss_mb: samples
             .peak_rss_kb
             .map(|kb| (kb as f64 / 1024.0 * 10.0).round() / 10.0),
@@ -1176,6 +1235,13 @@ mod tests {
             Some(75.0)
         );
         assert_eq!(cpu_pct(None, Some(ms(2500)), ms(2000)), None);
+        // 1.5 s of CPU over 10,000 requests: 150 µs each.
+        assert_eq!(
+            cpu_per_request(Some(ms(1000)), Some(ms(2500)), 10_000),
+            Some(150.0)
+        );
+        assert_eq!(cpu_per_request(Some(ms(1000)), Some(ms(2500)), 0), None);
+        assert_eq!(cpu_per_request(None, Some(ms(2500)), 10), None);
     }
 
     #[test]
@@ -1197,6 +1263,7 @@ mod tests {
         Loaded {
             elapsed: Duration::from_secs(2),
             cpu: report::Cpu::default(),
+            stockd_cpu_at_start: None,
             histogram: report::new_histogram(),
             outcomes,
             ledger: Ledger::default(),

@@ -58,6 +58,9 @@ pub struct Cpu {
     pub bench_pct: Option<f64>,
     /// `--stockd-pid`.
     pub stockd_pct: Option<f64>,
+    /// `--stockd-pid`'s CPU time per request, in microseconds, from the
+    /// start of the load to the end of the flush's drain (stockd target).
+    pub stockd_us_per_request: Option<f64>,
 }
 
 /// Count of calls per gRPC status code.
@@ -155,6 +158,9 @@ pub struct Report {
     pub drain_ms: Option<u64>,
     /// CPU used during the load.
     pub cpu_pct: Cpu,
+    /// Transactions the database committed per second from the start of
+    /// the load to the end of the drain (`pg_stat_database.xact_commit`).
+    pub pg_commits_per_s: Option<f64>,
     /// `--stockd-pid`: the highest VmRSS sampled during the run.
     pub peak_rss_mb: Option<f64>,
     /// What went wrong; empty when the run checked out.
@@ -290,11 +296,13 @@ impl Report {
         fields.push((
             "CPU",
             format!(
-                "stockctl {}, stockd {} (% of one core)",
+                "stockctl {}, stockd {} (% of one core); stockd {} per request",
                 opt(self.cpu_pct.bench_pct, "%"),
-                opt(self.cpu_pct.stockd_pct, "%")
+                opt(self.cpu_pct.stockd_pct, "%"),
+                opt(self.cpu_pct.stockd_us_per_request, " µs"),
             ),
         ));
+        fields.push(("PG commits", opt(self.pg_commits_per_s, " per second")));
         fields.push((
             "peak RSS",
             match self.peak_rss_mb {
@@ -366,7 +374,12 @@ mod tests {
             max_flush_lag_ms: Some(120),
             max_pending: Some(40),
             drain_ms: None,
-            cpu_pct: Cpu::default(),
+            cpu_pct: Cpu {
+                bench_pct: Some(40.0),
+                stockd_pct: Some(55.5),
+                stockd_us_per_request: Some(180.2),
+            },
+            pg_commits_per_s: Some(19.5),
             peak_rss_mb: None,
             problems: vec![],
             ok: true,
@@ -459,6 +472,8 @@ mod tests {
         assert!(v["drain_ms"].is_null());
         assert!(v["peak_rss_mb"].is_null());
         assert_eq!(v["verify"]["postgres"]["mismatch_units"], 0);
+        assert_eq!(v["cpu_pct"]["stockd_us_per_request"], 180.2);
+        assert_eq!(v["pg_commits_per_s"], 19.5);
     }
 
     #[test]
@@ -480,6 +495,11 @@ mod tests {
             text.contains("max lag 120 ms, max pending 40, drained in -"),
             "{text}"
         );
+        assert!(
+            text.contains("stockd 55.5% (% of one core); stockd 180.2 µs per request\n"),
+            "{text}"
+        );
+        assert!(text.contains("PG commits  19.5 per second\n"), "{text}");
         assert!(text.ends_with("verdict     OK\n"), "{text}");
 
         let mut failed = report();

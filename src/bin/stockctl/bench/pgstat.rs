@@ -1,0 +1,56 @@
+//! Postgres transactions committed during a run, from `pg_stat_database`:
+//! what the write-behind costs the database (stockd's target) or what the
+//! plain table costs it (the postgres target).
+//!
+//! Every transaction of the database counts, whoever commits it: stockd's
+//! flusher, webhook detection and exporters' bookkeeping, its background
+//! checks, and the two reads made here. Run against a database of its own
+//! (scripts/bench does) so that nobody else's commits are in the figure.
+
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, PgConnection};
+
+/// How long a backend may hold its statistics before it reports them
+/// (PostgreSQL reports pending statistics of a busy backend at most once a
+/// second, `PGSTAT_MIN_INTERVAL`); the final reading waits this long.
+const STATS_REPORT_DELAY: Duration = Duration::from_millis(1_100);
+
+const COMMITS: &str = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()";
+
+/// A counter of the database's commits, started at the beginning of the load.
+pub struct Commits {
+    conn: PgConnection,
+    started: Instant,
+    before: i64,
+}
+
+impl Commits {
+    /// Connects and reads the counter (a failure leaves the figure out of
+    /// the report; the run goes on).
+    pub async fn start(url: &str) -> Result<Commits, sqlx::Error> {
+        let mut conn = PgConnection::connect(url).await?;
+        let before: i64 = sqlx::query_scalar(COMMITS).fetch_one(&mut conn).await?;
+        Ok(Commits {
+            conn,
+            started: Instant::now(),
+            before,
+        })
+    }
+
+    /// Commits per second since `start`, read once the database has the
+    /// statistics of the last moment (the wait is part of the window: what
+    /// stockd commits while idle counts too).
+    pub async fn per_second(mut self) -> Result<f64, sqlx::Error> {
+        tokio::time::sleep(STATS_REPORT_DELAY).await;
+        let after: i64 = sqlx::query_scalar(COMMITS)
+            .fetch_one(&mut self.conn)
+            .await?;
+        let secs = self.started.elapsed().as_secs_f64();
+        let _ = self.conn.close().await;
+        Ok(super::report::rate(
+            (after - self.before).max(0) as u64,
+            secs,
+        ))
+    }
+}
