@@ -114,6 +114,8 @@ pub struct Report {
     pub checked: u64,
     pub counts: BTreeMap<Class, u64>,
     pub repaired: u64,
+    /// Items REPAIR left alone: their ledger has an open fork.
+    pub held_back: u64,
     pub items: Vec<ItemReport>,
     /// Where the next page starts, for paged calls.
     pub next_cursor: Option<String>,
@@ -159,6 +161,7 @@ impl Report {
             *self.counts.entry(class).or_default() += n;
         }
         self.repaired += other.repaired;
+        self.held_back += other.held_back;
         let room = MAX_ITEMS.saturating_sub(self.items.len());
         self.items.extend(other.items.into_iter().take(room));
     }
@@ -428,6 +431,14 @@ impl Reconciler {
             );
         }
         if mode == Mode::Repair && !to_load.is_empty() {
+            let forked = self
+                .forked(
+                    &to_load,
+                    |r| (r.sku.clone(), r.location.clone()),
+                    &mut report,
+                )
+                .await?;
+            to_load.retain(|r| !forked.contains(&(r.sku.clone(), r.location.clone())));
             report.repaired += self.warmer.load_rows(&to_load).await?.loaded;
         }
         Ok(report)
@@ -529,6 +540,8 @@ impl Reconciler {
             }
         }
         if mode == Mode::Repair && !to_restate.is_empty() {
+            let forked = self.forked(&to_restate, |(k, _)| k.clone(), report).await?;
+            to_restate.retain(|(k, _)| !forked.contains(k));
             let keys: Vec<ItemKey> = to_restate.iter().map(|(k, _)| k.clone()).collect();
             let sums = self.store.ledger_sums(&keys).await?;
             for (key, redis) in to_restate {
@@ -542,6 +555,28 @@ impl Reconciler {
             }
         }
         Ok(())
+    }
+
+    /// Of the items about to be repaired, those whose ledger forked (Redis
+    /// gave out a version Postgres had: a rollback nobody caught in time).
+    /// Neither side is the truth for them: Postgres lacks the forked
+    /// change, Redis may lack the one Postgres kept. Repairing either way
+    /// would erase a sale, so they are held back, counted and logged until
+    /// an operator resolved the fork (`ledger_forks.resolved_at`).
+    async fn forked<T>(
+        &self,
+        candidates: &[T],
+        key: impl Fn(&T) -> ItemKey,
+        report: &mut Report,
+    ) -> Result<HashSet<ItemKey>, Error> {
+        let keys: Vec<ItemKey> = candidates.iter().map(key).collect();
+        let forked: HashSet<ItemKey> = self.store.open_forks(&keys).await?.into_iter().collect();
+        for (sku, location) in &forked {
+            tracing::warn!(%sku, %location,
+                "not repaired: the item's ledger forked; resolve the fork in ledger_forks first");
+        }
+        report.held_back += forked.len() as u64;
+        Ok(forked)
     }
 
     /// Writes a `set` event restating Redis's quantities, if the item is

@@ -122,27 +122,35 @@ impl std::str::FromStr for ScanCursor {
 
 impl RedisConn {
     /// The primaries' addresses, sorted (one entry, unused, when standalone).
+    ///
+    /// Read from `CLUSTER SLOTS`, the slot map the cluster client itself
+    /// routes by: a primary that serves slots is one the client holds a
+    /// connection to. (`CLUSTER NODES` of a node that has not yet heard
+    /// the latest gossip can still call a fresh replica a master, and
+    /// routing to it fails with "connection not found".) A primary
+    /// without slots holds no keys, so skipping it misses nothing.
     async fn primaries(&self) -> RedisResult<Vec<(String, u16)>> {
         let Self::Cluster(conn) = self else {
             return Ok(vec![(String::new(), 0)]);
         };
-        let nodes: String = redis::cmd("CLUSTER")
-            .arg("NODES")
+        // Each entry: [first slot, last slot, [host, port, id, ...], replicas...].
+        let ranges: Vec<Vec<Value>> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
             .query_async(&mut conn.clone())
             .await?;
-        let mut primaries: Vec<(String, u16)> = nodes
-            .lines()
-            .filter_map(|line| {
-                let mut fields = line.split_whitespace();
-                let address = fields.nth(1)?;
-                let flags = fields.next()?;
-                let primary = flags.split(',').any(|f| f == "master")
-                    && !flags.split(',').any(|f| f == "fail" || f == "noaddr");
-                let (host, port) = address.split('@').next()?.rsplit_once(':')?;
-                primary.then(|| Some((host.to_owned(), port.parse().ok()?)))?
-            })
-            .collect();
+        let mut primaries = Vec::new();
+        for range in ranges {
+            if let Some(Value::Array(node)) = range.get(2)
+                && let [host, port, ..] = node.as_slice()
+            {
+                primaries.push((
+                    redis::from_redis_value::<String>(host.clone())?,
+                    redis::from_redis_value::<u16>(port.clone())?,
+                ));
+            }
+        }
         primaries.sort();
+        primaries.dedup();
         Ok(primaries)
     }
 

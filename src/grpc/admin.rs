@@ -152,6 +152,7 @@ impl pb::admin_server::Admin for AdminService {
             missing_in_postgres: report.count(Class::MissingInPostgres),
             ledger_mismatch: report.count(Class::LedgerMismatch),
             repaired: report.repaired,
+            held_back: report.held_back,
             items: report
                 .items
                 .into_iter()

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use prost::Message;
 use stockd::pb;
@@ -134,13 +133,7 @@ async fn reconcile_exits_3_on_drift_and_preload_resumes_from_its_cursor() {
         app.seed(sku, "", 5).await;
     }
     let pool = app.postgres().await;
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &pool,
-        Duration::from_secs(20),
-    )
-    .await;
+    app.converged(&pool).await;
     let ran = stockctl(app.addr, &["reconcile", "cli-b"]).await;
     assert_eq!(ran.code, 0, "in sync: {}{}", ran.stdout, ran.stderr);
 

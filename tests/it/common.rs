@@ -234,6 +234,18 @@ impl TestApp {
     }
 
     /// Stops the server but keeps the keys (another instance shares them).
+    /// Waits (20 s at most) until Postgres holds what this app's Redis
+    /// holds; panics with the difference otherwise.
+    pub async fn converged(&self, pool: &sqlx::PgPool) {
+        assert_converged(
+            &mut self.redis.clone(),
+            &self.namespace,
+            pool,
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+
     pub async fn stop_keep_data(self) {
         self.shutdown.cancel();
         self.server.await.unwrap().expect("server stopped cleanly");

@@ -592,13 +592,7 @@ async fn stockd_runs_as_a_restricted_redis_user() {
     })
     .await;
     let pool = app.postgres().await;
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &pool,
-        Duration::from_secs(20),
-    )
-    .await;
+    app.converged(&pool).await;
     let mut admin = app.admin.clone();
     admin
         .preload(pb::PreloadRequest {

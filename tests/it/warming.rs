@@ -59,13 +59,7 @@ async fn preload_writes_only_missing_or_older_items_and_no_events() {
         .await
         .unwrap();
     let pool = app.postgres().await;
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &pool,
-        Duration::from_secs(20),
-    )
-    .await;
+    app.converged(&pool).await;
 
     // Make Redis lack, lag and lead Postgres on purpose.
     let mut conn = app.redis.clone();
@@ -365,13 +359,7 @@ async fn holds_then_drain(app: &TestApp) -> i64 {
     .await
     .unwrap();
     let pool = app.postgres().await;
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &pool,
-        Duration::from_secs(20),
-    )
-    .await;
+    app.converged(&pool).await;
     let held: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE state = 'held'")
         .fetch_one(&pool)
         .await
@@ -444,13 +432,7 @@ async fn assert_recovered(app: &TestApp, lapse_at_ms: i64) {
         (0..3_000).contains(&late),
         "expired {late} ms after its expiry"
     );
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &pool,
-        Duration::from_secs(20),
-    )
-    .await;
+    app.converged(&pool).await;
     let reserved: i64 = sqlx::query_scalar("SELECT sum(reserved)::bigint FROM stock")
         .fetch_one(&pool)
         .await

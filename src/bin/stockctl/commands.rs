@@ -427,6 +427,7 @@ async fn reconcile_everything(
         total.missing_in_postgres += page.missing_in_postgres;
         total.ledger_mismatch += page.ledger_mismatch;
         total.repaired += page.repaired;
+        total.held_back += page.held_back;
         let room = MAX_RECONCILE_ITEMS.saturating_sub(total.items.len());
         total.items.extend(page.items.into_iter().take(room));
     };

@@ -233,6 +233,7 @@ pub struct ReconcileOut {
     pub missing_in_postgres: u64,
     pub ledger_mismatch: u64,
     pub repaired: u64,
+    pub held_back: u64,
     pub items: Vec<ReconcileItemOut>,
 }
 
@@ -248,6 +249,7 @@ impl From<pb::ReconcileResponse> for ReconcileOut {
             missing_in_postgres: r.missing_in_postgres,
             ledger_mismatch: r.ledger_mismatch,
             repaired: r.repaired,
+            held_back: r.held_back,
             items: r
                 .items
                 .into_iter()
@@ -443,6 +445,7 @@ impl Output {
                         ("missing_in_postgres", o.missing_in_postgres.to_string()),
                         ("ledger_mismatch", o.ledger_mismatch.to_string()),
                         ("repaired", o.repaired.to_string()),
+                        ("held_back", o.held_back.to_string()),
                     ],
                 )?;
                 if o.items.is_empty() {
