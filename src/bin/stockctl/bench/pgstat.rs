@@ -11,10 +11,14 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 
-/// How long a backend may hold its statistics before it reports them
-/// (PostgreSQL reports pending statistics of a busy backend at most once a
-/// second, `PGSTAT_MIN_INTERVAL`); the final reading waits this long.
-const STATS_REPORT_DELAY: Duration = Duration::from_millis(1_100);
+/// How long a backend may hold its statistics before it reports them:
+/// PostgreSQL (15+) reports a busy backend's pending statistics at most once
+/// a second (`PGSTAT_MIN_INTERVAL`), but an idle one's only after
+/// `PGSTAT_IDLE_INTERVAL`, 10 s. Both readings wait this long, so that the
+/// first does not miss what was committed just before the load (the seed's
+/// loads on miss, one autocommit read per SKU, would otherwise land in the
+/// window) and the last sees everything up to the end of the drain.
+const STATS_REPORT_DELAY: Duration = Duration::from_millis(10_500);
 
 const COMMITS: &str = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()";
 
@@ -26,10 +30,12 @@ pub struct Commits {
 }
 
 impl Commits {
-    /// Connects and reads the counter (a failure leaves the figure out of
-    /// the report; the run goes on).
+    /// Connects, waits until the commits made so far are reported, and
+    /// reads the counter (a failure leaves the figure out of the report;
+    /// the run goes on).
     pub async fn start(url: &str) -> Result<Commits, sqlx::Error> {
         let mut conn = PgConnection::connect(url).await?;
+        tokio::time::sleep(STATS_REPORT_DELAY).await;
         let before: i64 = sqlx::query_scalar(COMMITS).fetch_one(&mut conn).await?;
         Ok(Commits {
             conn,
@@ -40,7 +46,7 @@ impl Commits {
 
     /// Commits per second since `start`, read once the database has the
     /// statistics of the last moment (the wait is part of the window: what
-    /// stockd commits while idle counts too).
+    /// stockd commits while idle, about 1 a second, counts too).
     pub async fn per_second(mut self) -> Result<f64, sqlx::Error> {
         tokio::time::sleep(STATS_REPORT_DELAY).await;
         let after: i64 = sqlx::query_scalar(COMMITS)
