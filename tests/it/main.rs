@@ -24,6 +24,7 @@ mod process;
 mod proxy;
 mod reasons;
 mod reconcile;
+mod redis_loss;
 mod redis_settings;
 mod validation;
 mod warming;
