@@ -121,6 +121,14 @@ impl Markers {
         inv
     }
 
+    /// The marker script reading `partition`'s marker (for a caller that
+    /// batches it with the reads the marker vouches for).
+    pub(crate) fn read_invocation(&self, partition: Partition) -> redis::ScriptInvocation<'static> {
+        let mut inv = self.invocation(partition);
+        inv.arg("read");
+        inv
+    }
+
     /// Reads every partition's marker, in one pipelined round trip (the
     /// caller decides what to learn from them).
     pub async fn read_all(
@@ -129,9 +137,11 @@ impl Markers {
     ) -> Result<Vec<MarkerState>, redis::RedisError> {
         let mut batch = CommandBatch::new();
         for p in self.keys.partitions() {
-            let mut inv = self.invocation(p);
-            inv.arg("read");
-            batch.script(self.keys.marker(p), &scripts::MARKER, inv);
+            batch.script(
+                self.keys.marker(p),
+                &scripts::MARKER,
+                self.read_invocation(p),
+            );
         }
         batch
             .query(conn)

@@ -475,9 +475,11 @@ impl Engine {
             .collect();
         let mut batch = CommandBatch::new();
         for &p in &partitions {
-            let mut inv = scripts::MARKER.prepare_invoke();
-            inv.key(keys.marker(p)).key(keys.seen(p)).arg("read");
-            batch.script(keys.marker(p), &scripts::MARKER, inv);
+            batch.script(
+                keys.marker(p),
+                &scripts::MARKER,
+                self.inner.markers.read_invocation(p),
+            );
         }
         for item in items {
             let key = keys.stock(item.sku.as_str(), item.location.as_str());
@@ -743,15 +745,35 @@ impl Engine {
         let home = keys.partition_of(id.as_str());
         let mut recalled = false;
         loop {
-            let ((fp, parts, all), seen_until): (LocatorFields, Option<i64>) = redis::pipe()
-                .cmd("HMGET")
+            // The home partition's marker in the same round trip: a locator
+            // missing from a Redis that lost or rolled back that partition
+            // says nothing (the hold may be live), so that is UNAVAILABLE,
+            // never NOT_FOUND.
+            let seen = self.inner.markers.seen(home);
+            let mut batch = CommandBatch::new();
+            batch.script(
+                keys.marker(home),
+                &scripts::MARKER,
+                self.inner.markers.read_invocation(home),
+            );
+            let mut locator = redis::cmd("HMGET");
+            locator
                 .arg(keys.reservation(home, id.as_str()))
-                .arg(&["fp", "parts", "all"])
-                .cmd("HGET")
-                .arg(keys.marker(home))
-                .arg("seen_until")
-                .query_async(&mut self.conn())
-                .await?;
+                .arg(&["fp", "parts", "all"]);
+            batch.cmd(keys.reservation(home, id.as_str()), locator);
+            let mut until = redis::cmd("HGET");
+            until.arg(keys.marker(home)).arg("seen_until");
+            batch.cmd(keys.marker(home), until);
+            let replies = batch.query(&self.inner.conn).await?;
+            let [marker, locator, until] = <[redis::Value; 3]>::try_from(replies)
+                .map_err(|r| Error::Internal(format!("locator reply of {} parts", r.len())))?;
+            let state: MarkerState = redis::FromRedisValue::from_redis_value(marker)
+                .map_err(|e| Error::Internal(format!("marker reply: {e}")))?;
+            self.check_read_marker(home, &state, seen)?;
+            let (fp, parts, all): LocatorFields = redis::FromRedisValue::from_redis_value(locator)
+                .map_err(|e| Error::Internal(format!("locator reply: {e}")))?;
+            let seen_until: Option<i64> = redis::FromRedisValue::from_redis_value(until)
+                .map_err(|e| Error::Internal(format!("locator reply: {e}")))?;
             if let (Some(fp), Some(parts), Some(all)) = (fp, parts, all) {
                 let located = Located::parse(fp, &parts, &all).map_err(Error::Internal)?;
                 self.inner.located.remember(id.as_str(), located.clone());

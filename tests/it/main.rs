@@ -3,10 +3,12 @@
 //! binary for all of them keeps link time down.
 
 mod auth;
+mod chaos;
 mod cli;
 mod common;
 mod concurrency;
 mod crash;
+mod definite;
 mod demo_browser;
 mod deploy_kit;
 mod events;
@@ -31,3 +33,4 @@ mod warming;
 mod watch;
 mod webhooks;
 mod wire;
+mod zombie;
