@@ -478,6 +478,10 @@ impl Watchdog {
                 Ok(troubles) => self.resolve(troubles).await,
                 Err(err) => Err(err),
             };
+            if full {
+                self.markers
+                    .note_full_check(matches!(&checked, Ok(check) if check.is_steady()));
+            }
             if full && let Err(err) = self.restore_overdue_holds().await {
                 tracing::warn!(error = %err, "checking for holds Redis lost failed; retrying");
             }

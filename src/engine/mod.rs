@@ -108,6 +108,10 @@ impl Finish {
 
 /// Three string fields of a record, as HMGET reads them (a locator's
 /// `fp`, `parts` and `all`).
+/// How long a request waits for the watchdog to compare Redis with
+/// Postgres before it answers UNAVAILABLE.
+const FRESH_CHECK_WAIT: Duration = Duration::from_secs(2);
+
 type LocatorFields = (Option<String>, Option<String>, Option<String>);
 
 /// A part record's `fp`, `lines` and `coord` (its coordinator's partition).
@@ -790,13 +794,42 @@ impl Engine {
             // Only a partition re-established from Postgres within the
             // window may have forgotten a reservation Postgres knows.
             let maybe_forgotten = seen_until.is_some_and(|until| until > now_ms());
-            if recalled || !maybe_forgotten {
+            if recalled {
+                return Err(unknown_reservation(id));
+            }
+            if !maybe_forgotten && !self.lost_alone(id).await? {
                 return Err(unknown_reservation(id));
             }
             recalled = true;
             if !self.recall_reservation(id.as_str()).await? {
                 return Err(unknown_reservation(id));
             }
+        }
+    }
+
+    /// Whether Redis lost the reservation `id` alone, its partitions being
+    /// sound: Postgres knows it and a fresh watchdog check found nothing
+    /// lost or rolled back (then it is recalled from Postgres). A Redis
+    /// that rolled back where no stream shows it yet (the id's partition
+    /// flushed nothing since) looks like this at first: the check heals
+    /// it, and the client's retry finds the hold; never NOT_FOUND.
+    async fn lost_alone(&self, id: &RequestId) -> Result<bool, Error> {
+        let Some(warmer) = &self.inner.warmer else {
+            return Ok(false);
+        };
+        if warmer
+            .store()
+            .reservation_rows(id.as_str())
+            .await?
+            .is_empty()
+        {
+            return Ok(false);
+        }
+        match self.inner.markers.fresh_check(FRESH_CHECK_WAIT).await {
+            Some(true) => Ok(true),
+            _ => Err(Error::Unavailable(format!(
+                "reservation {id} is known to Postgres, not to Redis: Redis is being checked"
+            ))),
         }
     }
 
