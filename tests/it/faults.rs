@@ -76,7 +76,7 @@ impl OwnRedis {
             .unwrap();
     }
 
-    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -215,5 +215,67 @@ async fn redis_gone_is_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
+    app.stop_keep_data().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_turned_replica_is_unavailable_and_changes_nothing() {
+    let redis = OwnRedis::start().await;
+    let app = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    })
+    .await;
+    app.seed("ro", "", 5).await;
+    let config = |name: &'static str, value: &'static str| {
+        let redis = &redis;
+        async move {
+            let () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async(&mut redis.connection().await)
+                .await
+                .unwrap();
+        }
+    };
+    let replica_of = |target: Vec<&'static str>| {
+        let redis = &redis;
+        async move {
+            let () = redis::cmd("REPLICAOF")
+                .arg(target)
+                .query_async(&mut redis.connection().await)
+                .await
+                .unwrap();
+        }
+    };
+    // A replica of a master that does not answer: it keeps its data,
+    // refuses writes (READONLY), then, told not to serve stale data,
+    // everything (MASTERDOWN).
+    replica_of(vec!["127.0.0.1", "1"]).await;
+    let before = app.stock_and_streams().await;
+    let sale = |id: &str| pb::DecrementRequest {
+        request_id: id.into(),
+        lines: vec![line("ro", "", 1)],
+    };
+    let mut inv = app.inventory.clone();
+    for (n, serve_stale) in ["yes", "no"].into_iter().enumerate() {
+        config("replica-serve-stale-data", serve_stale).await;
+        let status = inv.decrement(sale("ro-1")).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "round {n}: {status:?}");
+        assert_eq!(reason(&status), "REDIS_UNAVAILABLE");
+    }
+    config("replica-serve-stale-data", "yes").await;
+    assert_eq!(app.stock_and_streams().await, before, "nothing changed");
+    replica_of(vec!["NO", "ONE"]).await;
+    let sold = definite(Duration::from_secs(10), "the sale", || {
+        let mut inv = inv.clone();
+        async move { inv.decrement(sale("ro-1")).await }
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(!sold.replayed);
+    assert_eq!(sold.levels[0].available, 4);
     app.stop_keep_data().await;
 }
