@@ -43,6 +43,19 @@ impl RedisLock {
         Ok(taken.map(|_| Self { conn, key, token }))
     }
 
+    /// Gives the lock `ttl` more from now if it is still ours: a holder
+    /// that works longer than a short expiry keeps it by renewing, and
+    /// one that dies frees it within that expiry.
+    pub async fn renew(&self, ttl: Duration) -> Result<bool, Error> {
+        let renewed: i64 = scripts::UNLOCK
+            .key(&self.key)
+            .arg(&self.token)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(renewed == 1)
+    }
+
     /// Releases the lock if it is still ours.
     pub async fn release(mut self) -> Result<bool, Error> {
         let released: i64 = scripts::UNLOCK

@@ -77,6 +77,9 @@ pub struct Markers {
     /// Per partition, the newest flushed id seen, packed (`EntryId::pack`).
     seen: Arc<[AtomicU64]>,
     alarm: Arc<Notify>,
+    /// The watchdog's full checks: how many, and whether the last one
+    /// found every partition sound.
+    checks: Arc<tokio::sync::watch::Sender<(u64, bool)>>,
 }
 
 impl Markers {
@@ -86,6 +89,29 @@ impl Markers {
             keys,
             seen,
             alarm: Arc::new(Notify::new()),
+            checks: Arc::new(tokio::sync::watch::channel((0, false)).0),
+        }
+    }
+
+    /// The watchdog compared Redis with Postgres; `sound`: nothing was
+    /// lost or rolled back.
+    pub fn note_full_check(&self, sound: bool) {
+        self.checks.send_modify(|(n, last)| {
+            *n += 1;
+            *last = sound;
+        });
+    }
+
+    /// Sounds the alarm and waits (`within` at most) for the full check it
+    /// causes: `Some(true)` when that check found Redis sound.
+    pub async fn fresh_check(&self, within: std::time::Duration) -> Option<bool> {
+        let mut checks = self.checks.subscribe();
+        let before = checks.borrow_and_update().0;
+        self.sound_alarm();
+        let done = checks.wait_for(|(n, _)| *n > before);
+        match tokio::time::timeout(within, done).await {
+            Ok(Ok(state)) => Some(state.1),
+            _ => None,
         }
     }
 
@@ -121,6 +147,14 @@ impl Markers {
         inv
     }
 
+    /// The marker script reading `partition`'s marker (for a caller that
+    /// batches it with the reads the marker vouches for).
+    pub(crate) fn read_invocation(&self, partition: Partition) -> redis::ScriptInvocation<'static> {
+        let mut inv = self.invocation(partition);
+        inv.arg("read");
+        inv
+    }
+
     /// Reads every partition's marker, in one pipelined round trip (the
     /// caller decides what to learn from them).
     pub async fn read_all(
@@ -129,9 +163,11 @@ impl Markers {
     ) -> Result<Vec<MarkerState>, redis::RedisError> {
         let mut batch = CommandBatch::new();
         for p in self.keys.partitions() {
-            let mut inv = self.invocation(p);
-            inv.arg("read");
-            batch.script(self.keys.marker(p), &scripts::MARKER, inv);
+            batch.script(
+                self.keys.marker(p),
+                &scripts::MARKER,
+                self.read_invocation(p),
+            );
         }
         batch
             .query(conn)

@@ -40,8 +40,10 @@ use crate::redis_conn::RedisConn;
 use crate::store::{ReservationRow, Store};
 use crate::warmer::Warmer;
 
-/// How long a restore may hold its lock before another instance may take over.
-const RESTORE_LOCK_TTL: Duration = Duration::from_secs(600);
+/// How long the restore lock outlives its holder: the holder renews it
+/// (every third of it) while it works, so an instance killed mid-restore
+/// holds the others up this long at most.
+const RESTORE_LOCK_TTL: Duration = Duration::from_secs(15);
 /// How long a partition being healed refuses requests unless the healer
 /// extends it (it does, per step): a healer that dies frees it by itself.
 const HEAL_DEADLINE: Duration = Duration::from_secs(120);
@@ -199,7 +201,22 @@ impl Watchdog {
                 ..Check::default()
             });
         };
-        let result = self.restore(&troubles).await;
+        let result = {
+            let restore = self.restore(&troubles);
+            tokio::pin!(restore);
+            let mut renew = tokio::time::interval(RESTORE_LOCK_TTL / 3);
+            renew.tick().await;
+            loop {
+                tokio::select! {
+                    result = &mut restore => break result,
+                    _ = renew.tick() => match lock.renew(RESTORE_LOCK_TTL).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!("the restore lock expired while restoring"),
+                        Err(err) => tracing::warn!(error = %err, "could not renew the restore lock"),
+                    },
+                }
+            }
+        };
         if let Err(err) = lock.release().await {
             tracing::warn!(error = %err, "could not release the restore lock; it expires by itself");
         }
@@ -478,6 +495,10 @@ impl Watchdog {
                 Ok(troubles) => self.resolve(troubles).await,
                 Err(err) => Err(err),
             };
+            if full {
+                self.markers
+                    .note_full_check(matches!(&checked, Ok(check) if check.is_steady()));
+            }
             if full && let Err(err) = self.restore_overdue_holds().await {
                 tracing::warn!(error = %err, "checking for holds Redis lost failed; retrying");
             }

@@ -108,6 +108,10 @@ impl Finish {
 
 /// Three string fields of a record, as HMGET reads them (a locator's
 /// `fp`, `parts` and `all`).
+/// How long a request waits for the watchdog to compare Redis with
+/// Postgres before it answers UNAVAILABLE.
+const FRESH_CHECK_WAIT: Duration = Duration::from_secs(2);
+
 type LocatorFields = (Option<String>, Option<String>, Option<String>);
 
 /// A part record's `fp`, `lines` and `coord` (its coordinator's partition).
@@ -475,9 +479,11 @@ impl Engine {
             .collect();
         let mut batch = CommandBatch::new();
         for &p in &partitions {
-            let mut inv = scripts::MARKER.prepare_invoke();
-            inv.key(keys.marker(p)).key(keys.seen(p)).arg("read");
-            batch.script(keys.marker(p), &scripts::MARKER, inv);
+            batch.script(
+                keys.marker(p),
+                &scripts::MARKER,
+                self.inner.markers.read_invocation(p),
+            );
         }
         for item in items {
             let key = keys.stock(item.sku.as_str(), item.location.as_str());
@@ -743,15 +749,35 @@ impl Engine {
         let home = keys.partition_of(id.as_str());
         let mut recalled = false;
         loop {
-            let ((fp, parts, all), seen_until): (LocatorFields, Option<i64>) = redis::pipe()
-                .cmd("HMGET")
+            // The home partition's marker in the same round trip: a locator
+            // missing from a Redis that lost or rolled back that partition
+            // says nothing (the hold may be live), so that is UNAVAILABLE,
+            // never NOT_FOUND.
+            let seen = self.inner.markers.seen(home);
+            let mut batch = CommandBatch::new();
+            batch.script(
+                keys.marker(home),
+                &scripts::MARKER,
+                self.inner.markers.read_invocation(home),
+            );
+            let mut locator = redis::cmd("HMGET");
+            locator
                 .arg(keys.reservation(home, id.as_str()))
-                .arg(&["fp", "parts", "all"])
-                .cmd("HGET")
-                .arg(keys.marker(home))
-                .arg("seen_until")
-                .query_async(&mut self.conn())
-                .await?;
+                .arg(&["fp", "parts", "all"]);
+            batch.cmd(keys.reservation(home, id.as_str()), locator);
+            let mut until = redis::cmd("HGET");
+            until.arg(keys.marker(home)).arg("seen_until");
+            batch.cmd(keys.marker(home), until);
+            let replies = batch.query(&self.inner.conn).await?;
+            let [marker, locator, until] = <[redis::Value; 3]>::try_from(replies)
+                .map_err(|r| Error::Internal(format!("locator reply of {} parts", r.len())))?;
+            let state: MarkerState = redis::FromRedisValue::from_redis_value(marker)
+                .map_err(|e| Error::Internal(format!("marker reply: {e}")))?;
+            self.check_read_marker(home, &state, seen)?;
+            let (fp, parts, all): LocatorFields = redis::FromRedisValue::from_redis_value(locator)
+                .map_err(|e| Error::Internal(format!("locator reply: {e}")))?;
+            let seen_until: Option<i64> = redis::FromRedisValue::from_redis_value(until)
+                .map_err(|e| Error::Internal(format!("locator reply: {e}")))?;
             if let (Some(fp), Some(parts), Some(all)) = (fp, parts, all) {
                 let located = Located::parse(fp, &parts, &all).map_err(Error::Internal)?;
                 self.inner.located.remember(id.as_str(), located.clone());
@@ -768,13 +794,42 @@ impl Engine {
             // Only a partition re-established from Postgres within the
             // window may have forgotten a reservation Postgres knows.
             let maybe_forgotten = seen_until.is_some_and(|until| until > now_ms());
-            if recalled || !maybe_forgotten {
+            if recalled {
+                return Err(unknown_reservation(id));
+            }
+            if !maybe_forgotten && !self.lost_alone(id).await? {
                 return Err(unknown_reservation(id));
             }
             recalled = true;
             if !self.recall_reservation(id.as_str()).await? {
                 return Err(unknown_reservation(id));
             }
+        }
+    }
+
+    /// Whether Redis lost the reservation `id` alone, its partitions being
+    /// sound: Postgres knows it and a fresh watchdog check found nothing
+    /// lost or rolled back (then it is recalled from Postgres). A Redis
+    /// that rolled back where no stream shows it yet (the id's partition
+    /// flushed nothing since) looks like this at first: the check heals
+    /// it, and the client's retry finds the hold; never NOT_FOUND.
+    async fn lost_alone(&self, id: &RequestId) -> Result<bool, Error> {
+        let Some(warmer) = &self.inner.warmer else {
+            return Ok(false);
+        };
+        if warmer
+            .store()
+            .reservation_rows(id.as_str())
+            .await?
+            .is_empty()
+        {
+            return Ok(false);
+        }
+        match self.inner.markers.fresh_check(FRESH_CHECK_WAIT).await {
+            Some(true) => Ok(true),
+            _ => Err(Error::Unavailable(format!(
+                "reservation {id} is known to Postgres, not to Redis: Redis is being checked"
+            ))),
         }
     }
 

@@ -107,7 +107,7 @@ script!(
     "claim.lua"
 );
 script!(
-    /// Release a lock held with a token.
+    /// Release (or renew) a lock held with a token.
     UNLOCK,
     "unlock.lua"
 );

@@ -128,3 +128,92 @@ async fn expiring_a_hold_that_is_not_due_changes_nothing() {
     assert_eq!(app.snapshot().await, before);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_reservation_is_dead_lettered_and_the_others_expire_on_time() {
+    let app = spawn_app().await;
+    let skus = skus_in_distinct_partitions(&app.keys, "rot", 4);
+    // Another item of the broken one's partition, so that its partition's
+    // pass must go on past it.
+    let sibling = (0..)
+        .map(|i| format!("rot-sib-{i}"))
+        .find(|s| app.keys.partition_of(s) == app.keys.partition_of(&skus[0]))
+        .unwrap();
+    for sku in skus.iter().chain([&sibling]) {
+        app.seed(sku, "", 10).await;
+    }
+    let mut inv = app.inventory.clone();
+    let hold = |id: &str, sku: &str, qty: i64| pb::ReserveRequest {
+        reservation_id: id.into(),
+        lines: vec![line(sku, "", qty)],
+        ttl_seconds: 2,
+    };
+    inv.reserve(hold("broken", &skus[0], 2)).await.unwrap();
+    // Its item no longer holds the units it reserved: expiring it cannot
+    // be done (the script answers `corrupt`).
+    let () = redis::cmd("HSET")
+        .arg(app.keys.stock(&skus[0], "default"))
+        .arg("resv")
+        .arg(0)
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let mut expiries = HashMap::new();
+    for (i, sku) in skus.iter().skip(1).chain([&sibling]).enumerate() {
+        let held = inv
+            .reserve(hold(&format!("fine-{i}"), sku, 3))
+            .await
+            .unwrap()
+            .into_inner();
+        expiries.insert(sku.clone(), held.expires_at_ms);
+    }
+    for (sku, expires_at_ms) in &expiries {
+        eventually(
+            Duration::from_secs(10),
+            "a sound hold to expire",
+            || async { (app.level(sku, "").await.unwrap().reserved == 0).then_some(()) },
+        )
+        .await;
+        let late = now_ms() - expires_at_ms;
+        assert!(late < 2_000, "{sku} expired {late} ms after its expiry");
+    }
+    // The broken one is parked once, with its reason, and left alone.
+    let parked =
+        eventually(
+            Duration::from_secs(10),
+            "the broken hold parked",
+            || async {
+                let mut found = Vec::new();
+                for p in app.keys.partitions() {
+                    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+                        .arg(app.keys.dead_letters(p))
+                        .arg("-")
+                        .arg("+")
+                        .query_async(&mut app.redis.clone())
+                        .await
+                        .unwrap();
+                    found.extend(entries.into_iter().filter(|(_, f)| {
+                        f.get("reservation").map(String::as_str) == Some("broken")
+                    }));
+                }
+                (!found.is_empty()).then_some(found)
+            },
+        )
+        .await;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert!(parked[0].1["reason"].contains("reserved"), "{parked:?}");
+    let level = app.level(&skus[0], "").await.unwrap();
+    assert_eq!(
+        (level.available, level.reserved),
+        (8, 0),
+        "left for an operator"
+    );
+    app.stop().await;
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}

@@ -3,10 +3,12 @@
 //! binary for all of them keeps link time down.
 
 mod auth;
+mod chaos;
 mod cli;
 mod common;
 mod concurrency;
 mod crash;
+mod definite;
 mod demo_browser;
 mod deploy_kit;
 mod events;
@@ -24,9 +26,11 @@ mod process;
 mod proxy;
 mod reasons;
 mod reconcile;
+mod redis_loss;
 mod redis_settings;
 mod validation;
 mod warming;
 mod watch;
 mod webhooks;
 mod wire;
+mod zombie;

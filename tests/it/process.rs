@@ -35,25 +35,51 @@ impl Stockd {
         failpoint: bool,
         extra: &[String],
     ) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Self::launch(None, namespace, database_url, instance, failpoint, extra).await
+    }
+
+    /// As `start_with`, on a Redis of the test's own (standalone).
+    pub async fn start_on_redis(
+        redis_url: &str,
+        namespace: &str,
+        database_url: &str,
+        instance: &str,
+        extra: &[String],
+    ) -> Self {
+        Self::launch(
+            Some(redis_url),
+            namespace,
+            database_url,
+            instance,
+            false,
+            extra,
+        )
+        .await
+    }
+
+    async fn launch(
+        own_redis: Option<&str>,
+        namespace: &str,
+        database_url: &str,
+        instance: &str,
+        failpoint: bool,
+        extra: &[String],
+    ) -> Self {
+        let port = crate::faults::free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("{namespace}-{instance}-{port}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
         cmd.args(["--grpc-addr", &addr.to_string()])
             .args(["--namespace", namespace])
-            .args(["--redis-url", &redis_url()])
+            .args(["--redis-url", own_redis.unwrap_or(&redis_url())])
             .args(["--database-url", database_url])
             .args(["--instance-id", instance])
             .args(["--flush-claim-idle-ms", "1000"])
             .args(["--flush-batch", "50"])
             .args(["--database-max-connections", "4"])
             .args(["--metrics-addr", ""])
-            .args(redis_cluster().then_some("--redis-cluster"))
+            .args((own_redis.is_none() && redis_cluster()).then_some("--redis-cluster"))
             .args(["--http-addr", ""])
             .args(extra)
             .env("STOCKD_LOG", "info")

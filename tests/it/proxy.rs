@@ -1,11 +1,16 @@
 //! A small TCP fault proxy on a free local port: forwards to an upstream
 //! until `cut`, which drops every open connection and refuses new ones
-//! until `restore`.
+//! until `restore`. Started with [`FaultProxy::start_keeping_upstream`], it
+//! keeps the upstream side of a connection open after its client died (no
+//! FIN reaches the server): what a host that dies or is partitioned away
+//! looks like to Postgres.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -16,10 +21,28 @@ pub struct FaultProxy {
     /// Bumped on every cut: connections of an older generation close.
     generation: watch::Sender<u64>,
     task: JoinHandle<()>,
+    /// Upstream sides whose client is gone, kept open.
+    zombies: Arc<std::sync::Mutex<Vec<OwnedWriteHalf>>>,
 }
 
 impl FaultProxy {
     pub async fn start(upstream: SocketAddr) -> Self {
+        Self::launch(upstream, false).await
+    }
+
+    /// A proxy that never closes the upstream side of a connection when
+    /// its client goes away.
+    pub async fn start_keeping_upstream(upstream: SocketAddr) -> Self {
+        Self::launch(upstream, true).await
+    }
+
+    /// How many upstream connections outlive their client now.
+    pub fn zombies(&self) -> usize {
+        self.zombies.lock().unwrap().len()
+    }
+
+    async fn launch(upstream: SocketAddr, keep_upstream: bool) -> Self {
+        let zombies: Arc<std::sync::Mutex<Vec<OwnedWriteHalf>>> = Default::default();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
@@ -27,6 +50,7 @@ impl FaultProxy {
         let task = {
             let cut = cut.clone();
             let generation = generation.clone();
+            let zombies = zombies.clone();
             tokio::spawn(async move {
                 while let Ok((mut client, _)) = listener.accept().await {
                     if cut.load(Ordering::SeqCst) {
@@ -34,10 +58,15 @@ impl FaultProxy {
                         continue;
                     }
                     let mut changed = generation.subscribe();
+                    let zombies = zombies.clone();
                     tokio::spawn(async move {
                         let Ok(mut server) = TcpStream::connect(upstream).await else {
                             return;
                         };
+                        if keep_upstream {
+                            keep(client, server, zombies).await;
+                            return;
+                        }
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                             _ = changed.changed() => {}
@@ -51,6 +80,7 @@ impl FaultProxy {
             cut,
             generation,
             task,
+            zombies,
         }
     }
 
@@ -69,5 +99,34 @@ impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.task.abort();
         self.generation.send_modify(|g| *g += 1);
+        self.zombies.lock().unwrap().clear();
     }
+}
+
+/// Forwards both ways; when the client goes, the upstream side stays open
+/// (parked in `zombies`, its replies read and dropped) until the server
+/// itself ends it.
+async fn keep(
+    client: TcpStream,
+    server: TcpStream,
+    zombies: Arc<std::sync::Mutex<Vec<OwnedWriteHalf>>>,
+) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let down = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut client_alive = true;
+        while let Ok(n) = server_read.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            if client_alive && client_write.write_all(&buf[..n]).await.is_err() {
+                client_alive = false;
+            }
+        }
+    });
+    // No shutdown of the upstream write side at the client's end: no FIN.
+    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    zombies.lock().unwrap().push(server_write);
+    let _ = down.await;
 }

@@ -1,0 +1,201 @@
+//! Issue 11: a Redis that stalls (`CLIENT PAUSE` longer than stockd's Redis
+//! timeout). A request that timed out may still run later; every definite
+//! answer its id ever gets is the same one, and a stall followed by a loss
+//! leaves no hole in the ledger.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use stockd::pb;
+use tonic::Code;
+
+use crate::common::*;
+use crate::faults::{OwnRedis, ambiguous, definite};
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn stalling_options(namespace: &str, redis: &OwnRedis) -> Options {
+    Options {
+        namespace: namespace.to_owned(),
+        redis_url: Some(redis.url()),
+        extra_args: vec![
+            "--redis-timeout-ms".into(),
+            "300".into(),
+            "--epoch-check-ms".into(),
+            "100".into(),
+        ],
+        ..Options::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timed_out_request_has_one_outcome_across_instances() {
+    let redis = OwnRedis::start().await;
+    let namespace = unique_namespace("oneid");
+    let apps = [
+        spawn_app_with(stalling_options(&namespace, &redis)).await,
+        spawn_app_with(stalling_options(&namespace, &redis)).await,
+    ];
+    let pool = apps[0].postgres().await;
+    for round in 0..3 {
+        let sku = format!("once-{round}");
+        let id = format!("sale-{round}");
+        apps[0].seed(&sku, "", 1).await;
+        let sale = pb::DecrementRequest {
+            request_id: id.clone(),
+            lines: vec![line(&sku, "", 2)],
+        };
+        redis.pause(1_500).await;
+        let first = apps[0].inventory.clone().decrement(sale.clone()).await;
+        let first = first.expect_err("Redis is paused");
+        assert!(ambiguous(&first), "{first:?}");
+        // The retry on the other instance and a restock race the original,
+        // which is still queued in Redis.
+        let retry = |n: usize| {
+            let (inv, sale) = (apps[n % 2].inventory.clone(), sale.clone());
+            async move {
+                definite(SETTLE, "the sale", || {
+                    let (mut inv, sale) = (inv.clone(), sale.clone());
+                    async move { inv.decrement(sale).await }
+                })
+                .await
+                .map(|r| r.into_inner().levels)
+                .map_err(|s| s.code())
+            }
+        };
+        let restock = definite(SETTLE, "the restock", || {
+            let mut inv = apps[1].inventory.clone();
+            let sku = sku.clone();
+            async move {
+                inv.adjust(pb::AdjustRequest {
+                    request_id: format!("restock-{sku}"),
+                    sku,
+                    location: String::new(),
+                    delta: 5,
+                    reason: String::new(),
+                })
+                .await
+            }
+        });
+        let (answers, restocked) = tokio::join!(join_all((1..5).map(retry)), restock);
+        restocked.unwrap();
+        let late = retry(0).await;
+        let answers: Vec<_> = answers.into_iter().chain([late]).collect();
+        assert!(
+            answers.iter().all(|a| *a == answers[0]),
+            "round {round}: one id, several outcomes: {answers:?}"
+        );
+        if let Err(code) = &answers[0] {
+            assert_eq!(*code, Code::FailedPrecondition, "{answers:?}");
+        }
+        let sold = i64::from(answers[0].is_ok());
+        apps[0].converged(&pool).await;
+        let level = apps[0].level(&sku, "").await.unwrap();
+        assert_eq!(
+            level.available,
+            1 + 5 - 2 * sold,
+            "round {round}: the stock matches the answer {answers:?}"
+        );
+        let in_ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM stock_ledger WHERE ref = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(in_ledger, sold, "round {round}");
+        if let Ok(levels) = &answers[0] {
+            assert_eq!(levels[0].available, level.available, "{answers:?}");
+        }
+    }
+    pool.close().await;
+    let [first, second] = apps;
+    second.stop_keep_data().await;
+    first.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stall_then_a_loss_leaves_no_hole_in_the_ledger() {
+    let mut redis = OwnRedis::start().await;
+    let mut options = stalling_options(&unique_namespace("stall"), &redis);
+    // Entries stuck with a consumer would wait this long to be claimed:
+    // longer than the test.
+    options
+        .extra_args
+        .extend(["--flush-claim-idle-ms".into(), "120000".into()]);
+    let app = spawn_app_with(options).await;
+    let skus: Vec<String> = (0..32).map(|i| format!("st-{i}")).collect();
+    for sku in &skus {
+        app.seed(sku, "", 1_000).await;
+    }
+    let sales = |from: usize, to: usize| {
+        join_all((from..to).map(|n| {
+            let inv = app.inventory.clone();
+            let sale = pb::DecrementRequest {
+                request_id: format!("w{n}"),
+                lines: vec![
+                    line(&skus[n % 32], "", 1),
+                    line(&skus[(n * 7 + 3) % 32], "", 1),
+                ],
+            };
+            async move {
+                definite(SETTLE, "a sale", || {
+                    let (mut inv, sale) = (inv.clone(), sale.clone());
+                    async move { inv.decrement(sale).await }
+                })
+                .await
+                .unwrap();
+            }
+        }))
+    };
+    sales(0, 100).await;
+    // A stall with sales under way: reads of the flusher time out.
+    let stall = async {
+        redis.pause(1_000).await;
+    };
+    tokio::join!(stall, sales(100, 200));
+    sales(200, 300).await;
+    // Redis comes back empty before the flusher caught up.
+    redis.restart().await;
+    eventually(
+        Duration::from_secs(10),
+        "the test's connection to reconnect",
+        || {
+            let mut conn = app.redis.clone();
+            async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    sales(300, 350).await;
+
+    let pool = app.postgres().await;
+    // Versions 1..v of every item once each, deltas summing to the row.
+    app.converged(&pool).await;
+    let report = app
+        .admin
+        .clone()
+        .reconcile(pb::ReconcileRequest {
+            all: true,
+            mode: pb::ReconcileMode::Report as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.checked, 32, "{report:?}");
+    assert_eq!(report.ledger_mismatch, 0, "{report:?}");
+    assert_eq!(report.in_sync, 32, "{report:?}");
+    // The last sales were made after the loss: they are all in.
+    let after: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT ref) FROM stock_ledger WHERE ref ~ '^w3[0-4][0-9]$'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(after, 50);
+    pool.close().await;
+    app.stop().await;
+}

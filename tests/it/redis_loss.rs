@@ -1,0 +1,631 @@
+//! Issue 11, the failures Redis really has: two items that once shared a
+//! key, a Redis that rolls back to an older snapshot, a Redis that comes
+//! back empty while clients retry. Each fault test owns its redis-server.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use stockd::keys::Keyspace;
+use stockd::pb::admin_client::AdminClient;
+use stockd::pb::inventory_client::InventoryClient;
+use stockd::pb::{self};
+use stockd::redis_conn::RedisConn;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::common::*;
+use crate::faults::{OwnRedis, definite, free_port};
+use crate::operability::{sample, scrape};
+use crate::process::Stockd;
+
+/// How long a test waits for a definite answer across a fault.
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// `(sku, location)` pairs that once met in one key, `stock:wh:P:X`:
+/// (`P:X`, `wh`) and (`X`, `wh:P`), with both SKUs in one partition.
+fn aliasing_pair(keys: &Keyspace, base: &str) -> [(String, String); 2] {
+    let prefix = (0..)
+        .map(|i| format!("Z{i}"))
+        .find(|p| keys.partition_of(&format!("{p}:{base}")) == keys.partition_of(base))
+        .unwrap();
+    [
+        (format!("{prefix}:{base}"), "wh".to_owned()),
+        (base.to_owned(), format!("wh:{prefix}")),
+    ]
+}
+
+fn decrement(id: &str, lines: &[(&str, &str, i64)]) -> pb::DecrementRequest {
+    pb::DecrementRequest {
+        request_id: id.into(),
+        lines: lines.iter().map(|(s, l, q)| line(s, l, *q)).collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_whose_names_once_shared_a_key_stay_apart() {
+    let app = spawn_app().await;
+    for (present, absent, base) in [(0, 1, "X"), (1, 0, "Y")] {
+        let pair = aliasing_pair(&app.keys, base);
+        let (p_sku, p_loc) = &pair[present];
+        let (a_sku, a_loc) = &pair[absent];
+        app.seed(p_sku, p_loc, 3).await;
+        let mut inv = app.inventory.clone();
+        // In one request, both orders: the absent item is unknown and
+        // nothing is taken.
+        for (n, lines) in [
+            [(a_sku, a_loc), (p_sku, p_loc)],
+            [(p_sku, p_loc), (a_sku, a_loc)],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let before = app.stock_and_streams().await;
+            let lines: Vec<_> = lines
+                .iter()
+                .map(|(s, l)| (s.as_str(), l.as_str(), 1))
+                .collect();
+            let status = inv
+                .decrement(decrement(&format!("both-{present}-{n}"), &lines))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::NotFound, "{status:?}");
+            let status = inv
+                .reserve(pb::ReserveRequest {
+                    reservation_id: format!("hold-{present}-{n}"),
+                    lines: lines.iter().map(|(s, l, q)| line(s, l, *q)).collect(),
+                    ttl_seconds: 60,
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::NotFound, "{status:?}");
+            assert_eq!(
+                app.stock_and_streams().await,
+                before,
+                "a refusal changes nothing"
+            );
+        }
+        // In two requests, both orders: only the present one loses a unit.
+        for n in 0..2 {
+            let absent_first = n == 0;
+            let sale = |sku: &str, loc: &str, tag: &str| {
+                decrement(&format!("one-{present}-{n}-{tag}"), &[(sku, loc, 1)])
+            };
+            let order = if absent_first {
+                [(a_sku, a_loc, "a"), (p_sku, p_loc, "p")]
+            } else {
+                [(p_sku, p_loc, "p"), (a_sku, a_loc, "a")]
+            };
+            for (sku, loc, tag) in order {
+                let result = inv.decrement(sale(sku, loc, tag)).await;
+                if tag == "a" {
+                    assert_eq!(code_of(result), Code::NotFound);
+                } else {
+                    result.unwrap();
+                }
+            }
+        }
+        let level = app.level(p_sku, p_loc).await.unwrap();
+        assert_eq!((level.available, level.reserved), (1, 0), "two sales of 3");
+        let missing = app
+            .inventory
+            .clone()
+            .get_stock(pb::GetStockRequest {
+                items: vec![pb::ItemRef {
+                    sku: a_sku.clone(),
+                    location: a_loc.clone(),
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(missing.levels.is_empty(), "the absent item stays absent");
+        let pool = app.postgres().await;
+        app.converged(&pool).await;
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT sku, location FROM stock")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert!(!rows.contains(&(a_sku.clone(), a_loc.clone())), "{rows:?}");
+        pool.close().await;
+    }
+    app.stop().await;
+}
+
+/// A stockd process on a test-owned Redis, its clients, and what a test
+/// looks at: that Redis and the process' own database and metrics.
+struct Rig {
+    stockd: Stockd,
+    namespace: String,
+    database: String,
+    metrics: u16,
+    inv: InventoryClient<Channel>,
+    admin: AdminClient<Channel>,
+    conn: RedisConn,
+    pool: sqlx::PgPool,
+}
+
+impl Rig {
+    async fn start(redis: &OwnRedis, tag: &str) -> Self {
+        let namespace = unique_namespace(tag);
+        let database = namespace.replace('-', "_");
+        let metrics = free_port();
+        let stockd = Stockd::start_on_redis(
+            &redis.url(),
+            &namespace,
+            &postgres_url(&database),
+            tag,
+            &[
+                "--metrics-addr".into(),
+                format!("127.0.0.1:{metrics}"),
+                "--epoch-check-ms".into(),
+                "100".into(),
+                "--reaper-interval-ms".into(),
+                "50".into(),
+            ],
+        )
+        .await;
+        let channel = stockd.channel();
+        let conn = stockd::app::connect_redis(&redis.url(), false, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let pool = sqlx::PgPool::connect(&postgres_url(&database))
+            .await
+            .unwrap();
+        Self {
+            stockd,
+            namespace,
+            database,
+            metrics,
+            inv: InventoryClient::new(channel.clone()),
+            admin: AdminClient::new(channel),
+            conn,
+            pool,
+        }
+    }
+
+    async fn set(&self, sku: &str, available: i64) {
+        self.admin
+            .clone()
+            .set_stock(pb::SetStockRequest {
+                request_id: format!("seed-{sku}"),
+                sku: sku.into(),
+                location: String::new(),
+                available,
+                expected_version: None,
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn sell(&self, id: &str, sku: &str, quantity: i64) -> pb::DecrementResponse {
+        definite(SETTLE, id, || {
+            let mut inv = self.inv.clone();
+            async move { inv.decrement(decrement(id, &[(sku, "", quantity)])).await }
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
+    async fn converged(&self) {
+        assert_converged(
+            &mut self.conn.clone(),
+            &self.namespace,
+            &self.pool,
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+
+    async fn rollbacks(&self) -> f64 {
+        sample(
+            &scrape(self.metrics).await,
+            "stockd_redis_rollbacks_total",
+            &[],
+        )
+        .unwrap_or(0.0)
+    }
+
+    /// How often each ref is in the ledger, per op.
+    async fn ledger_refs(&self) -> BTreeMap<(String, String), i64> {
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT op, ref, count(*) FROM stock_ledger GROUP BY op, ref")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
+        rows.into_iter().map(|(op, r, n)| ((op, r), n)).collect()
+    }
+
+    async fn forks(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM ledger_forks")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        let status = self.stockd.terminate().await;
+        assert!(status.success(), "{status}");
+        self.pool.close().await;
+        drop_database(&self.database).await;
+    }
+}
+
+/// Available and reserved of every item, both stores, once they agree.
+async fn settled_levels(rig: &Rig) -> BTreeMap<String, (i64, i64)> {
+    rig.converged().await;
+    levels_in_postgres(&rig.pool)
+        .await
+        .into_iter()
+        .map(|((sku, _), (a, r, _))| (sku, (a, r)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_is_healed_and_every_acknowledged_sale_is_kept() {
+    let mut redis = OwnRedis::start_persistent().await;
+    let rig = Rig::start(&redis, "rollback").await;
+    let keys = Keyspace::new(rig.namespace.clone(), 16);
+    let skus = skus_in_distinct_partitions(&keys, "rb", 2);
+    let (a, b) = (skus[0].as_str(), skus[1].as_str());
+    rig.set(a, 10).await;
+    rig.set(b, 10).await;
+    rig.converged().await;
+    redis.save().await;
+    let before = rig.rollbacks().await;
+
+    // Acknowledged and flushed after the snapshot: Redis forgets them.
+    rig.sell("s1", a, 1).await;
+    rig.sell("s2", b, 2).await;
+    rig.sell("s3", a, 1).await;
+    rig.converged().await;
+    redis.restart_from_snapshot().await;
+    reconnected(&rig.conn).await;
+    // More sales at once; the first ones meet the rolled-back Redis.
+    rig.sell("s4", a, 1).await;
+    rig.sell("s5", b, 1).await;
+    rig.sell("s6", a, 2).await;
+
+    let levels = settled_levels(&rig).await;
+    assert_eq!(levels[a], (10 - 5, 0), "{levels:?}");
+    assert_eq!(levels[b], (10 - 3, 0), "{levels:?}");
+    let refs = rig.ledger_refs().await;
+    for id in ["s1", "s2", "s3", "s4", "s5", "s6"] {
+        assert_eq!(
+            refs.get(&("decrement".to_owned(), id.to_owned())),
+            Some(&1),
+            "{id} once in the ledger: {refs:?}"
+        );
+    }
+    assert_eq!(rig.forks().await, 0, "nothing forked");
+    assert!(
+        rig.rollbacks().await >= before + 1.0,
+        "stockd_redis_rollbacks_total moved"
+    );
+    // A retry of a sale Redis forgot replays it.
+    let again = rig.sell("s2", b, 2).await;
+    assert!(again.replayed);
+    assert_eq!(settled_levels(&rig).await[b], (7, 0));
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_with_open_holds_keeps_every_hold() {
+    let mut redis = OwnRedis::start_persistent().await;
+    let rig = Rig::start(&redis, "rollhold").await;
+    let keys = Keyspace::new(rig.namespace.clone(), 16);
+    let skus = skus_in_distinct_partitions(&keys, "rh", 2);
+    let (a, b) = (skus[0].as_str(), skus[1].as_str());
+    rig.set(a, 10).await;
+    rig.set(b, 10).await;
+    let hold = |id: &str, lines: Vec<pb::Line>| pb::ReserveRequest {
+        reservation_id: id.into(),
+        lines,
+        ttl_seconds: 600,
+    };
+    let mut inv = rig.inv.clone();
+    inv.reserve(hold("h1", vec![line(a, "", 2)])).await.unwrap();
+    rig.converged().await;
+    redis.save().await;
+    let before = rig.rollbacks().await;
+
+    // After the snapshot: h1 committed, h2 and h3 held, a sale.
+    inv.commit(pb::CommitRequest {
+        reservation_id: "h1".into(),
+    })
+    .await
+    .unwrap();
+    inv.reserve(hold("h2", vec![line(b, "", 3)])).await.unwrap();
+    inv.reserve(hold("h3", vec![line(a, "", 1), line(b, "", 1)]))
+        .await
+        .unwrap();
+    rig.sell("s1", a, 1).await;
+    rig.converged().await;
+    redis.restart_from_snapshot().await;
+    reconnected(&rig.conn).await;
+
+    // Redis' snapshot still holds h1, and neither h2 nor h3.
+    let again = definite(SETTLE, "commit h1", || {
+        let mut inv = rig.inv.clone();
+        async move {
+            inv.commit(pb::CommitRequest {
+                reservation_id: "h1".into(),
+            })
+            .await
+        }
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(again.replayed, "h1 was committed before the rollback");
+    let committed = definite(SETTLE, "commit h2", || {
+        let mut inv = rig.inv.clone();
+        async move {
+            inv.commit(pb::CommitRequest {
+                reservation_id: "h2".into(),
+            })
+            .await
+        }
+    })
+    .await
+    .expect("a hold acknowledged before the rollback is live")
+    .into_inner();
+    assert!(!committed.replayed);
+    let released = definite(SETTLE, "release h3", || {
+        let mut inv = rig.inv.clone();
+        async move {
+            inv.release(pb::ReleaseRequest {
+                reservation_id: "h3".into(),
+            })
+            .await
+        }
+    })
+    .await
+    .expect("a hold acknowledged before the rollback is live")
+    .into_inner();
+    assert!(!released.replayed);
+
+    let levels = settled_levels(&rig).await;
+    assert_eq!(levels[a], (10 - 2 - 1, 0), "{levels:?}");
+    assert_eq!(levels[b], (10 - 3, 0), "{levels:?}");
+    let refs = rig.ledger_refs().await;
+    for (op, id, n) in [
+        ("reserve", "h1", 1),
+        ("commit", "h1", 1),
+        ("reserve", "h2", 1),
+        ("commit", "h2", 1),
+        ("reserve", "h3", 2),
+        ("release", "h3", 2),
+        ("decrement", "s1", 1),
+    ] {
+        assert_eq!(
+            refs.get(&(op.to_owned(), id.to_owned())),
+            Some(&n),
+            "{op} {id}: {refs:?}"
+        );
+    }
+    assert_eq!(rig.forks().await, 0, "nothing forked");
+    assert!(rig.rollbacks().await >= before + 1.0);
+    rig.stop().await;
+}
+
+/// Waits until the test's own connection has found the restarted Redis.
+async fn reconnected(conn: &RedisConn) {
+    eventually(
+        Duration::from_secs(10),
+        "the test's connection to reconnect",
+        || {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_after_a_loss_replay_their_first_outcome() {
+    let mut redis = OwnRedis::start().await;
+    let app = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        extra_args: vec!["--epoch-check-ms".into(), "100".into()],
+        ..Options::default()
+    })
+    .await;
+    let skus = skus_in_distinct_partitions(&app.keys, "retry", 4);
+    for sku in &skus {
+        app.seed(sku, "", 10).await;
+    }
+    let dec = pb::DecrementRequest {
+        request_id: "dec".into(),
+        lines: vec![line(&skus[0], "", 2)],
+    };
+    let adj = pb::AdjustRequest {
+        request_id: "adj".into(),
+        sku: skus[1].clone(),
+        location: String::new(),
+        delta: 3,
+        reason: "found".into(),
+    };
+    let set = pb::SetStockRequest {
+        request_id: "set".into(),
+        sku: skus[2].clone(),
+        location: String::new(),
+        available: 7,
+        expected_version: None,
+    };
+    let res = pb::ReserveRequest {
+        reservation_id: "res".into(),
+        lines: vec![line(&skus[3], "", 3)],
+        ttl_seconds: 600,
+    };
+    let mut inv = app.inventory.clone();
+    let mut admin = app.admin.clone();
+    let first_dec = inv.decrement(dec.clone()).await.unwrap().into_inner();
+    let first_adj = inv.adjust(adj.clone()).await.unwrap().into_inner();
+    let first_set = admin.set_stock(set.clone()).await.unwrap().into_inner();
+    let first_res = inv.reserve(res.clone()).await.unwrap().into_inner();
+    let pool = app.postgres().await;
+    app.converged(&pool).await;
+    let flushed = levels_in_postgres(&pool).await;
+
+    redis.restart().await;
+    reconnected(&app.redis).await;
+
+    let again_dec = definite(SETTLE, "decrement", || {
+        let (mut inv, dec) = (inv.clone(), dec.clone());
+        async move { inv.decrement(dec).await }
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(again_dec.replayed);
+    assert_eq!(again_dec.levels, first_dec.levels, "the first outcome");
+    let again_adj = inv.adjust(adj.clone()).await.unwrap().into_inner();
+    assert!(again_adj.replayed);
+    assert_eq!(again_adj.level, first_adj.level);
+    let again_set = admin.set_stock(set.clone()).await.unwrap().into_inner();
+    assert!(again_set.replayed);
+    assert_eq!(again_set.level, first_set.level);
+    let again_res = inv.reserve(res.clone()).await.unwrap().into_inner();
+    assert!(again_res.replayed);
+    assert_eq!(
+        (again_res.levels, again_res.expires_at_ms),
+        (first_res.levels, first_res.expires_at_ms)
+    );
+    assert_eq!(
+        levels_in_redis(&mut app.redis.clone(), &app.namespace).await,
+        flushed,
+        "the retries took nothing more"
+    );
+
+    // The same ids with another payload are refused, and change nothing.
+    let mut other_dec = dec.clone();
+    other_dec.lines[0].quantity = 1;
+    assert_eq!(code_of(inv.decrement(other_dec).await), Code::AlreadyExists);
+    let mut other_adj = adj.clone();
+    other_adj.delta = 4;
+    assert_eq!(code_of(inv.adjust(other_adj).await), Code::AlreadyExists);
+    let mut other_set = set.clone();
+    other_set.available = 9;
+    assert_eq!(
+        code_of(admin.set_stock(other_set).await),
+        Code::AlreadyExists
+    );
+    let mut other_res = res.clone();
+    other_res.lines[0].quantity = 1;
+    assert_eq!(code_of(inv.reserve(other_res).await), Code::AlreadyExists);
+    assert_eq!(
+        levels_in_redis(&mut app.redis.clone(), &app.namespace).await,
+        flushed
+    );
+
+    // The restored hold is live.
+    let committed = inv
+        .commit(pb::CommitRequest {
+            reservation_id: "res".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!committed.replayed);
+    assert_eq!(
+        (committed.levels[0].available, committed.levels[0].reserved),
+        (7, 0)
+    );
+    app.converged(&pool).await;
+    pool.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_on_two_instances_right_after_a_loss_find_every_hold() {
+    const HOLDS: usize = 40;
+    let mut redis = OwnRedis::start().await;
+    let namespace = unique_namespace("window");
+    let options = || Options {
+        namespace: namespace.clone(),
+        redis_url: Some(redis.url()),
+        extra_args: vec!["--epoch-check-ms".into(), "100".into()],
+        ..Options::default()
+    };
+    let apps = [
+        spawn_app_with(options()).await,
+        spawn_app_with(options()).await,
+    ];
+    let skus = skus_in_distinct_partitions(&apps[0].keys, "lw", 8);
+    for sku in &skus {
+        apps[0].seed(sku, "", 100).await;
+    }
+    // Holds of two lines each, over every partition.
+    let hold = |i: usize| pb::ReserveRequest {
+        reservation_id: format!("h{i}"),
+        lines: vec![line(&skus[i % 8], "", 1), line(&skus[(i + 3) % 8], "", 2)],
+        ttl_seconds: 600,
+    };
+    let firsts = join_all((0..HOLDS).map(|i| {
+        let mut inv = apps[i % 2].inventory.clone();
+        async move { inv.reserve(hold(i)).await.unwrap().into_inner() }
+    }))
+    .await;
+    let pool = apps[0].postgres().await;
+    apps[0].converged(&pool).await;
+
+    redis.restart().await;
+    // At once, on both instances: even holds are committed, odd ones
+    // are asked for again (their first answer was lost) and released.
+    let answers = join_all((0..HOLDS).map(|i| {
+        let inv = apps[(i + 1) % 2].inventory.clone();
+        let first = firsts[i].clone();
+        async move {
+            if i % 2 == 0 {
+                let commit = definite(SETTLE, "commit", || {
+                    let mut inv = inv.clone();
+                    let id = format!("h{i}");
+                    async move { inv.commit(pb::CommitRequest { reservation_id: id }).await }
+                })
+                .await;
+                let commit = commit.unwrap_or_else(|s| panic!("commit of live h{i}: {s:?}"));
+                assert!(!commit.into_inner().replayed, "h{i}");
+            } else {
+                let again = definite(SETTLE, "reserve again", || {
+                    let mut inv = inv.clone();
+                    async move { inv.reserve(hold(i)).await }
+                })
+                .await
+                .unwrap_or_else(|s| panic!("retry of h{i}: {s:?}"))
+                .into_inner();
+                assert!(again.replayed, "a retry of h{i} replays");
+                assert_eq!(again.expires_at_ms, first.expires_at_ms);
+                let release = definite(SETTLE, "release", || {
+                    let mut inv = inv.clone();
+                    let id = format!("h{i}");
+                    async move { inv.release(pb::ReleaseRequest { reservation_id: id }).await }
+                })
+                .await
+                .unwrap_or_else(|s| panic!("release of live h{i}: {s:?}"));
+                assert!(!release.into_inner().replayed, "h{i}");
+            }
+        }
+    }))
+    .await;
+    assert_eq!(answers.len(), HOLDS);
+    reconnected(&apps[0].redis).await;
+    apps[0].converged(&pool).await;
+    // Every hold ended: nothing stays reserved; each committed hold took
+    // its three units once.
+    let levels = levels_in_postgres(&pool).await;
+    let reserved: i64 = levels.values().map(|(_, r, _)| r).sum();
+    let available: i64 = levels.values().map(|(a, _, _)| a).sum();
+    assert_eq!(reserved, 0, "{levels:?}");
+    assert_eq!(available, 8 * 100 - (HOLDS as i64 / 2) * 3, "{levels:?}");
+    pool.close().await;
+    let [first, second] = apps;
+    second.stop_keep_data().await;
+    first.stop().await;
+}
