@@ -16,6 +16,9 @@
 //! - [`flusher`]: reads the partition streams through a consumer group and
 //!   writes them behind to Postgres ([`store`]) in one transaction per batch,
 //!   acknowledging only after the commit; [`events`] parses stream entries.
+//! - [`export`]: the same events published to NATS JetStream and RabbitMQ,
+//!   each exporter a consumer group of its own on the one consumer loop
+//!   ([`consumer`]).
 //! - [`warmer`]: Preload, load on miss, and re-warming Redis from Postgres
 //!   after a data loss (noticed by the epoch in [`meta`], the deployment
 //!   record: partition count, schema, epoch); [`lock`] keeps such jobs to
@@ -41,6 +44,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod flusher;
 pub mod grpc;
 pub mod http;

@@ -35,6 +35,19 @@ impl Stockd {
         failpoint: bool,
         extra: &[String],
     ) -> Self {
+        let failpoint = failpoint.then_some("crash-after-commit");
+        Self::start_failing(namespace, database_url, instance, failpoint, extra).await
+    }
+
+    /// As `start_with`, armed with the fail point `STOCKD_FAILPOINT` names
+    /// (`crash-after-commit`, `export-crash-after-publish`), if any.
+    pub async fn start_failing(
+        namespace: &str,
+        database_url: &str,
+        instance: &str,
+        failpoint: Option<&str>,
+        extra: &[String],
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -61,8 +74,8 @@ impl Stockd {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null());
-        if failpoint {
-            cmd.env("STOCKD_FAILPOINT", "crash-after-commit");
+        if let Some(failpoint) = failpoint {
+            cmd.env("STOCKD_FAILPOINT", failpoint);
         }
         let mut child = cmd.spawn().expect("start stockd");
         let deadline = Instant::now() + Duration::from_secs(30);
