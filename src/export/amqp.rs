@@ -40,6 +40,20 @@ impl AmqpBroker {
         }
     }
 
+    /// Connects into `slot` when it holds no channel.
+    async fn ensure_connected(
+        &self,
+        slot: &mut Option<(Connection, Channel)>,
+    ) -> Result<(), String> {
+        if slot.is_none() {
+            let connected = tokio::time::timeout(TIMEOUT, self.connect())
+                .await
+                .map_err(|_| "connecting timed out".to_owned())??;
+            *slot = Some(connected);
+        }
+        Ok(())
+    }
+
     async fn connect(&self) -> Result<(Connection, Channel), String> {
         let redacted = crate::config::ServiceUrl::new(&self.url).redacted();
         let connection = Connection::connect(&self.url, ConnectionProperties::default())
@@ -114,12 +128,7 @@ impl Broker for AmqpBroker {
         on_ack: &mut (dyn FnMut(usize, Acked) + Send),
     ) -> Result<(), String> {
         let mut slot = self.channel.lock().await;
-        if slot.is_none() {
-            let connected = tokio::time::timeout(TIMEOUT, self.connect())
-                .await
-                .map_err(|_| "connecting timed out".to_owned())??;
-            *slot = Some(connected);
-        }
+        self.ensure_connected(&mut slot).await?;
         let (_, channel) = slot.as_ref().expect("connected above");
         let sent = tokio::time::timeout(
             TIMEOUT + TIMEOUT,
@@ -138,5 +147,9 @@ impl Broker for AmqpBroker {
             .await;
         }
         sent
+    }
+
+    async fn prepare(&self) -> Result<(), String> {
+        self.ensure_connected(&mut *self.channel.lock().await).await
     }
 }

@@ -226,6 +226,10 @@ pub trait Broker: Send + Sync + 'static {
         messages: &[&Message],
         on_ack: &mut (dyn FnMut(usize, Acked) + Send),
     ) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Connects and creates the stream or exchange where missing, so that
+    /// consumers can bind to it before the first change.
+    fn prepare(&self) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// The exporter's handler of one batch: the change events, as messages, to
@@ -403,25 +407,32 @@ impl Exporters {
         Ok(())
     }
 
-    /// Starts each exporter's loop until `shutdown`.
+    /// Starts each exporter's loop until `shutdown`, and connects to its
+    /// broker at once (a broker that is down is retried by the loop when
+    /// there is something to publish).
     pub fn spawn(&self, shutdown: &CancellationToken) -> Vec<(&'static str, JoinHandle<()>)> {
         let mut tasks = Vec::new();
         if let Some(c) = self.nats.clone() {
-            let shutdown = shutdown.clone();
-            tasks.push((
-                "nats exporter",
-                tokio::spawn(async move { c.run(shutdown).await }),
-            ));
+            tasks.push(("nats exporter", spawn_exporter(c, shutdown.clone())));
         }
         if let Some(c) = self.amqp.clone() {
-            let shutdown = shutdown.clone();
-            tasks.push((
-                "amqp exporter",
-                tokio::spawn(async move { c.run(shutdown).await }),
-            ));
+            tasks.push(("amqp exporter", spawn_exporter(c, shutdown.clone())));
         }
         tasks
     }
+}
+
+fn spawn_exporter<B: Broker>(
+    consumer: Arc<Consumer<ExportHandler<B>>>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let early = consumer.clone();
+    tokio::spawn(async move {
+        if let Err(err) = early.handler().broker.prepare().await {
+            tracing::warn!(exporter = B::NAME, error = %err, "broker not reachable yet; the export waits for it");
+        }
+    });
+    tokio::spawn(async move { consumer.run(shutdown).await })
 }
 
 /// Describes the exporter metrics and registers the counters at zero.

@@ -44,6 +44,19 @@ impl NatsBroker {
         }
     }
 
+    /// The context in `slot`, connecting first when there is none.
+    async fn connected(
+        &self,
+        slot: &mut Option<jetstream::Context>,
+    ) -> Result<jetstream::Context, String> {
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self.connect().await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
     async fn connect(&self) -> Result<jetstream::Context, String> {
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(TIMEOUT)
@@ -77,19 +90,18 @@ impl Broker for NatsBroker {
         on_ack: &mut (dyn FnMut(usize, Acked) + Send),
     ) -> Result<(), String> {
         let mut slot = self.context.lock().await;
-        let context = match slot.as_ref() {
-            Some(c) => c.clone(),
-            None => {
-                let c = self.connect().await?;
-                *slot = Some(c.clone());
-                c
-            }
-        };
+        let context = self.connected(&mut slot).await?;
         let result = publish_in_rounds(&context, &self.namespace, messages, on_ack).await;
         if result.is_err() {
             *slot = None;
         }
         result
+    }
+
+    async fn prepare(&self) -> Result<(), String> {
+        self.connected(&mut *self.context.lock().await)
+            .await
+            .map(drop)
     }
 }
 
