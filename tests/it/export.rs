@@ -102,13 +102,13 @@ fn seen(namespace: &str, item_key: &str, id: &str, payload: &[u8]) -> Seen {
 }
 
 /// The test's JetStream stream, read whole.
-struct Jet {
+pub struct Jet {
     js: jetstream::Context,
     namespace: String,
 }
 
 impl Jet {
-    async fn connect(namespace: &str) -> Self {
+    pub async fn connect(namespace: &str) -> Self {
         let client = async_nats::connect(nats_url())
             .await
             .expect("the test NATS");
@@ -150,7 +150,7 @@ impl Jet {
         out
     }
 
-    async fn delete(self) {
+    pub async fn delete(self) {
         let _ = self.js.delete_stream(self.stream()).await;
     }
 }
@@ -494,31 +494,95 @@ async fn decrement(app: &TestApp, id: &str, sku: &str) -> Result<(), tonic::Stat
         .map(drop)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_broker_that_is_down_delays_only_its_export_up_to_the_backlog_limit() {
-    let proxy = FaultProxy::start(socket_of(&nats_url())).await;
+/// A broker under test, with what a consumer of it received.
+enum Broker {
+    Nats(Box<Jet>),
+    Amqp(Box<Rabbit>),
+}
+
+impl Broker {
+    async fn open(name: &str, namespace: &str) -> Self {
+        match name {
+            "nats" => Broker::Nats(Box::new(Jet::connect(namespace).await)),
+            _ => Broker::Amqp(Box::new(Rabbit::bind(namespace).await)),
+        }
+    }
+
+    /// stockd's flag and URL for this broker behind `proxy`.
+    fn through(&self, proxy: &FaultProxy) -> [String; 2] {
+        match self {
+            Broker::Nats(_) => ["--nats-url".into(), format!("nats://{}", proxy.addr)],
+            Broker::Amqp(_) => [
+                "--amqp-url".into(),
+                format!("amqp://guest:guest@{}/%2f", proxy.addr),
+            ],
+        }
+    }
+
+    /// Waits until every version of `levels` arrived in order (exactly
+    /// once on JetStream); returns how many messages that took.
+    async fn wait_complete(&mut self, levels: &Levels) -> usize {
+        match self {
+            Broker::Nats(jet) => {
+                let jet = &*jet;
+                eventually(
+                    Duration::from_secs(60),
+                    "JetStream to hold every change",
+                    || async {
+                        let messages = jet.messages().await;
+                        check_order(&messages, levels, true)
+                            .ok()
+                            .map(|_| messages.len())
+                    },
+                )
+                .await
+            }
+            Broker::Amqp(rabbit) => {
+                rabbit
+                    .receive_until(Duration::from_secs(60), |r| {
+                        check_order(r, levels, false).is_ok()
+                    })
+                    .await;
+                rabbit.received.len()
+            }
+        }
+    }
+
+    async fn delete(self) {
+        match self {
+            Broker::Nats(jet) => jet.delete().await,
+            Broker::Amqp(rabbit) => rabbit.delete().await,
+        }
+    }
+}
+
+/// One broker behind the TCP fault proxy, cut under load: checkout goes on
+/// answering, the exporter's backlog grows, past the limit new demand is
+/// refused, and once the broker is back the export catches up with nothing
+/// lost.
+async fn broker_down(name: &str) {
+    let upstream = if name == "nats" {
+        nats_url()
+    } else {
+        amqp_url()
+    };
+    let proxy = FaultProxy::start(socket_of(&upstream)).await;
+    let namespace = unique_namespace(&format!("export-down-{name}"));
+    let mut broker = Broker::open(name, &namespace).await;
+    let mut extra_args = broker.through(&proxy).to_vec();
+    extra_args.extend(["--max-unflushed".into(), "60".into()]);
     let app = spawn_app_with(Options {
-        namespace: unique_namespace("export-down"),
+        namespace,
         partitions: 1,
-        extra_args: vec![
-            "--nats-url".into(),
-            format!("nats://{}", proxy.addr),
-            "--max-unflushed".into(),
-            "60".into(),
-        ],
+        extra_args,
         ..Options::default()
     })
     .await;
-    let jet = Jet::connect(&app.namespace).await;
     app.seed("down", "", 1_000_000).await;
-    eventually(
-        Duration::from_secs(20),
-        "the first change in JetStream",
-        || async { (jet.messages().await.len() == 1).then_some(()) },
-    )
-    .await;
+    let seeded = levels_in_redis(&mut app.redis.clone(), &app.namespace).await;
+    assert_eq!(broker.wait_complete(&seeded).await, 1);
 
-    // NATS unreachable: checkout goes on answering at its usual pace.
+    // The broker unreachable: checkout goes on answering at its usual pace.
     proxy.cut();
     let clients = (0..8).map(|c| {
         let app = &app;
@@ -539,16 +603,18 @@ async fn a_broker_that_is_down_delays_only_its_export_up_to_the_backlog_limit() 
     futures::future::join_all(clients).await;
     let (backlog, lag_ms, _) =
         eventually(Duration::from_secs(10), "the backlog to show", || async {
-            let s = export_status(&app, "nats").await;
+            let s = export_status(&app, name).await;
             (s.0 >= 40 && s.2 == 0).then_some(s)
         })
         .await;
     assert!(lag_ms > 0, "the export lag shows: {lag_ms} ms");
-    assert_eq!(
-        jet.messages().await.len(),
-        1,
-        "nothing reached NATS meanwhile"
-    );
+    if let Broker::Nats(jet) = &broker {
+        assert_eq!(
+            jet.messages().await.len(),
+            1,
+            "nothing reached NATS meanwhile"
+        );
+    }
 
     // Past the backlog limit new demand is refused, and changes nothing.
     let mut n = 0;
@@ -581,24 +647,34 @@ async fn a_broker_that_is_down_delays_only_its_export_up_to_the_backlog_limit() 
         before,
         "a refused write changes nothing"
     );
-    eprintln!("broker down: export backlog {backlog} (lag {lag_ms} ms) before the limit");
+    eprintln!("{name} down: export backlog {backlog} (lag {lag_ms} ms) before the limit");
 
-    // NATS back: the export catches up, nothing lost, and writes pass again.
+    // The broker back: the export catches up, nothing lost, writes pass again.
     proxy.restore();
     eventually(
         Duration::from_secs(60),
         "the export to catch up",
-        || async { (export_status(&app, "nats").await.0 == 0).then_some(()) },
+        || async { (export_status(&app, name).await.0 == 0).then_some(()) },
     )
     .await;
     let levels = levels_in_redis(&mut app.redis.clone(), &app.namespace).await;
-    check_order(&jet.messages().await, &levels, true).unwrap();
+    broker.wait_complete(&levels).await;
     eventually(Duration::from_secs(10), "writes to pass again", || async {
         decrement(&app, "after", "down").await.ok()
     })
     .await;
-    jet.delete().await;
+    broker.delete().await;
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_down_delays_only_its_export_up_to_the_backlog_limit() {
+    broker_down("nats").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_down_delays_only_its_export_up_to_the_backlog_limit() {
+    broker_down("amqp").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
