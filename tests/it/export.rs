@@ -228,14 +228,16 @@ impl Rabbit {
         }
     }
 
-    /// Receives until `done` holds for what arrived, or `deadline` passes.
-    async fn receive_until(&mut self, deadline: Duration, done: impl Fn(&[Seen]) -> bool) {
+    /// Receives until every version of `levels` arrived, first
+    /// occurrences in order (at least once), or panics after `deadline`
+    /// saying what is wrong.
+    async fn receive_all(&mut self, deadline: Duration, levels: &Levels) {
         let until = Instant::now() + deadline;
-        while !done(&self.received) {
+        while let Err(why) = check_order(&self.received, levels, false) {
             let left = until.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "RabbitMQ: not everything arrived in {deadline:?} ({} messages)",
+                "RabbitMQ after {deadline:?} ({} messages): {why}",
                 self.received.len()
             );
             let Ok(Some(delivery)) = tokio::time::timeout(left, self.consumer.next()).await else {
@@ -306,6 +308,27 @@ fn check_order(received: &[Seen], levels: &Levels, exactly_once: bool) -> Result
     match per_item.keys().next() {
         Some(item) => Err(format!("{item:?} is no item of Redis")),
         None => Ok(duplicates),
+    }
+}
+
+impl Jet {
+    /// Waits until the stream holds every version of `levels` exactly once
+    /// in order; returns how many messages, or panics after `deadline`
+    /// saying what is wrong.
+    async fn wait_all(&self, deadline: Duration, levels: &Levels) -> usize {
+        let until = Instant::now() + deadline;
+        loop {
+            let messages = self.messages().await;
+            match check_order(&messages, levels, true) {
+                Ok(_) => return messages.len(),
+                Err(why) => assert!(
+                    Instant::now() < until,
+                    "JetStream after {deadline:?} ({} messages): {why}",
+                    messages.len()
+                ),
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
     }
 }
 
@@ -419,26 +442,8 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
     let levels = levels_in_redis(&mut redis.clone(), &namespace).await;
     let changes: i64 = levels.values().map(|(_, _, v)| v).sum();
     assert!(changes > 50, "the load made changes: {changes}");
-    let in_jetstream = eventually(
-        Duration::from_secs(60),
-        "JetStream to hold every change",
-        || {
-            let jet = &jet;
-            let levels = &levels;
-            async move {
-                let messages = jet.messages().await;
-                check_order(&messages, levels, true)
-                    .ok()
-                    .map(|_| messages.len())
-            }
-        },
-    )
-    .await;
-    rabbit
-        .receive_until(Duration::from_secs(60), |r| {
-            check_order(r, &levels, false).is_ok()
-        })
-        .await;
+    let in_jetstream = jet.wait_all(Duration::from_secs(60), &levels).await;
+    rabbit.receive_all(Duration::from_secs(60), &levels).await;
     let rabbit_duplicates = check_order(&rabbit.received, &levels, false).unwrap();
     let page = scrape(&metrics).await;
     published += counter_in(&page, "stockd_export_published_total", "nats");
@@ -523,26 +528,9 @@ impl Broker {
     /// once on JetStream); returns how many messages that took.
     async fn wait_complete(&mut self, levels: &Levels) -> usize {
         match self {
-            Broker::Nats(jet) => {
-                let jet = &*jet;
-                eventually(
-                    Duration::from_secs(60),
-                    "JetStream to hold every change",
-                    || async {
-                        let messages = jet.messages().await;
-                        check_order(&messages, levels, true)
-                            .ok()
-                            .map(|_| messages.len())
-                    },
-                )
-                .await
-            }
+            Broker::Nats(jet) => jet.wait_all(Duration::from_secs(60), levels).await,
             Broker::Amqp(rabbit) => {
-                rabbit
-                    .receive_until(Duration::from_secs(60), |r| {
-                        check_order(r, levels, false).is_ok()
-                    })
-                    .await;
+                rabbit.receive_all(Duration::from_secs(60), levels).await;
                 rabbit.received.len()
             }
         }
@@ -719,25 +707,14 @@ async fn subjects_and_routing_keys_of_odd_names_are_distinct_and_decodable() {
 
     let levels = levels_in_redis(&mut app.redis.clone(), &app.namespace).await;
     assert_eq!(levels.len(), skus.len() * locations.len());
-    let messages = eventually(
-        Duration::from_secs(20),
-        "JetStream to hold every item",
-        || async {
-            let m = jet.messages().await;
-            check_order(&m, &levels, true).ok().map(|_| m)
-        },
-    )
-    .await;
+    jet.wait_all(Duration::from_secs(20), &levels).await;
+    let messages = jet.messages().await;
     let subjects: std::collections::HashSet<String> = messages
         .iter()
         .map(|m| export::subject(&app.namespace, &m.location, &m.sku))
         .collect();
     assert_eq!(subjects.len(), levels.len(), "one subject per item");
-    rabbit
-        .receive_until(Duration::from_secs(20), |r| {
-            check_order(r, &levels, false).is_ok()
-        })
-        .await;
+    rabbit.receive_all(Duration::from_secs(20), &levels).await;
 
     // A consumer filtered on one item's subject gets that item only.
     let subject = export::subject(&app.namespace, "wh.1", "a.b");
