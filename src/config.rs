@@ -567,6 +567,10 @@ mod tests {
             "redis://:redispw@10.0.0.1:6379",
             "--database-url",
             "postgres://app:pgpw@db:5432/stockd",
+            "--nats-url",
+            "nats://natsuser:natspw@nats:4222",
+            "--amqp-url",
+            "amqp://guest:amqppw@rabbit:5672/%2f",
         ])
         .unwrap();
         let printed = format!("{config:?}");
@@ -576,10 +580,13 @@ mod tests {
             "whs-789",
             "redispw",
             "pgpw",
+            "natspw",
+            "amqppw",
         ] {
             assert!(!printed.contains(secret), "{secret} leaked: {printed}");
         }
         assert!(printed.contains("10.0.0.1:6379") && printed.contains("db:5432"));
+        assert!(printed.contains("nats:4222") && printed.contains("rabbit:5672"));
     }
 
     #[test]

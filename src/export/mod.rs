@@ -232,6 +232,9 @@ pub trait Broker: Send + Sync + 'static {
     fn prepare(&self) -> impl Future<Output = Result<(), String>> + Send;
 }
 
+/// Most messages published before their acknowledgements are awaited.
+const MAX_IN_FLIGHT: usize = 1000;
+
 /// The exporter's handler of one batch: the change events, as messages, to
 /// its broker; extend records (no change of stock) are skipped, and so are
 /// malformed entries (the flusher dead-letters them).
@@ -272,27 +275,30 @@ impl<B: Broker> Handler for ExportHandler<B> {
             return Ok(());
         }
         let name = B::NAME;
-        let mut on_ack = |i: usize, acked: Acked| {
-            counter!("stockd_export_published_total", "exporter" => name).increment(1);
-            if acked == Acked::Duplicate {
-                counter!("stockd_export_duplicates_total", "exporter" => name).increment(1);
-            }
-            self.acked
-                .lock()
-                .expect("not poisoned")
-                .1
-                .insert(todo[i].id.clone());
-        };
-        match self.broker.publish(&todo, &mut on_ack).await {
-            Ok(()) => {
-                failpoint_after_publish(name);
-                Ok(())
-            }
-            Err(err) => {
+        // Bounded in flight: async-nats blocks a publish while 5,000 acks
+        // are outstanding, and a whole batch may hold 500 entries of every
+        // partition. Chunks go out in stream order, each acknowledged
+        // before the next, so order per item holds across them.
+        for (c, chunk) in todo.chunks(MAX_IN_FLIGHT).enumerate() {
+            let offset = c * MAX_IN_FLIGHT;
+            let mut on_ack = |i: usize, acked: Acked| {
+                counter!("stockd_export_published_total", "exporter" => name).increment(1);
+                if acked == Acked::Duplicate {
+                    counter!("stockd_export_duplicates_total", "exporter" => name).increment(1);
+                }
+                self.acked
+                    .lock()
+                    .expect("not poisoned")
+                    .1
+                    .insert(todo[offset + i].id.clone());
+            };
+            if let Err(err) = self.broker.publish(chunk, &mut on_ack).await {
                 counter!("stockd_export_retries_total", "exporter" => name).increment(1);
-                Err(StepError::Handler(format!("{name} export: {err}")))
+                return Err(StepError::Handler(format!("{name} export: {err}")));
             }
         }
+        failpoint_after_publish(name);
+        Ok(())
     }
 }
 
