@@ -18,6 +18,7 @@ use crate::backlog::{BacklogSettings, Housekeeper};
 use crate::config::{Config, SecurityConfig};
 use crate::consumer::StepError;
 use crate::engine::{Engine, EngineSettings};
+use crate::export::{ExportSettings, Exporters};
 use crate::flusher::{Flusher, FlusherSettings};
 use crate::grpc::{AdminService, AdmissionLayer, InventoryService, RequireToken};
 use crate::http::HttpServer;
@@ -49,7 +50,7 @@ pub enum StartError {
     Meta(#[from] MetaError),
     #[error("cannot prepare Postgres: {0}")]
     Store(#[from] StoreError),
-    #[error("cannot create the flusher's consumer groups: {0}")]
+    #[error("cannot create the consumer groups (flusher, exporters): {0}")]
     Flusher(#[from] StepError),
     #[error("cannot warm Redis from Postgres: {0}")]
     Warm(#[source] crate::error::Error),
@@ -211,6 +212,7 @@ pub struct Application {
     warmer: Warmer,
     watchdog: Watchdog,
     flusher: Flusher,
+    exporters: Exporters,
     housekeeper: Housekeeper,
     reconciler: Reconciler,
     hub: Hub,
@@ -295,11 +297,36 @@ impl Application {
         );
         flusher.ensure_groups().await?;
         forget_legacy_groups(&background, &keys).await;
+        let exporters = Exporters::new(
+            &background,
+            &keys,
+            &ExportSettings {
+                nats_url: config
+                    .export
+                    .nats_url
+                    .as_ref()
+                    .map(|u| u.expose().to_owned()),
+                amqp_url: config
+                    .export
+                    .amqp_url
+                    .as_ref()
+                    .map(|u| u.expose().to_owned()),
+                consumer: config.consumer_name(port),
+                batch_size: config.flusher.flush_batch as usize,
+                interval: config.flusher.interval(),
+                claim_idle: config.flusher.claim_idle(),
+            },
+        );
+        // Before serving: every change made once stockd answers is exported.
+        exporters.ensure_groups().await?;
+        // Trimming and the backlog limit count every group.
+        let mut groups = vec![crate::flusher::GROUP];
+        groups.extend(exporters.groups());
         let housekeeper = Housekeeper::new(
             background.clone(),
             keys.clone(),
             markers.clone(),
-            vec![crate::flusher::GROUP],
+            groups,
             BacklogSettings {
                 max_unhandled: config.flusher.max_unflushed,
                 retention: config.flusher.retention(),
@@ -356,6 +383,7 @@ impl Application {
             warmer,
             watchdog,
             flusher,
+            exporters,
             housekeeper,
             reconciler,
             hub,
@@ -388,6 +416,7 @@ impl Application {
             warmer,
             watchdog,
             flusher,
+            exporters,
             housekeeper,
             reconciler,
             hub,
@@ -401,7 +430,7 @@ impl Application {
         wait_until_warm(&watchdog, &shutdown).await?;
 
         let background = CancellationToken::new();
-        let tasks: Vec<(&str, JoinHandle<()>)> = vec![
+        let mut tasks: Vec<(&str, JoinHandle<()>)> = vec![
             (
                 "reaper",
                 tokio::spawn(
@@ -429,6 +458,7 @@ impl Application {
                 tokio::spawn(dispatcher.run(background.clone())),
             ),
         ];
+        tasks.extend(exporters.spawn(&background));
 
         let http = http.map(|server| tokio::spawn(server.serve(shutdown.clone())));
         let served = serve(

@@ -187,6 +187,12 @@ impl Housekeeper {
                 .set(g.unhandled as f64);
             gauge!("stockd_consumer_lag_seconds", "group" => g.group, "partition" => label.clone())
                 .set(g.oldest_unhandled_age_ms as f64 / 1000.0);
+            if let Some(exporter) = crate::export::exporter_of(g.group) {
+                gauge!("stockd_export_backlog", "exporter" => exporter, "partition" => label.clone())
+                    .set(g.unhandled as f64);
+                gauge!("stockd_export_lag_seconds", "exporter" => exporter, "partition" => label.clone())
+                    .set(g.oldest_unhandled_age_ms as f64 / 1000.0);
+            }
         }
         if let Some(flusher) = backlog.group(crate::flusher::GROUP) {
             gauge!("stockd_unflushed_events", "partition" => label.clone())

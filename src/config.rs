@@ -33,6 +33,8 @@ pub struct Config {
     pub watch: WatchConfig,
     #[command(flatten, next_help_heading = "Webhooks")]
     pub webhooks: WebhookConfig,
+    #[command(flatten, next_help_heading = "Event export")]
+    pub export: ExportConfig,
     #[command(flatten, next_help_heading = "HTTP API")]
     pub http: HttpConfig,
     #[command(flatten, next_help_heading = "Security")]
@@ -310,6 +312,22 @@ pub struct WebhookConfig {
     pub webhook_ca_file: Option<PathBuf>,
 }
 
+/// Event export to message brokers (each exporter runs when its URL is set).
+#[derive(Debug, Clone, Args)]
+pub struct ExportConfig {
+    /// NATS server to publish every change event to, in the JetStream
+    /// stream `STOCKD_<NS>` (created when missing), e.g.
+    /// `nats://127.0.0.1:4222`; unset = no NATS export.
+    #[arg(long, env = "STOCKD_NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<ServiceUrl>,
+
+    /// RabbitMQ (AMQP 0-9-1) server to publish every change event to, on
+    /// the durable topic exchange `stockd.<ns>.events`, e.g.
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`; unset = no AMQP export.
+    #[arg(long, env = "STOCKD_AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<ServiceUrl>,
+}
+
 /// The HTTP API for storefronts: JSON reads, Server-Sent Events, GraphQL
 /// (the client token is under Security).
 #[derive(Debug, Clone, Args)]
@@ -549,6 +567,10 @@ mod tests {
             "redis://:redispw@10.0.0.1:6379",
             "--database-url",
             "postgres://app:pgpw@db:5432/stockd",
+            "--nats-url",
+            "nats://natsuser:natspw@nats:4222",
+            "--amqp-url",
+            "amqp://guest:amqppw@rabbit:5672/%2f",
         ])
         .unwrap();
         let printed = format!("{config:?}");
@@ -558,10 +580,13 @@ mod tests {
             "whs-789",
             "redispw",
             "pgpw",
+            "natspw",
+            "amqppw",
         ] {
             assert!(!printed.contains(secret), "{secret} leaked: {printed}");
         }
         assert!(printed.contains("10.0.0.1:6379") && printed.contains("db:5432"));
+        assert!(printed.contains("nats:4222") && printed.contains("rabbit:5672"));
     }
 
     #[test]

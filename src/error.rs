@@ -368,7 +368,7 @@ impl From<Error> for Status {
                 )
             }
             Error::Backlogged(detail) => {
-                tracing::warn!(%detail, "refusing new demand: flush backlog over its limit");
+                tracing::warn!(%detail, "refusing new demand: a stream backlog (flusher or exporter) over its limit");
                 refusal(
                     Code::Unavailable,
                     "too many changes not yet written to Postgres, retry later",

@@ -25,7 +25,9 @@
 //!   streams; the [`flusher`] is its handler that writes batches behind to
 //!   Postgres ([`store`]) in one transaction, acknowledging after the
 //!   commit; [`backlog`] gauges, gates and trims the streams; [`events`]
-//!   parses stream entries.
+//!   parses stream entries. [`export`]: the same events published to NATS
+//!   JetStream and RabbitMQ, each exporter a consumer group of its own on
+//!   that loop.
 //! - [`reaper`]: expires lapsed reservations exactly once across instances.
 //! - [`warmer`]: Preload and load on miss. [`reconcile`]: compares Redis
 //!   and Postgres item by item and repairs on request.
@@ -47,6 +49,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod flusher;
 pub mod grpc;
 pub mod http;

@@ -58,6 +58,7 @@ pub fn install_metrics(addr: &str) -> Result<(), String> {
 /// so that dashboards and alerts see a series before its first event.
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    crate::export::describe_metrics();
     describe_counter!(
         "stockd_requests_total",
         "gRPC requests by rpc and status code"

@@ -205,6 +205,19 @@ impl pb::admin_server::Admin for AdminService {
                     .unwrap_or_default(),
                 oldest_unflushed_age_ms: flusher.map_or(0, |g| g.oldest_unhandled_age_ms),
                 dead_letters: backlog.dead_letters,
+                exports: backlog
+                    .groups
+                    .iter()
+                    .filter_map(|g| {
+                        crate::export::exporter_of(g.group).map(|exporter| {
+                            pb::PartitionExportStatus {
+                                exporter: exporter.to_owned(),
+                                backlog: g.unhandled,
+                                lag_ms: g.oldest_unhandled_age_ms,
+                            }
+                        })
+                    })
+                    .collect(),
             });
         }
         Ok(Response::new(pb::FlushStatusResponse { partitions }))

@@ -135,7 +135,7 @@ impl Problem {
                 )
             }
             Error::Backlogged(detail) => {
-                tracing::warn!(%detail, "refusing: flush backlog over its limit");
+                tracing::warn!(%detail, "refusing: a stream backlog (flusher or exporter) over its limit");
                 Problem::new(
                     S::SERVICE_UNAVAILABLE,
                     "UNAVAILABLE",

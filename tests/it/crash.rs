@@ -21,7 +21,7 @@ use crate::process::Stockd;
 
 /// Random operations against `addr` until `stop`; failures (the server is
 /// being killed) are expected and ignored.
-fn background_load(
+pub fn background_load(
     channel: Channel,
     skus: Vec<String>,
     stop: Arc<AtomicBool>,
@@ -36,7 +36,7 @@ fn background_load(
     })
 }
 
-async fn seed(channel: Channel, skus: &[String]) {
+pub async fn seed(channel: Channel, skus: &[String]) {
     let mut admin = AdminClient::new(channel);
     for sku in skus {
         admin

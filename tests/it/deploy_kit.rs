@@ -188,7 +188,13 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
         &postgres_url(&database),
         "deploy-kit",
         false,
-        &["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")],
+        &[
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{metrics_port}"),
+            // The export series exist only with an exporter on.
+            "--nats-url".into(),
+            crate::export::nats_url(),
+        ],
     )
     .await;
 
@@ -257,6 +263,7 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
     );
 
     assert_eq!(stockd.terminate().await.code(), Some(0));
+    crate::export::Jet::connect(&namespace).await.delete().await;
     delete_namespace(&mut shared_redis().await, &namespace).await;
     drop_database(&database).await;
 }

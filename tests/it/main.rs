@@ -13,6 +13,7 @@ mod demo_browser;
 mod deploy_kit;
 mod events;
 mod expiry;
+mod export;
 mod faults;
 mod flush;
 mod graphql;

@@ -35,6 +35,19 @@ impl Stockd {
         failpoint: bool,
         extra: &[String],
     ) -> Self {
+        let failpoint = failpoint.then_some("crash-after-commit");
+        Self::launch(None, namespace, database_url, instance, failpoint, extra).await
+    }
+
+    /// As `start_with`, armed with the fail point `STOCKD_FAILPOINT` names
+    /// (`crash-after-commit`, `export-crash-after-publish`), if any.
+    pub async fn start_failing(
+        namespace: &str,
+        database_url: &str,
+        instance: &str,
+        failpoint: Option<&str>,
+        extra: &[String],
+    ) -> Self {
         Self::launch(None, namespace, database_url, instance, failpoint, extra).await
     }
 
@@ -51,7 +64,7 @@ impl Stockd {
             namespace,
             database_url,
             instance,
-            false,
+            None,
             extra,
         )
         .await
@@ -62,7 +75,7 @@ impl Stockd {
         namespace: &str,
         database_url: &str,
         instance: &str,
-        failpoint: bool,
+        failpoint: Option<&str>,
         extra: &[String],
     ) -> Self {
         let port = crate::faults::free_port();
@@ -87,8 +100,8 @@ impl Stockd {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null());
-        if failpoint {
-            cmd.env("STOCKD_FAILPOINT", "crash-after-commit");
+        if let Some(failpoint) = failpoint {
+            cmd.env("STOCKD_FAILPOINT", failpoint);
         }
         let mut child = cmd.spawn().expect("start stockd");
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -273,6 +273,16 @@ pub struct PartitionOut {
     pub last_flushed_id: String,
     pub oldest_unflushed_age_ms: i64,
     pub dead_letters: u64,
+    /// The broker exporters' backlog and lag (absent when none runs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<ExportOut>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExportOut {
+    pub exporter: String,
+    pub backlog: u64,
+    pub lag_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -293,6 +303,15 @@ impl From<pb::FlushStatusResponse> for FlushStatusOut {
                     last_flushed_id: p.last_flushed_id,
                     oldest_unflushed_age_ms: p.oldest_unflushed_age_ms,
                     dead_letters: p.dead_letters,
+                    exports: p
+                        .exports
+                        .into_iter()
+                        .map(|e| ExportOut {
+                            exporter: e.exporter,
+                            backlog: e.backlog,
+                            lag_ms: e.lag_ms,
+                        })
+                        .collect(),
                 })
                 .collect(),
         }
@@ -490,7 +509,31 @@ impl Output {
                         p.dead_letters.to_string(),
                     ]);
                 }
-                t.write(w)
+                t.write(w)?;
+                // The exporters, when any runs: backlog and lag per partition.
+                let mut exports = Table::new(&[
+                    ("EXPORTER", Align::Left),
+                    ("PARTITION", Align::Right),
+                    ("BACKLOG", Align::Right),
+                    ("LAG_MS", Align::Right),
+                ]);
+                let mut any = false;
+                for p in &o.partitions {
+                    for e in &p.exports {
+                        any = true;
+                        exports.row(vec![
+                            clean(&e.exporter),
+                            p.partition.to_string(),
+                            e.backlog.to_string(),
+                            e.lag_ms.to_string(),
+                        ]);
+                    }
+                }
+                if any {
+                    writeln!(w)?;
+                    exports.write(w)?;
+                }
+                Ok(())
             }
         }
     }
