@@ -25,6 +25,7 @@ mod proxy;
 mod reasons;
 mod reconcile;
 mod redis_settings;
+mod shutdown;
 mod validation;
 mod warming;
 mod watch;

@@ -35,6 +35,28 @@ impl Stockd {
         failpoint: bool,
         extra: &[String],
     ) -> Self {
+        Self::launch(namespace, database_url, instance, failpoint, None, extra).await
+    }
+
+    /// As `start_with`, on a standalone Redis of the test's own.
+    pub async fn start_on_redis(
+        namespace: &str,
+        database_url: &str,
+        instance: &str,
+        redis: &str,
+        extra: &[String],
+    ) -> Self {
+        Self::launch(namespace, database_url, instance, false, Some(redis), extra).await
+    }
+
+    async fn launch(
+        namespace: &str,
+        database_url: &str,
+        instance: &str,
+        failpoint: bool,
+        own_redis: Option<&str>,
+        extra: &[String],
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -46,15 +68,19 @@ impl Stockd {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
         cmd.args(["--grpc-addr", &addr.to_string()])
             .args(["--namespace", namespace])
-            .args(["--redis-url", &redis_url()])
+            .args([
+                "--redis-url",
+                own_redis.map_or_else(redis_url, str::to_owned).as_str(),
+            ])
             .args(["--database-url", database_url])
             .args(["--instance-id", instance])
             .args(["--flush-claim-idle-ms", "1000"])
             .args(["--flush-batch", "50"])
             .args(["--database-max-connections", "4"])
             .args(["--metrics-addr", ""])
-            .args(redis_cluster().then_some("--redis-cluster"))
+            .args((own_redis.is_none() && redis_cluster()).then_some("--redis-cluster"))
             .args(["--http-addr", ""])
+            .args(["--shutdown-drain-ms", "0"])
             .args(extra)
             .env("STOCKD_LOG", "info")
             .env_remove("STOCKD_FAILPOINT")
@@ -118,6 +144,12 @@ impl Stockd {
     }
 
     pub async fn terminate(&mut self) -> ExitStatus {
+        self.send_sigterm();
+        self.wait_exit(Duration::from_secs(20)).await
+    }
+
+    /// Asks for a graceful shutdown without waiting for it.
+    pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
@@ -126,7 +158,11 @@ impl Stockd {
                 .unwrap()
                 .success()
         );
-        self.wait_exit(Duration::from_secs(20)).await
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 }
 
