@@ -470,6 +470,17 @@ impl Application {
                 "webhook dispatcher",
                 tokio::spawn(dispatcher.run(background.clone())),
             ),
+            (
+                "metrics sampler",
+                tokio::spawn(
+                    crate::telemetry::Sampler::new(
+                        warmer.store().pool().clone(),
+                        config.postgres.database_max_connections,
+                        Duration::from_secs(5),
+                    )
+                    .run(background.clone()),
+                ),
+            ),
         ];
 
         let http = http.map(|server| tokio::spawn(server.serve(shutdown.clone(), stop.clone())));

@@ -12,6 +12,7 @@ mod inventory;
 
 pub use admin::AdminService;
 pub use admission::AdmissionLayer;
+pub(crate) use admission::UNKNOWN_RPC;
 pub use auth::RequireToken;
 pub(crate) use auth::constant_time_eq;
 pub use health::StoppingHealth;

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod batch;
 mod recall;
@@ -140,10 +140,13 @@ impl Store {
         if batch.is_empty() {
             return Ok(FlushReport::default());
         }
-        let mut tx = self.pool.begin().await?;
-        let report = batch::write(&mut tx, batch).await?;
-        tx.commit().await?;
-        Ok(report)
+        timed("write_batch", async {
+            let mut tx = self.pool.begin().await?;
+            let report = batch::write(&mut tx, batch).await?;
+            tx.commit().await?;
+            Ok(report)
+        })
+        .await
     }
 
     /// Whether Postgres holds no stock at all (a new deployment).
@@ -178,12 +181,15 @@ impl Store {
 
     /// Every location of each of `skus`.
     pub async fn stock_rows_of(&self, skus: &[String]) -> Result<Vec<StockRow>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT sku, location, available, reserved, version FROM stock
-             WHERE sku = ANY($1) ORDER BY sku, location",
+        let rows = timed(
+            "stock_rows_of",
+            sqlx::query(
+                "SELECT sku, location, available, reserved, version FROM stock
+                 WHERE sku = ANY($1) ORDER BY sku, location",
+            )
+            .bind(skus)
+            .fetch_all(&self.pool),
         )
-        .bind(skus)
-        .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(stock_row).collect())
     }
@@ -378,4 +384,17 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), St
     }
     conn.close().await?;
     Ok(())
+}
+
+/// Times one Postgres call: `stockd_postgres_duration_seconds{call, outcome}`.
+pub(crate) async fn timed<T>(
+    call: &'static str,
+    work: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    let started = Instant::now();
+    let result = work.await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::histogram!("stockd_postgres_duration_seconds", "call" => call, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    result
 }
