@@ -148,6 +148,7 @@ async fn reset_redis(
             interval: Duration::from_millis(10),
             // Every pending entry, whoever read it: nobody else runs.
             claim_idle: Duration::ZERO,
+            remove_idle: Duration::MAX,
         },
     );
     drainer.ensure_groups().await?;
@@ -324,6 +325,7 @@ impl Application {
                 batch_size: config.flusher.flush_batch as usize,
                 interval: config.flusher.interval(),
                 claim_idle: config.flusher.claim_idle(),
+                remove_idle: config.flusher.stale_consumer_idle(),
             },
         );
         flusher.ensure_groups().await?;

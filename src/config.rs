@@ -261,6 +261,12 @@ pub struct FlusherConfig {
     #[arg(long, env = "STOCKD_FLUSH_CLAIM_IDLE_MS", default_value_t = 30_000)]
     pub flush_claim_idle_ms: u64,
 
+    /// Stream consumers of other instances that own no pending entries and
+    /// have been idle this long are removed from the consumer groups, in
+    /// seconds (a rollout leaves one consumer per pod name).
+    #[arg(long, env = "STOCKD_STALE_CONSUMER_IDLE_SECS", default_value_t = 600)]
+    pub stale_consumer_idle_secs: u64,
+
     /// How long flushed events stay in the streams for Watch resumption, in
     /// seconds.
     #[arg(long, env = "STOCKD_STREAM_RETENTION_SECS", default_value_t = 300)]
@@ -274,6 +280,10 @@ impl FlusherConfig {
 
     pub fn claim_idle(&self) -> Duration {
         Duration::from_millis(self.flush_claim_idle_ms)
+    }
+
+    pub fn stale_consumer_idle(&self) -> Duration {
+        Duration::from_secs(self.stale_consumer_idle_secs)
     }
 
     pub fn retention(&self) -> Duration {

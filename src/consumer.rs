@@ -151,9 +151,12 @@ pub struct ConsumerSettings {
     /// The batching window: the least time between two reads that are not
     /// catching up.
     pub interval: Duration,
-    /// Entries pending this long with another consumer are taken over, and
-    /// consumers silent for much longer that own nothing are removed.
+    /// Entries pending this long with another consumer are taken over.
     pub claim_idle: Duration,
+    /// Other consumers of the group that own nothing and have been idle
+    /// this long are removed (gone instances: one consumer per pod name per
+    /// rollout would pile up otherwise). Never less than `claim_idle`.
+    pub remove_idle: Duration,
 }
 
 /// What one `consume_once` did.
@@ -514,11 +517,12 @@ impl<H: Handler> Consumer<H> {
         Ok(())
     }
 
-    /// Removes consumers of this group that own nothing and have been
-    /// silent much longer than the claim timeout (instances that are gone:
-    /// one per pod name per rollout otherwise piles up). Best effort.
+    /// Removes consumers of this group that own nothing and have been idle
+    /// past `remove_idle` (instances that are gone: one per pod name per
+    /// rollout otherwise piles up). Runs after a claim found nothing, so a
+    /// dead consumer's entries were taken over first. Best effort.
     async fn remove_silent_consumers(&self) {
-        let silent_for = (self.settings.claim_idle * 10).max(Duration::from_secs(600));
+        let silent_for = self.settings.remove_idle.max(self.settings.claim_idle);
         for p in self.keys.partitions() {
             let stream = self.keys.events(p);
             let consumers: Result<redis::streams::StreamInfoConsumersReply, _> =
