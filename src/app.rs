@@ -125,6 +125,42 @@ async fn wait_until_warm(
     }
 }
 
+/// Whether Redis holds a deployment of this namespace that was warm (its
+/// epoch recorded, which happens once Postgres had the schema): the
+/// condition of a start without Postgres.
+async fn redis_is_warm(conn: &mut RedisConn, keys: &Keyspace) -> bool {
+    let epoch: Result<Option<String>, _> = redis::cmd("HGET")
+        .arg(keys.meta())
+        .arg("epoch")
+        .query_async(conn)
+        .await;
+    matches!(epoch, Ok(Some(_)))
+}
+
+/// After a degraded start: prepares Postgres (migrations, the partition
+/// check) once it answers, and says so.
+async fn prepare_postgres_when_back(store: Store, partitions: u32, shutdown: CancellationToken) {
+    let mut backoff =
+        crate::consumer::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    loop {
+        match store.prepare(partitions).await {
+            Ok(()) => {
+                tracing::info!("Postgres answers again: schema checked, leaving degraded mode");
+                return;
+            }
+            Err(err) if err.is_unreachable() => {
+                tracing::debug!(error = %err, "Postgres still does not answer");
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "Postgres answers but refuses this deployment")
+            }
+        }
+        if !backoff.wait(&shutdown).await {
+            return;
+        }
+    }
+}
+
 /// `--reset-redis`: writes what the namespace's streams still hold to
 /// Postgres (taking over every consumer's pending entries), then deletes
 /// the namespace's keys, so that the start that follows warms Redis from
@@ -252,6 +288,8 @@ pub struct Application {
     subscriptions: Subscriptions,
     /// The HTTP API, unless switched off.
     http: Option<HttpServer>,
+    /// Started while Postgres did not answer.
+    degraded: bool,
 }
 
 impl Application {
@@ -278,9 +316,27 @@ impl Application {
             config.deployment.partitions,
         );
         meta::check_redis_settings(&mut requests, config.redis.allow_redis_eviction).await?;
-        let store = Store::connect(&config.postgres).await?;
-        store.ensure_partitions(keys.partition_count()).await?;
-        tracing::info!("postgres schema up to date");
+        let (store, degraded) = match Store::connect(&config.postgres).await {
+            Ok(store) => {
+                store.ensure_partitions(keys.partition_count()).await?;
+                tracing::info!("postgres schema up to date");
+                (store, false)
+            }
+            Err(err)
+                if err.is_unreachable()
+                    && !config.redis.reset_redis
+                    && redis_is_warm(&mut requests, &keys).await =>
+            {
+                tracing::warn!(error = %err, "Postgres does not answer; Redis holds this deployment: \
+                    starting DEGRADED, serving from Redis. Until Postgres answers: changes wait in \
+                    the streams (the flusher retries; writes are refused once a partition's backlog \
+                    passes STOCKD_MAX_UNFLUSHED), items Redis does not hold cannot be loaded \
+                    (UNAVAILABLE), and re-warming after a Redis loss, Preload, Reconcile, webhooks \
+                    and outcomes past the idempotency window wait for it");
+                (Store::connect_later(&config.postgres)?, true)
+            }
+            Err(err) => return Err(err.into()),
+        };
         let markers = Markers::new(keys.clone());
         if config.redis.reset_redis {
             reset_redis(&background, &store, &keys, &markers).await?;
@@ -397,6 +453,7 @@ impl Application {
             dispatcher,
             subscriptions,
             http,
+            degraded,
         })
     }
 
@@ -429,6 +486,7 @@ impl Application {
             dispatcher,
             subscriptions,
             http,
+            degraded,
         } = self;
 
         // A new deployment, or a Redis that lost or rolled back its data,
@@ -448,7 +506,7 @@ impl Application {
         ));
 
         let background = CancellationToken::new();
-        let tasks: Vec<(&str, JoinHandle<()>)> = vec![
+        let mut tasks: Vec<(&str, JoinHandle<()>)> = vec![
             (
                 "reaper",
                 tokio::spawn(
@@ -484,6 +542,17 @@ impl Application {
                 ),
             ),
         ];
+
+        if degraded {
+            tasks.push((
+                "postgres preparation",
+                tokio::spawn(prepare_postgres_when_back(
+                    warmer.store().clone(),
+                    config.deployment.partitions,
+                    background.clone(),
+                )),
+            ));
+        }
 
         let http = http.map(|server| tokio::spawn(server.serve(shutdown.clone(), stop.clone())));
         let served = serve(

@@ -417,3 +417,57 @@ async fn reflection_answers_v1_and_v1alpha() {
     assert_eq!(alpha, current);
     app.stop().await;
 }
+
+/// A restart while Postgres does not answer: Redis holds the deployment, so
+/// stockd starts degraded, serves reads and writes of warm items from
+/// Redis, and flushes the backlog once Postgres answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn starts_degraded_without_postgres_and_flushes_when_it_returns() {
+    let first = spawn_app().await;
+    first.seed("warm", "", 10).await;
+    let pool = first.postgres().await;
+    first.converged(&pool).await;
+    let namespace = first.namespace.clone();
+    let database = first.database.clone();
+    first.stop_keep_data().await;
+
+    let postgres: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = crate::proxy::FaultProxy::start(postgres).await;
+    proxy.cut();
+    let app = spawn_app_with(Options {
+        namespace,
+        database_url: Some(format!("postgres://postgres@{}/{database}", proxy.addr)),
+        ..Options::default()
+    })
+    .await;
+    let mut inv = app.inventory.clone();
+    inv.reserve(hold("while-degraded", "warm")).await.unwrap();
+    inv.commit(pb::CommitRequest {
+        reservation_id: "while-degraded".into(),
+    })
+    .await
+    .unwrap();
+    let level = app.level("warm", "").await.unwrap();
+    assert_eq!((level.available, level.reserved), (9, 0));
+    // An item Redis does not hold needs Postgres: UNAVAILABLE, not a guess.
+    let missing = inv
+        .reserve(hold("needs-postgres", "cold-item"))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::Unavailable, "{missing:?}");
+    let stored: i64 = sqlx::query_scalar("SELECT available FROM stock WHERE sku = 'warm'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 10, "nothing reached Postgres yet");
+
+    proxy.restore();
+    app.converged(&pool).await;
+    let stored: i64 = sqlx::query_scalar("SELECT available FROM stock WHERE sku = 'warm'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 9, "the backlog was flushed");
+    pool.close().await;
+    app.stop().await;
+}
