@@ -20,7 +20,7 @@ use crate::consumer::StepError;
 use crate::engine::{Engine, EngineSettings};
 use crate::export::{ExportSettings, Exporters};
 use crate::flusher::{Flusher, FlusherSettings};
-use crate::grpc::{AdminService, AdmissionLayer, InventoryService, RequireToken};
+use crate::grpc::{AdminService, AdmissionLayer, InventoryService, RequireToken, StoppingHealth};
 use crate::http::HttpServer;
 use crate::keys::Keyspace;
 use crate::markers::Markers;
@@ -126,6 +126,42 @@ async fn wait_until_warm(
     }
 }
 
+/// Whether Redis holds a deployment of this namespace that was warm (its
+/// epoch recorded, which happens once Postgres had the schema): the
+/// condition of a start without Postgres.
+async fn redis_is_warm(conn: &mut RedisConn, keys: &Keyspace) -> bool {
+    let epoch: Result<Option<String>, _> = redis::cmd("HGET")
+        .arg(keys.meta())
+        .arg("epoch")
+        .query_async(conn)
+        .await;
+    matches!(epoch, Ok(Some(_)))
+}
+
+/// After a degraded start: prepares Postgres (migrations, the partition
+/// check) once it answers, and says so.
+async fn prepare_postgres_when_back(store: Store, partitions: u32, shutdown: CancellationToken) {
+    let mut backoff =
+        crate::consumer::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    loop {
+        match store.prepare(partitions).await {
+            Ok(()) => {
+                tracing::info!("Postgres answers again: schema checked, leaving degraded mode");
+                return;
+            }
+            Err(err) if err.is_unreachable() => {
+                tracing::debug!(error = %err, "Postgres still does not answer");
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "Postgres answers but refuses this deployment")
+            }
+        }
+        if !backoff.wait(&shutdown).await {
+            return;
+        }
+    }
+}
+
 /// `--reset-redis`: writes what the namespace's streams still hold to
 /// Postgres (taking over every consumer's pending entries), then deletes
 /// the namespace's keys, so that the start that follows warms Redis from
@@ -149,6 +185,7 @@ async fn reset_redis(
             interval: Duration::from_millis(10),
             // Every pending entry, whoever read it: nobody else runs.
             claim_idle: Duration::ZERO,
+            remove_idle: Duration::MAX,
         },
     );
     drainer.ensure_groups().await?;
@@ -181,28 +218,61 @@ async fn forget_legacy_groups(conn: &RedisConn, keys: &Keyspace) {
     }
 }
 
-/// The health service follows the warmer: NOT_SERVING while re-warming.
-async fn report_health(
+/// The health service, overall (`""`, what Kubernetes and
+/// grpc_health_probe ask) and per service, follows the warmer:
+/// NOT_SERVING while re-warming. Once `shutdown` is requested every status
+/// turns NOT_SERVING for good, stockd serves on for the `drain` period (load
+/// balancers and clients move away meanwhile), and then `stop` tells the
+/// servers to stop.
+async fn report_health_then_drain(
     health: tonic_health::server::HealthReporter,
     mut serving: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+    drain: Duration,
+    stop: CancellationToken,
 ) {
-    use tonic::server::NamedService;
     use tonic_health::ServingStatus;
-    let services = [
-        <pb::inventory_server::InventoryServer<InventoryService> as NamedService>::NAME,
-        <pb::admin_server::AdminServer<AdminService> as NamedService>::NAME,
-    ];
-    while serving.changed().await.is_ok() {
+    let set_all = |status| {
+        let health = health.clone();
+        async move {
+            for service in HEALTH_SERVICES {
+                health.set_service_status(service, status).await;
+            }
+        }
+    };
+    loop {
         let status = if *serving.borrow_and_update() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        for service in services {
-            health.set_service_status(service, status).await;
+        set_all(status).await;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            changed = serving.changed() => if changed.is_err() {
+                shutdown.cancelled().await;
+                break;
+            },
         }
     }
+    set_all(ServingStatus::NotServing).await;
+    tracing::info!(
+        drain_ms = drain.as_millis() as u64,
+        "shutting down: health NOT_SERVING, serving on until the drain period ends"
+    );
+    tokio::time::sleep(drain).await;
+    tracing::info!("drain period over: finishing requests in flight");
+    stop.cancel();
 }
+
+/// What the health service reports on: the server as a whole (`""`) and
+/// each service.
+const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    <pb::inventory_server::InventoryServer<InventoryService> as tonic::server::NamedService>::NAME,
+    <pb::admin_server::AdminServer<AdminService> as tonic::server::NamedService>::NAME,
+];
 
 /// Every component of one stockd instance, connected and ready to run.
 pub struct Application {
@@ -220,6 +290,8 @@ pub struct Application {
     subscriptions: Subscriptions,
     /// The HTTP API, unless switched off.
     http: Option<HttpServer>,
+    /// Started while Postgres did not answer.
+    degraded: bool,
 }
 
 impl Application {
@@ -246,9 +318,27 @@ impl Application {
             config.deployment.partitions,
         );
         meta::check_redis_settings(&mut requests, config.redis.allow_redis_eviction).await?;
-        let store = Store::connect(&config.postgres).await?;
-        store.ensure_partitions(keys.partition_count()).await?;
-        tracing::info!("postgres schema up to date");
+        let (store, degraded) = match Store::connect(&config.postgres).await {
+            Ok(store) => {
+                store.ensure_partitions(keys.partition_count()).await?;
+                tracing::info!("postgres schema up to date");
+                (store, false)
+            }
+            Err(err)
+                if err.is_unreachable()
+                    && !config.redis.reset_redis
+                    && redis_is_warm(&mut requests, &keys).await =>
+            {
+                tracing::warn!(error = %err, "Postgres does not answer; Redis holds this deployment: \
+                    starting DEGRADED, serving from Redis. Until Postgres answers: changes wait in \
+                    the streams (the flusher retries; writes are refused once a partition's backlog \
+                    passes STOCKD_MAX_UNFLUSHED), items Redis does not hold cannot be loaded \
+                    (UNAVAILABLE), and re-warming after a Redis loss, Preload, Reconcile, webhooks \
+                    and outcomes past the idempotency window wait for it");
+                (Store::connect_later(&config.postgres)?, true)
+            }
+            Err(err) => return Err(err.into()),
+        };
         let markers = Markers::new(keys.clone());
         if config.redis.reset_redis {
             reset_redis(&background, &store, &keys, &markers).await?;
@@ -293,6 +383,7 @@ impl Application {
                 batch_size: config.flusher.flush_batch as usize,
                 interval: config.flusher.interval(),
                 claim_idle: config.flusher.claim_idle(),
+                remove_idle: config.flusher.stale_consumer_idle(),
             },
         );
         flusher.ensure_groups().await?;
@@ -315,6 +406,7 @@ impl Application {
                 batch_size: config.flusher.flush_batch as usize,
                 interval: config.flusher.interval(),
                 claim_idle: config.flusher.claim_idle(),
+                remove_idle: config.flusher.stale_consumer_idle(),
             },
         );
         // Before serving: every change made once stockd answers is exported.
@@ -390,6 +482,7 @@ impl Application {
             dispatcher,
             subscriptions,
             http,
+            degraded,
         })
     }
 
@@ -423,11 +516,24 @@ impl Application {
             dispatcher,
             subscriptions,
             http,
+            degraded,
         } = self;
 
         // A new deployment, or a Redis that lost or rolled back its data,
         // is restored from Postgres before anything is served.
         wait_until_warm(&watchdog, &shutdown).await?;
+
+        // SIGTERM: NOT_SERVING at once, serving on for the drain period,
+        // then `stop` stops the servers.
+        let stop = CancellationToken::new();
+        let health = tonic_health::server::HealthReporter::new();
+        let drain = tokio::spawn(report_health_then_drain(
+            health.clone(),
+            warmer.availability().subscribe(),
+            shutdown.clone(),
+            config.server.shutdown_drain(),
+            stop.clone(),
+        ));
 
         let background = CancellationToken::new();
         let mut tasks: Vec<(&str, JoinHandle<()>)> = vec![
@@ -449,18 +555,37 @@ impl Application {
             ),
             // The watch reader stops with the server (not after it): open
             // watches must end for the graceful shutdown to finish.
-            (
-                "watch reader",
-                tokio::spawn(hub.clone().run(shutdown.clone())),
-            ),
+            ("watch reader", tokio::spawn(hub.clone().run(stop.clone()))),
             (
                 "webhook dispatcher",
                 tokio::spawn(dispatcher.run(background.clone())),
             ),
+            (
+                "metrics sampler",
+                tokio::spawn(
+                    crate::telemetry::Sampler::new(
+                        warmer.store().pool().clone(),
+                        config.postgres.database_max_connections,
+                        Duration::from_secs(5),
+                    )
+                    .run(background.clone()),
+                ),
+            ),
         ];
         tasks.extend(exporters.spawn(&background));
 
-        let http = http.map(|server| tokio::spawn(server.serve(shutdown.clone())));
+        if degraded {
+            tasks.push((
+                "postgres preparation",
+                tokio::spawn(prepare_postgres_when_back(
+                    warmer.store().clone(),
+                    config.deployment.partitions,
+                    background.clone(),
+                )),
+            ));
+        }
+
+        let http = http.map(|server| tokio::spawn(server.serve(shutdown.clone(), stop.clone())));
         let served = serve(
             &config,
             listener,
@@ -471,10 +596,12 @@ impl Application {
                 reconciler,
                 hub,
                 subscriptions,
+                health,
             },
-            shutdown,
+            stop,
         )
         .await;
+        drain.abort();
         if let Some(http) = http {
             match http.await {
                 Ok(Ok(())) => {}
@@ -504,6 +631,7 @@ struct Services {
     reconciler: Reconciler,
     hub: Hub,
     subscriptions: Subscriptions,
+    health: tonic_health::server::HealthReporter,
 }
 
 /// The gRPC server: health, reflection, Inventory and Admin behind the
@@ -514,21 +642,15 @@ async fn serve(
     services: Services,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::inventory_server::InventoryServer<InventoryService>>()
-        .await;
-    health
-        .set_serving::<pb::admin_server::AdminServer<AdminService>>()
-        .await;
-    tokio::spawn(report_health(
-        health,
-        services.warmer.availability().subscribe(),
-    ));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both versions of reflection: older grpcurl, Postman and Python's
+    // grpcio-reflection ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let token = |t: &Option<crate::config::Secret>| t.as_ref().map(|s| s.expose().to_owned());
     let admin_auth = RequireToken::new(token(&config.security.admin_token));
@@ -553,7 +675,16 @@ async fn serve(
         move |req| client_auth.check(req),
     );
 
-    let mut server = Server::builder();
+    let mut server = Server::builder()
+        .http2_keepalive_interval(config.server.keepalive_interval())
+        .http2_keepalive_timeout(Some(config.server.keepalive_timeout()));
+    if let Some(age) = config.server.max_connection_age() {
+        // GOAWAY at the age; the connection closes once its streams end.
+        // Not tonic's max_connection_age_grace: with it tonic 0.14 skips
+        // the GOAWAY and cuts the connection at age + grace, failing the
+        // requests in flight.
+        server = server.max_connection_age(age);
+    }
     if let Some(tls) = tls_config(&config.security)? {
         server = server.tls_config(tls)?;
     }
@@ -563,12 +694,13 @@ async fn serve(
         mtls = config.security.tls_client_ca.is_some(),
         "serving gRPC"
     );
-    server
+    let server = server
         .layer(AdmissionLayer::new(
             config.server.max_concurrent_requests as usize,
         ))
-        .add_service(health_service)
-        .add_service(reflection)
+        .add_service(StoppingHealth::server(services.health, shutdown.clone()))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(inventory)
         .add_service(admin)
         .serve_with_incoming_shutdown(
@@ -577,7 +709,20 @@ async fn serve(
             // TCP settings.
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled(),
-        )
-        .await?;
+        );
+    // Requests in flight finish (each is bounded by the Redis and Postgres
+    // timeouts); a stream a client keeps open past the deadline is cut.
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(GRPC_SHUTDOWN_DEADLINE).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = deadline => tracing::warn!("gRPC connections still open at the shutdown deadline; dropping them"),
+    }
     Ok(())
 }
+
+/// How long requests in flight have, once the drain period is over, to
+/// finish before their connections are dropped.
+const GRPC_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);

@@ -63,6 +63,53 @@ pub struct ServerConfig {
     #[arg(long, env = "STOCKD_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
+
+    /// On SIGTERM or SIGINT, how long to keep serving while the health
+    /// service already answers NOT_SERVING (so that load balancers and
+    /// clients move away first), in milliseconds; then requests in flight
+    /// finish, the flusher commits its batch, and stockd exits 0.
+    #[arg(long, env = "STOCKD_SHUTDOWN_DRAIN_MS", default_value_t = 5_000)]
+    pub shutdown_drain_ms: u64,
+
+    /// Interval of HTTP/2 keepalive pings on gRPC connections, in
+    /// milliseconds (0 = none): finds dead clients and keeps idle
+    /// connections (long Watch streams) open through proxies.
+    #[arg(long, env = "STOCKD_KEEPALIVE_INTERVAL_MS", default_value_t = 30_000)]
+    pub keepalive_interval_ms: u64,
+
+    /// A connection whose keepalive ping is not answered within this many
+    /// milliseconds is closed.
+    #[arg(long, env = "STOCKD_KEEPALIVE_TIMEOUT_MS", default_value_t = 20_000)]
+    pub keepalive_timeout_ms: u64,
+
+    /// Longest life of a gRPC connection, in seconds (0 = unlimited): past
+    /// it the server sends GOAWAY and the client reconnects, so that
+    /// connections spread again over instances after a rollout or scale-up.
+    /// Requests in flight finish; an open Watch keeps its connection until
+    /// it ends.
+    #[arg(long, env = "STOCKD_MAX_CONNECTION_AGE_SECS", default_value_t = 1_800)]
+    pub max_connection_age_secs: u64,
+}
+
+impl ServerConfig {
+    pub fn shutdown_drain(&self) -> Duration {
+        Duration::from_millis(self.shutdown_drain_ms)
+    }
+
+    /// `None` when keepalive pings are off.
+    pub fn keepalive_interval(&self) -> Option<Duration> {
+        (self.keepalive_interval_ms > 0).then(|| Duration::from_millis(self.keepalive_interval_ms))
+    }
+
+    pub fn keepalive_timeout(&self) -> Duration {
+        Duration::from_millis(self.keepalive_timeout_ms)
+    }
+
+    /// `None` when connections may live for ever.
+    pub fn max_connection_age(&self) -> Option<Duration> {
+        (self.max_connection_age_secs > 0)
+            .then(|| Duration::from_secs(self.max_connection_age_secs))
+    }
 }
 
 /// What identifies a deployment and this instance in it.
@@ -216,6 +263,12 @@ pub struct FlusherConfig {
     #[arg(long, env = "STOCKD_FLUSH_CLAIM_IDLE_MS", default_value_t = 30_000)]
     pub flush_claim_idle_ms: u64,
 
+    /// Stream consumers of other instances that own no pending entries and
+    /// have been idle this long are removed from the consumer groups, in
+    /// seconds (a rollout leaves one consumer per pod name).
+    #[arg(long, env = "STOCKD_STALE_CONSUMER_IDLE_SECS", default_value_t = 600)]
+    pub stale_consumer_idle_secs: u64,
+
     /// How long flushed events stay in the streams for Watch resumption, in
     /// seconds.
     #[arg(long, env = "STOCKD_STREAM_RETENTION_SECS", default_value_t = 300)]
@@ -229,6 +282,10 @@ impl FlusherConfig {
 
     pub fn claim_idle(&self) -> Duration {
         Duration::from_millis(self.flush_claim_idle_ms)
+    }
+
+    pub fn stale_consumer_idle(&self) -> Duration {
+        Duration::from_secs(self.stale_consumer_idle_secs)
     }
 
     pub fn retention(&self) -> Duration {

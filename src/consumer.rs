@@ -19,8 +19,9 @@
 //!
 //! A failing handler is retried with the batch in hand, with capped
 //! exponential backoff and jitter; the entries wait in Redis. At shutdown the
-//! batch in hand is finished, then the loop stops; what was not read stays
-//! for the next start or another instance.
+//! batch in hand is finished, then one last pass (bounded in time, without
+//! retries) handles what the instance's last requests wrote; what is left
+//! stays for the next start or another instance.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -150,9 +151,12 @@ pub struct ConsumerSettings {
     /// The batching window: the least time between two reads that are not
     /// catching up.
     pub interval: Duration,
-    /// Entries pending this long with another consumer are taken over, and
-    /// consumers silent for much longer that own nothing are removed.
+    /// Entries pending this long with another consumer are taken over.
     pub claim_idle: Duration,
+    /// Other consumers of the group that own nothing and have been idle
+    /// this long are removed (gone instances: one consumer per pod name per
+    /// rollout would pile up otherwise). Never less than `claim_idle`.
+    pub remove_idle: Duration,
 }
 
 /// What one `consume_once` did.
@@ -338,7 +342,39 @@ impl<H: Handler> Consumer<H> {
                 started + self.settings.interval
             };
         }
+        self.final_pass().await;
         tracing::debug!(group, "consumer stopped");
+    }
+
+    /// At shutdown, once this instance serves no more requests: what its
+    /// last requests wrote is handled now rather than by the next start or
+    /// another instance. Bounded in time, no retries: what is left stays in
+    /// the streams, as safe as ever.
+    async fn final_pass(&self) {
+        let group = self.settings.group;
+        let pass = async {
+            let mut total = 0;
+            for source in [Source::OwnPending, Source::New] {
+                loop {
+                    match self.consume_once(source).await {
+                        Ok(outcome) if outcome.entries > 0 => total += outcome.entries,
+                        Ok(_) => break,
+                        Err(err) => {
+                            tracing::warn!(group, error = %err, "final pass at shutdown failed; the rest stays in the streams");
+                            return total;
+                        }
+                    }
+                }
+            }
+            total
+        };
+        match tokio::time::timeout(FINAL_PASS_LIMIT, pass).await {
+            Ok(entries) => tracing::debug!(group, entries, "final pass at shutdown"),
+            Err(_) => tracing::warn!(
+                group,
+                "final pass at shutdown ran out of time; the rest stays in the streams"
+            ),
+        }
     }
 
     /// Reads up to `batch_size` entries per partition from `source`; says
@@ -481,11 +517,12 @@ impl<H: Handler> Consumer<H> {
         Ok(())
     }
 
-    /// Removes consumers of this group that own nothing and have been
-    /// silent much longer than the claim timeout (instances that are gone:
-    /// one per pod name per rollout otherwise piles up). Best effort.
+    /// Removes consumers of this group that own nothing and have been idle
+    /// past `remove_idle` (instances that are gone: one per pod name per
+    /// rollout otherwise piles up). Runs after a claim found nothing, so a
+    /// dead consumer's entries were taken over first. Best effort.
     async fn remove_silent_consumers(&self) {
-        let silent_for = (self.settings.claim_idle * 10).max(Duration::from_secs(600));
+        let silent_for = self.settings.remove_idle.max(self.settings.claim_idle);
         for p in self.keys.partitions() {
             let stream = self.keys.events(p);
             let consumers: Result<redis::streams::StreamInfoConsumersReply, _> =
@@ -519,6 +556,9 @@ impl<H: Handler> Consumer<H> {
         }
     }
 }
+
+/// How long the final pass at shutdown may take.
+const FINAL_PASS_LIMIT: Duration = Duration::from_secs(10);
 
 /// Capped exponential backoff with full jitter, for the background loops
 /// (by default 100 ms doubling to 5 s).

@@ -272,6 +272,10 @@ impl From<Error> for Status {
         // The message of the client-facing variants (the others log their
         // detail and send a generic message).
         let message = err.to_string();
+        // Inside the request's span (its id, the rpc); at debug, as a
+        // sell-out is business as usual. Quoted: the message may carry what
+        // the client sent.
+        tracing::debug!(reason = ?message, "refused");
         match err {
             Error::InvalidArgument { field, reason } => status(
                 Code::InvalidArgument,

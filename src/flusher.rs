@@ -45,6 +45,8 @@ pub struct FlusherSettings {
     pub interval: Duration,
     /// Entries pending this long with another consumer are taken over.
     pub claim_idle: Duration,
+    /// Consumers that own nothing and were idle this long are removed.
+    pub remove_idle: Duration,
 }
 
 /// The flusher of one instance: a consumer of the `flusher` group.
@@ -80,6 +82,7 @@ impl Flusher {
                 batch_size: settings.batch_size,
                 interval: settings.interval,
                 claim_idle: settings.claim_idle,
+                remove_idle: settings.remove_idle,
             },
             handler,
         );

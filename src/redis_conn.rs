@@ -204,11 +204,35 @@ impl RedisConn {
     }
 }
 
+/// Times one Redis round trip: `stockd_redis_duration_seconds{kind}`.
+/// Blocking reads (Watch's `XREAD BLOCK`) wait by design and are left out.
+fn timed<'a, T: Send + 'a>(kind: &'static str, work: RedisFuture<'a, T>) -> RedisFuture<'a, T> {
+    Box::pin(async move {
+        let started = std::time::Instant::now();
+        let result = work.await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::histogram!("stockd_redis_duration_seconds", "kind" => kind, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        result
+    })
+}
+
+/// Whether a command waits for data by design (`XREAD ... BLOCK`).
+fn blocks(cmd: &Cmd) -> bool {
+    cmd.args_iter()
+        .any(|arg| matches!(arg, redis::Arg::Simple(a) if a.eq_ignore_ascii_case(b"BLOCK")))
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
+        let work = match self {
             Self::Standalone(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
+        };
+        if blocks(cmd) {
+            work
+        } else {
+            timed("command", work)
         }
     }
 
@@ -218,10 +242,13 @@ impl ConnectionLike for RedisConn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
+        timed(
+            "pipeline",
+            match self {
+                Self::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+                Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            },
+        )
     }
 
     fn get_db(&self) -> i64 {

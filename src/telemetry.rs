@@ -117,6 +117,43 @@ pub fn describe_metrics() {
         "stockd_loads_on_miss_total",
         "items loaded from Postgres because a request missed them"
     );
+    describe_gauge!(
+        "stockd_requests_in_flight",
+        "gRPC requests being served (streams until they end)"
+    );
+    describe_histogram!(
+        "stockd_redis_duration_seconds",
+        Unit::Seconds,
+        "Redis round trips by kind (command, pipeline) and outcome; blocking reads excluded"
+    );
+    describe_histogram!(
+        "stockd_postgres_duration_seconds",
+        Unit::Seconds,
+        "Postgres calls by call (write_batch, stock_rows_of, request_outcomes) and outcome"
+    );
+    describe_gauge!(
+        "stockd_postgres_pool_connections",
+        "Postgres connections of this instance by state (in_use, idle)"
+    );
+    describe_gauge!(
+        "stockd_postgres_pool_max_connections",
+        "the Postgres pool's limit (--database-max-connections)"
+    );
+    describe_gauge!(
+        "stockd_build_info",
+        "always 1; the labels say which build runs (version)"
+    );
+    metrics::gauge!("stockd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!("stockd_requests_in_flight").set(0.0);
+    // A request for a path stockd does not serve lands in this one series,
+    // there from the start: unknown paths add none.
+    metrics::counter!(
+        "stockd_requests_total",
+        "rpc" => crate::grpc::UNKNOWN_RPC,
+        "code" => format!("{:?}", tonic::Code::Unimplemented)
+    )
+    .absolute(0);
+    process_collector().describe();
     for name in [
         "stockd_flushed_events_total",
         "stockd_flush_batches_total",
@@ -127,5 +164,51 @@ pub fn describe_metrics() {
         "stockd_loads_on_miss_total",
     ] {
         metrics::counter!(name).absolute(0);
+    }
+}
+
+/// The process metrics (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, ...), under the
+/// names Prometheus's own clients use.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Samples what no event updates: process metrics and the Postgres pool.
+pub struct Sampler {
+    pool: sqlx::PgPool,
+    max_connections: u32,
+    interval: std::time::Duration,
+}
+
+impl Sampler {
+    pub fn new(pool: sqlx::PgPool, max_connections: u32, interval: std::time::Duration) -> Self {
+        Self {
+            pool,
+            max_connections,
+            interval,
+        }
+    }
+
+    pub fn sample_once(&self) {
+        process_collector().collect();
+        let size = self.pool.size();
+        let idle = self.pool.num_idle() as u32;
+        metrics::gauge!("stockd_postgres_pool_connections", "state" => "in_use")
+            .set(f64::from(size.saturating_sub(idle)));
+        metrics::gauge!("stockd_postgres_pool_connections", "state" => "idle").set(f64::from(idle));
+        metrics::gauge!("stockd_postgres_pool_max_connections")
+            .set(f64::from(self.max_connections));
+    }
+
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            self.sample_once();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+        }
     }
 }

@@ -96,7 +96,7 @@ impl Engine {
             batch.script(record, &scripts::RESTORE_REQUEST, inv);
         }
         batch.query(&self.inner.conn).await?;
-        tracing::info!(request_id = %plan.id, "request outcome recalled from Postgres");
+        tracing::debug!(request_id = ?plan.id.to_string(), "request outcome recalled from Postgres");
         Ok(())
     }
 }

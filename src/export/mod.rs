@@ -338,6 +338,8 @@ pub struct ExportSettings {
     pub batch_size: usize,
     pub interval: std::time::Duration,
     pub claim_idle: std::time::Duration,
+    /// Other consumers silent this long that own nothing are removed.
+    pub remove_idle: std::time::Duration,
 }
 
 /// The configured exporters of one instance.
@@ -365,6 +367,7 @@ fn consumer_of<B: Broker>(
             batch_size: settings.batch_size,
             interval: settings.interval,
             claim_idle: settings.claim_idle,
+            remove_idle: settings.remove_idle,
         },
         ExportHandler {
             broker,

@@ -70,7 +70,7 @@ const MAX_SKUS: usize = 10_000;
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
-    #[tracing::instrument(name = "SetStock", skip_all, fields(id = %request.get_ref().request_id))]
+    #[tracing::instrument(name = "SetStock", skip_all, fields(id = ?request.get_ref().request_id))]
     async fn set_stock(
         &self,
         request: Request<pb::SetStockRequest>,

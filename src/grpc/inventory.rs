@@ -23,14 +23,15 @@ impl InventoryService {
 }
 
 /// The reason is free text with spaces and quotes: logged quoted and escaped
-/// (Debug), so that `damaged" x=y` cannot pose as a field of its own.
+/// (Debug), so that `damaged" x=y` cannot pose as a field of its own. At
+/// debug, as every per-request line (the event in the stream is the record).
 fn log_adjust(item: &Item, delta: Delta, reason: &str) {
-    tracing::info!(%item, delta = delta.get(), ?reason, "adjust");
+    tracing::debug!(item = ?item.to_string(), delta = delta.get(), ?reason, "adjust");
 }
 
 #[tonic::async_trait]
 impl pb::inventory_server::Inventory for InventoryService {
-    #[tracing::instrument(name = "Reserve", skip_all, fields(id = %request.get_ref().reservation_id))]
+    #[tracing::instrument(name = "Reserve", skip_all, fields(id = ?request.get_ref().reservation_id))]
     async fn reserve(
         &self,
         request: Request<pb::ReserveRequest>,
@@ -48,7 +49,7 @@ impl pb::inventory_server::Inventory for InventoryService {
         }))
     }
 
-    #[tracing::instrument(name = "Commit", skip_all, fields(id = %request.get_ref().reservation_id))]
+    #[tracing::instrument(name = "Commit", skip_all, fields(id = ?request.get_ref().reservation_id))]
     async fn commit(
         &self,
         request: Request<pb::CommitRequest>,
@@ -61,7 +62,7 @@ impl pb::inventory_server::Inventory for InventoryService {
         }))
     }
 
-    #[tracing::instrument(name = "Release", skip_all, fields(id = %request.get_ref().reservation_id))]
+    #[tracing::instrument(name = "Release", skip_all, fields(id = ?request.get_ref().reservation_id))]
     async fn release(
         &self,
         request: Request<pb::ReleaseRequest>,
@@ -74,7 +75,7 @@ impl pb::inventory_server::Inventory for InventoryService {
         }))
     }
 
-    #[tracing::instrument(name = "Extend", skip_all, fields(id = %request.get_ref().reservation_id))]
+    #[tracing::instrument(name = "Extend", skip_all, fields(id = ?request.get_ref().reservation_id))]
     async fn extend(
         &self,
         request: Request<pb::ExtendRequest>,
@@ -86,7 +87,7 @@ impl pb::inventory_server::Inventory for InventoryService {
         Ok(Response::new(pb::ExtendResponse { expires_at_ms }))
     }
 
-    #[tracing::instrument(name = "Decrement", skip_all, fields(id = %request.get_ref().request_id))]
+    #[tracing::instrument(name = "Decrement", skip_all, fields(id = ?request.get_ref().request_id))]
     async fn decrement(
         &self,
         request: Request<pb::DecrementRequest>,
@@ -101,7 +102,7 @@ impl pb::inventory_server::Inventory for InventoryService {
         }))
     }
 
-    #[tracing::instrument(name = "Adjust", skip_all, fields(id = %request.get_ref().request_id))]
+    #[tracing::instrument(name = "Adjust", skip_all, fields(id = ?request.get_ref().request_id))]
     async fn adjust(
         &self,
         request: Request<pb::AdjustRequest>,
@@ -175,6 +176,7 @@ mod tests {
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
             .with_writer(move || writer.clone())
             .finish();
         let item = Item::parse("", "mug".into(), String::new()).unwrap();
@@ -185,7 +187,7 @@ mod tests {
         let line = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         assert!(
             line.trim_end()
-                .ends_with(r#"item=default/mug delta=-1 reason="damaged\" x=y""#),
+                .ends_with(r#"item="default/mug" delta=-1 reason="damaged\" x=y""#),
             "{line}"
         );
     }

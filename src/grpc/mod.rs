@@ -1,5 +1,5 @@
 //! The gRPC surface: the `Inventory` and `Admin` services, request
-//! conversion, bearer-token checks, and admission (load shedding, request
+//! conversion, bearer-token checks, health, and admission (load shedding, request
 //! spans and metrics).
 
 mod admin;
@@ -7,10 +7,13 @@ mod admission;
 mod auth;
 mod convert;
 mod decode_errors;
+mod health;
 mod inventory;
 
 pub use admin::AdminService;
 pub use admission::AdmissionLayer;
+pub(crate) use admission::UNKNOWN_RPC;
 pub use auth::RequireToken;
 pub(crate) use auth::constant_time_eq;
+pub use health::StoppingHealth;
 pub use inventory::InventoryService;

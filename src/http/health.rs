@@ -15,7 +15,7 @@ pub(crate) async fn live() -> Json<Value> {
 }
 
 pub(crate) async fn ready(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
-    if app.shutdown.is_cancelled() {
+    if app.draining.is_cancelled() || app.shutdown.is_cancelled() {
         return Err(Error::ShuttingDown("the server is shutting down".into()).into());
     }
     if !app.availability.is_serving() {

@@ -77,6 +77,9 @@ pub(crate) struct AppState {
     limits: Limits,
     /// Cancelled when the server stops.
     shutdown: CancellationToken,
+    /// Cancelled when a shutdown is requested: not ready any more, though
+    /// serving on for the drain period.
+    draining: CancellationToken,
 }
 
 impl FromRef<AppState> for AccessPolicy {
@@ -121,11 +124,15 @@ impl HttpServer {
 
     /// Serves until `shutdown`, then lets open requests and event streams
     /// end (streams end with the id to resume from), for at most
-    /// [`SHUTDOWN_DEADLINE`].
-    pub async fn serve(self, shutdown: CancellationToken) -> std::io::Result<()> {
+    /// [`SHUTDOWN_DEADLINE`]. From `draining` on, `/readyz` says not ready.
+    pub async fn serve(
+        self,
+        draining: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
         let addr = self.local_addr()?;
         let public = self.config.http.http_public;
-        let (listener, router) = self.into_parts(shutdown.clone());
+        let (listener, router) = self.into_parts(draining, shutdown.clone());
         tracing::info!(%addr, public, "serving HTTP");
         // Events are small writes that must leave at once.
         let listener = listener.tap_io(|tcp| {
@@ -149,7 +156,11 @@ impl HttpServer {
         }
     }
 
-    fn into_parts(self, shutdown: CancellationToken) -> (TcpListener, Router) {
+    fn into_parts(
+        self,
+        draining: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> (TcpListener, Router) {
         let http = &self.config.http;
         let low = LowStock(i64::from(http.low_stock));
         let live = Live::new(self.hub, http.http_max_skus as usize, low);
@@ -166,6 +177,7 @@ impl HttpServer {
             availability: self.availability,
             limits: limits.clone(),
             shutdown,
+            draining,
         };
         let router = Router::new()
             .route("/v1/stock", get(stock::many))

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod batch;
 mod recall;
@@ -35,6 +35,25 @@ pub enum StoreError {
     Postgres(#[from] sqlx::Error),
     #[error("running migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Postgres could not be reached (refused, timed out, TLS): nothing
+    /// about the deployment was learnt, as opposed to an answer that
+    /// refuses it.
+    pub fn is_unreachable(&self) -> bool {
+        let unreachable = |e: &sqlx::Error| {
+            matches!(
+                e,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+            )
+        };
+        match self {
+            StoreError::Postgres(e) => unreachable(e),
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => unreachable(e),
+            _ => false,
+        }
+    }
 }
 
 /// A row of `stock`.
@@ -78,31 +97,30 @@ impl Store {
     /// notice a vanished client within about a minute (TCP keepalives), so
     /// that no wait on Postgres is unbounded, in either direction.
     pub async fn connect(config: &PostgresConfig) -> Result<Self, StoreError> {
-        let options =
-            PgConnectOptions::from_str(config.database_url.expose()).map_err(StoreError::Url)?;
+        let options = connect_options(config)?;
         create_database_if_missing(&options).await?;
-        let ms = |v: u64| format!("{v}ms");
-        let options = options.options([
-            (
-                "statement_timeout",
-                ms(config.database_statement_timeout_ms),
-            ),
-            ("lock_timeout", ms(config.database_lock_timeout_ms)),
-            (
-                "idle_in_transaction_session_timeout",
-                ms(config.database_idle_in_transaction_timeout_ms),
-            ),
-            ("tcp_keepalives_idle", "30".to_owned()),
-            ("tcp_keepalives_interval", "10".to_owned()),
-            ("tcp_keepalives_count", "3".to_owned()),
-        ]);
-        let pool = PgPoolOptions::new()
-            .max_connections(config.database_max_connections)
-            .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
-            .connect_with(options)
+        let pool = pool_options(config)
+            .connect_with(with_session_settings(options, config))
             .await?;
         migrate(&pool).await?;
         Ok(Self { pool })
+    }
+
+    /// A store whose connections are made when first needed: for a start
+    /// while Postgres does not answer (see `StoreError::is_unreachable`).
+    /// Nothing is created or migrated: see [`Store::prepare`] once it answers.
+    pub fn connect_later(config: &PostgresConfig) -> Result<Self, StoreError> {
+        let options = with_session_settings(connect_options(config)?, config);
+        Ok(Self {
+            pool: pool_options(config).connect_lazy_with(options),
+        })
+    }
+
+    /// The migrations and the partition check of a start, for a store made
+    /// by [`Store::connect_later`].
+    pub async fn prepare(&self, partitions: u32) -> Result<(), StoreError> {
+        migrate(&self.pool).await?;
+        self.ensure_partitions(partitions).await
     }
 
     /// Records the partition count at the first start and refuses another
@@ -140,10 +158,13 @@ impl Store {
         if batch.is_empty() {
             return Ok(FlushReport::default());
         }
-        let mut tx = self.pool.begin().await?;
-        let report = batch::write(&mut tx, batch).await?;
-        tx.commit().await?;
-        Ok(report)
+        timed("write_batch", async {
+            let mut tx = self.pool.begin().await?;
+            let report = batch::write(&mut tx, batch).await?;
+            tx.commit().await?;
+            Ok(report)
+        })
+        .await
     }
 
     /// Whether Postgres holds no stock at all (a new deployment).
@@ -178,12 +199,15 @@ impl Store {
 
     /// Every location of each of `skus`.
     pub async fn stock_rows_of(&self, skus: &[String]) -> Result<Vec<StockRow>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT sku, location, available, reserved, version FROM stock
-             WHERE sku = ANY($1) ORDER BY sku, location",
+        let rows = timed(
+            "stock_rows_of",
+            sqlx::query(
+                "SELECT sku, location, available, reserved, version FROM stock
+                 WHERE sku = ANY($1) ORDER BY sku, location",
+            )
+            .bind(skus)
+            .fetch_all(&self.pool),
         )
-        .bind(skus)
-        .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(stock_row).collect())
     }
@@ -353,6 +377,37 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 
 /// Creates the database named in `options` when it does not exist, through
 /// the server's `postgres` maintenance database.
+fn connect_options(config: &PostgresConfig) -> Result<PgConnectOptions, StoreError> {
+    PgConnectOptions::from_str(config.database_url.expose()).map_err(StoreError::Url)
+}
+
+/// Every session carries the configured timeouts, and asks Postgres to
+/// notice a vanished client within about a minute (TCP keepalives), so that
+/// no wait on Postgres is unbounded, in either direction.
+fn with_session_settings(options: PgConnectOptions, config: &PostgresConfig) -> PgConnectOptions {
+    let ms = |v: u64| format!("{v}ms");
+    options.options([
+        (
+            "statement_timeout",
+            ms(config.database_statement_timeout_ms),
+        ),
+        ("lock_timeout", ms(config.database_lock_timeout_ms)),
+        (
+            "idle_in_transaction_session_timeout",
+            ms(config.database_idle_in_transaction_timeout_ms),
+        ),
+        ("tcp_keepalives_idle", "30".to_owned()),
+        ("tcp_keepalives_interval", "10".to_owned()),
+        ("tcp_keepalives_count", "3".to_owned()),
+    ])
+}
+
+fn pool_options(config: &PostgresConfig) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(config.database_max_connections)
+        .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
+}
+
 async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
     let Some(name) = options.get_database().map(str::to_owned) else {
         return Ok(());
@@ -378,4 +433,17 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), St
     }
     conn.close().await?;
     Ok(())
+}
+
+/// Times one Postgres call: `stockd_postgres_duration_seconds{call, outcome}`.
+pub(crate) async fn timed<T>(
+    call: &'static str,
+    work: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    let started = Instant::now();
+    let result = work.await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::histogram!("stockd_postgres_duration_seconds", "call" => call, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    result
 }

@@ -59,12 +59,15 @@ fn reservation_row(row: PgRow) -> Result<ReservationRow, sqlx::Error> {
 impl Store {
     /// The outcome of the request `id`, one row per partition of its items.
     pub async fn request_outcomes(&self, id: &str) -> Result<Vec<OutcomeRow>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT partition, fingerprint, op, levels::text AS levels
-             FROM request_outcomes WHERE request_id = $1 ORDER BY partition",
+        let rows = super::timed(
+            "request_outcomes",
+            sqlx::query(
+                "SELECT partition, fingerprint, op, levels::text AS levels
+                 FROM request_outcomes WHERE request_id = $1 ORDER BY partition",
+            )
+            .bind(id)
+            .fetch_all(self.pool()),
         )
-        .bind(id)
-        .fetch_all(self.pool())
         .await?;
         rows.into_iter()
             .map(|row| {

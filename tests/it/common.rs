@@ -132,6 +132,9 @@ pub fn config_for(options: &Options) -> Config {
         "1000".into(),
         "--reaper-interval-ms".into(),
         "50".into(),
+        // Tests stop servers all the time; those about the drain set it.
+        "--shutdown-drain-ms".into(),
+        "0".into(),
     ];
     if options.redis_url.is_none() && redis_cluster() {
         args.push("--redis-cluster".into());

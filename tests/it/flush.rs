@@ -348,3 +348,121 @@ async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
     pool.close().await;
     app.stop().await;
 }
+
+/// Names and pending counts of the flusher group's consumers on `stream`.
+async fn flusher_consumers(app: &TestApp, stream: &str) -> Vec<(String, i64)> {
+    let info: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg("flusher")
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let mut consumers: Vec<(String, i64)> = info
+        .consumers
+        .into_iter()
+        .map(|c| (c.name, c.pending as i64))
+        .collect();
+    consumers.sort();
+    consumers
+}
+
+/// Consumers of gone instances are removed once they own nothing and were
+/// idle past the threshold; what one still owned is taken over and flushed
+/// first; the instance's own consumer stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_consumers_are_removed_once_they_own_nothing() {
+    let app = spawn_app_with(Options {
+        extra_args: vec![
+            "--stale-consumer-idle-secs".into(),
+            "1".into(),
+            "--flush-claim-idle-ms".into(),
+            "300".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    app.seed("stale", "", 7).await;
+    let pool = app.postgres().await;
+    app.converged(&pool).await;
+    let stream = app.keys.events(app.keys.partition_of("stale"));
+    let own = flusher_consumers(&app, &stream).await;
+    assert_eq!(own.len(), 1, "{own:?}");
+
+    // A gone pod that owns nothing, and one that read an entry and died
+    // before flushing it (a copy of the seed's event, added and read in one
+    // transaction so that the live flusher cannot read it first).
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(&stream)
+        .arg("flusher")
+        .arg("gone-pod-a")
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(&stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let fields: Vec<(String, String)> = last.ids[0]
+        .map
+        .iter()
+        .map(|(k, v)| (k.clone(), redis::from_redis_value_ref(v).unwrap()))
+        .collect();
+    let _: redis::Value = redis::pipe()
+        .atomic()
+        .cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(&fields)
+        .cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("flusher")
+        .arg("gone-pod-b")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let consumers = flusher_consumers(&app, &stream).await;
+    let names: Vec<&str> = consumers.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"gone-pod-a"), "{consumers:?}");
+    assert!(
+        consumers.contains(&("gone-pod-b".to_owned(), 1)),
+        "{consumers:?}"
+    );
+
+    let left = eventually(
+        Duration::from_secs(15),
+        "the gone pods to be removed",
+        || async {
+            let now = flusher_consumers(&app, &stream).await;
+            (!now.iter().any(|(n, _)| n.starts_with("gone-"))).then_some(now)
+        },
+    )
+    .await;
+    assert_eq!(
+        left.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+        own.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+        "the instance's own consumer stays"
+    );
+    // gone-pod-b's entry was taken over and acknowledged, not dropped.
+    let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("flusher")
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    assert_eq!(pending.count(), 0);
+    app.converged(&pool).await;
+    pool.close().await;
+    app.stop().await;
+}

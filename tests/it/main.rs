@@ -29,6 +29,7 @@ mod reasons;
 mod reconcile;
 mod redis_loss;
 mod redis_settings;
+mod shutdown;
 mod validation;
 mod warming;
 mod watch;

@@ -754,3 +754,217 @@ async fn passwords_never_reach_the_logs() {
         delete_namespace(&mut shared_redis().await, &namespace).await;
     }
 }
+
+/// The `stockd_requests_total` and `stockd_request_duration_seconds` series
+/// of a scrape (names with their labels, without values).
+fn request_series(scrape: &str) -> std::collections::BTreeSet<String> {
+    scrape
+        .lines()
+        .filter(|l| {
+            l.starts_with("stockd_requests_total")
+                || l.starts_with("stockd_request_duration_seconds")
+        })
+        .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_owned()))
+        .collect()
+}
+
+/// A unary call to any path, as a client with another proto would make.
+async fn call_path(channel: Channel, path: &str) -> Code {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::try_from(path).unwrap();
+    let answer: Result<tonic::Response<pb::GetStockResponse>, _> = grpc
+        .unary(
+            tonic::Request::new(pb::GetStockRequest::default()),
+            path,
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    code_of(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_metrics_name_known_rpcs_and_count_final_statuses() {
+    let namespace = unique_namespace("rpcmetrics");
+    let database = namespace.replace('-', "_");
+    let port = free_port();
+    let mut stockd = Stockd::start_with(
+        &namespace,
+        &postgres_url(&database),
+        "rpcmetrics",
+        false,
+        &[
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--watch-buffer".into(),
+            "1".into(),
+        ],
+    )
+    .await;
+    let channel = stockd.channel();
+    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+    let mut inv = pb::inventory_client::InventoryClient::new(channel.clone());
+    admin
+        .set_stock(pb::SetStockRequest {
+            request_id: "s".into(),
+            sku: "w".into(),
+            location: String::new(),
+            available: 1_000,
+            expected_version: None,
+        })
+        .await
+        .unwrap();
+
+    // Unknown paths: UNIMPLEMENTED, counted in the one series that was
+    // there from the start.
+    let before = scrape(port).await;
+    let unknown = [
+        "/stockd.v1.Inventory/Nope",
+        "/x.Y/Reserve",
+        "/zz-random-9f3a/whatever",
+    ];
+    for path in unknown {
+        assert_eq!(
+            call_path(channel.clone(), path).await,
+            Code::Unimplemented,
+            "{path}"
+        );
+    }
+    let after = scrape(port).await;
+    assert_eq!(
+        request_series(&before),
+        request_series(&after),
+        "unknown paths added series"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "stockd_requests_total",
+            &["rpc=\"unknown\"", "code=\"Unimplemented\""]
+        ),
+        Some(unknown.len() as f64)
+    );
+    assert!(!after.contains("Nope") && !after.contains("zz-random"));
+
+    // A Watch whose client reads nothing is cut: counted as
+    // RESOURCE_EXHAUSTED, its final status, not as its OK headers.
+    let slow_channel = tonic::transport::Endpoint::from_shared(format!("http://{}", stockd.addr))
+        .unwrap()
+        .initial_stream_window_size(4096)
+        .initial_connection_window_size(4096)
+        .connect()
+        .await
+        .unwrap();
+    let mut slow = pb::inventory_client::InventoryClient::new(slow_channel)
+        .watch(pb::WatchRequest {
+            skus: vec!["w".into()],
+            from_event_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..150 {
+        let id = format!("w-{i}");
+        inv.reserve(pb::ReserveRequest {
+            reservation_id: id.clone(),
+            lines: vec![line("w", "", 1)],
+            ttl_seconds: 600,
+        })
+        .await
+        .unwrap();
+        inv.release(pb::ReleaseRequest { reservation_id: id })
+            .await
+            .unwrap();
+    }
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(20), slow.message()).await {
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("no status within 20 s"),
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let text = eventually(
+        Duration::from_secs(10),
+        "the cut Watch to be counted",
+        || async {
+            let text = scrape(port).await;
+            sample(
+                &text,
+                "stockd_requests_total",
+                &["rpc=\"Watch\"", "code=\"ResourceExhausted\""],
+            )
+            .filter(|n| *n == 1.0)
+            .map(|_| text)
+        },
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &text,
+            "stockd_requests_total",
+            &["rpc=\"Watch\"", "code=\"Ok\""]
+        ),
+        None,
+        "the cut Watch was not counted as OK"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "stockd_requests_total",
+            &["rpc=\"Reserve\"", "code=\"Ok\""]
+        ),
+        Some(150.0)
+    );
+
+    // Build, process, Redis, Postgres and pool metrics.
+    assert_eq!(
+        sample(
+            &text,
+            "stockd_build_info",
+            &[&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "stockd_requests_in_flight", &[]), Some(0.0));
+    assert!(sample(&text, "process_resident_memory_bytes", &[]).unwrap() > 1e6);
+    assert!(
+        sample(&text, "process_cpu_seconds_total", &[]).is_some(),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "stockd_redis_duration_seconds_count",
+            &["kind=\"command\"", "outcome=\"ok\""]
+        )
+        .unwrap()
+            >= 300.0
+    );
+    eventually(Duration::from_secs(10), "a flush to be timed", || async {
+        let text = scrape(port).await;
+        sample(
+            &text,
+            "stockd_postgres_duration_seconds_count",
+            &["call=\"write_batch\""],
+        )
+        .filter(|n| *n >= 1.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "stockd_postgres_pool_max_connections", &[]),
+        Some(4.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "stockd_postgres_pool_connections",
+            &["state=\"idle\""]
+        )
+        .is_some()
+    );
+    assert_eq!(stockd.terminate().await.code(), Some(0));
+    delete_namespace(&mut shared_redis().await, &namespace).await;
+    drop_database(&database).await;
+}

@@ -94,6 +94,7 @@ impl Stockd {
             .args(["--metrics-addr", ""])
             .args((own_redis.is_none() && redis_cluster()).then_some("--redis-cluster"))
             .args(["--http-addr", ""])
+            .args(["--shutdown-drain-ms", "0"])
             .args(extra)
             .env("STOCKD_LOG", "info")
             .env_remove("STOCKD_FAILPOINT")
@@ -157,6 +158,12 @@ impl Stockd {
     }
 
     pub async fn terminate(&mut self) -> ExitStatus {
+        self.send_sigterm();
+        self.wait_exit(Duration::from_secs(20)).await
+    }
+
+    /// Asks for a graceful shutdown without waiting for it.
+    pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
@@ -165,7 +172,11 @@ impl Stockd {
                 .unwrap()
                 .success()
         );
-        self.wait_exit(Duration::from_secs(20)).await
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 }
 

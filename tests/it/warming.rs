@@ -302,7 +302,13 @@ async fn a_cold_item_is_loaded_once_under_100_concurrent_requests() {
 /// key-by-key deletion would race the watchdog, which restores partitions
 /// as soon as their markers go.
 async fn lose_every_key(app: &TestApp) {
-    let keys = namespace_keys(&mut app.redis.clone(), &app.namespace).await;
+    lose_every_key_but(app, &[]).await;
+}
+
+/// As `lose_every_key`, sparing `keep` (a lock a test holds).
+pub async fn lose_every_key_but(app: &TestApp, keep: &[&str]) {
+    let mut keys = namespace_keys(&mut app.redis.clone(), &app.namespace).await;
+    keys.retain(|key| !keep.contains(&key.as_str()));
     let mut by_tag: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for key in keys {
         let tag = if redis_cluster() {
