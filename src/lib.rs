@@ -41,6 +41,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod events;
+mod failpoint;
 pub mod flusher;
 pub mod grpc;
 pub mod http;

@@ -4,6 +4,7 @@
 
 mod auth;
 mod cli;
+mod cluster;
 mod common;
 mod concurrency;
 mod crash;
@@ -20,6 +21,7 @@ mod idempotency;
 mod lifecycle;
 mod model;
 mod operability;
+mod own_cluster;
 mod process;
 mod proxy;
 mod reasons;

@@ -20,7 +20,7 @@ use crate::faults::OwnRedis;
 use crate::process::Stockd;
 use crate::reasons::{reason, retry_delay};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -28,7 +28,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn scrape(port: u16) -> String {
+pub(crate) async fn scrape(port: u16) -> String {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -42,7 +42,7 @@ async fn scrape(port: u16) -> String {
 }
 
 /// The value of the first sample of `name` whose labels contain all of `labels`.
-fn sample(scrape: &str, name: &str, labels: &[&str]) -> Option<f64> {
+pub(crate) fn sample(scrape: &str, name: &str, labels: &[&str]) -> Option<f64> {
     scrape
         .lines()
         .filter(|l| !l.starts_with('#'))

@@ -35,6 +35,28 @@ impl Stockd {
         failpoint: bool,
         extra: &[String],
     ) -> Self {
+        Self::start_on(
+            (&redis_url(), redis_cluster()),
+            namespace,
+            database_url,
+            instance,
+            failpoint.then_some("crash-after-commit"),
+            extra,
+        )
+        .await
+    }
+
+    /// As `start_with`, on another Redis (`(url, is a cluster)`, e.g. a
+    /// test's own cluster), with the fail point `failpoint` armed
+    /// (`STOCKD_FAILPOINT`, see src/failpoint.rs).
+    pub async fn start_on(
+        (redis_url, cluster): (&str, bool),
+        namespace: &str,
+        database_url: &str,
+        instance: &str,
+        failpoint: Option<&str>,
+        extra: &[String],
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -46,14 +68,14 @@ impl Stockd {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
         cmd.args(["--grpc-addr", &addr.to_string()])
             .args(["--namespace", namespace])
-            .args(["--redis-url", &redis_url()])
+            .args(["--redis-url", redis_url])
             .args(["--database-url", database_url])
             .args(["--instance-id", instance])
             .args(["--flush-claim-idle-ms", "1000"])
             .args(["--flush-batch", "50"])
             .args(["--database-max-connections", "4"])
             .args(["--metrics-addr", ""])
-            .args(redis_cluster().then_some("--redis-cluster"))
+            .args(cluster.then_some("--redis-cluster"))
             .args(["--http-addr", ""])
             .args(extra)
             .env("STOCKD_LOG", "info")
@@ -61,8 +83,8 @@ impl Stockd {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null());
-        if failpoint {
-            cmd.env("STOCKD_FAILPOINT", "crash-after-commit");
+        if let Some(point) = failpoint {
+            cmd.env("STOCKD_FAILPOINT", point);
         }
         let mut child = cmd.spawn().expect("start stockd");
         let deadline = Instant::now() + Duration::from_secs(30);
