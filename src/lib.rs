@@ -3,33 +3,39 @@
 //! Checkout services reserve, commit, release and decrement stock over gRPC.
 //! Every change is one atomic Lua script in Redis that, in the same script,
 //! appends a change event to its partition's stream (DESIGN.md is the
-//! contract). The pieces, in the order a request meets them:
+//! contract; docs/design.md maps it onto these modules). The pieces, in the
+//! order a request meets them:
 //!
-//! - [`grpc`]: the `Inventory` and `Admin` services; parsing a request into
-//!   [`domain`] types is where input is validated, and [`error::Error`] is
-//!   mapped to a gRPC status in one place.
-//! - [`engine`]: runs each operation as one script call on a multiplexed
-//!   Redis connection; [`keys`] spells every key and computes partitions;
-//!   [`scripts`] holds the Lua, one file per operation.
-//! - [`reaper`]: releases lapsed reservations with op `expire`, exactly once
-//!   across instances.
-//! - [`flusher`]: reads the partition streams through a consumer group and
-//!   writes them behind to Postgres ([`store`]) in one transaction per batch,
-//!   acknowledging only after the commit; [`events`] parses stream entries.
-//! - [`warmer`]: Preload, load on miss, and re-warming Redis from Postgres
-//!   after a data loss (noticed by the epoch in [`meta`], the deployment
-//!   record: partition count, schema, epoch); [`lock`] keeps such jobs to
+//! - [`grpc`] and [`http`]: the edges. Parsing a request into [`domain`]
+//!   types is where input is validated; [`error::Error`] is mapped to a
+//!   gRPC status in one place (and to HTTP in `http`). Protocol types
+//!   ([`pb`]) stay at the edges.
+//! - [`engine`]: runs each operation as one script call on the multiplexed
+//!   connection of [`redis_conn`] (standalone Redis or Redis Cluster; on a
+//!   cluster, a request spanning partitions becomes coordinated
+//!   per-partition steps); [`keys`] spells every key and computes
+//!   partitions; [`scripts`] holds the Lua, one file per operation, and
+//!   decodes every reply once.
+//! - [`markers`] and [`watchdog`]: every script first checks its
+//!   partitions' markers, so nothing is answered from a Redis that lost or
+//!   rolled back its data; the watchdog restores such a partition from
+//!   Postgres. [`meta`] is the deployment record; [`lock`] keeps jobs to
 //!   one instance at a time.
-//! - [`reconcile`]: compares Redis and Postgres item by item, classifies
-//!   the differences and repairs them on request.
+//! - [`consumer`]: the one loop of every consumer group on the partition
+//!   streams; the [`flusher`] is its handler that writes batches behind to
+//!   Postgres ([`store`]) in one transaction, acknowledging after the
+//!   commit; [`backlog`] gauges, gates and trims the streams; [`events`]
+//!   parses stream entries.
+//! - [`reaper`]: expires lapsed reservations exactly once across instances.
+//! - [`warmer`]: Preload and load on miss. [`reconcile`]: compares Redis
+//!   and Postgres item by item and repairs on request.
 //! - [`watch`]: live events, one stream reader per instance fanned out to
-//!   every watcher (gRPC `Watch`, SSE, GraphQL subscriptions); [`http`]:
-//!   the HTTP API for storefronts (JSON, SSE, GraphQL, a demo page); [`webhooks`]: stock transitions detected from
-//!   the streams (a consumer group of their own) and POSTed, signed, to
-//!   subscribed URLs from a Postgres outbox.
-//! - [`app`]: wires config, Redis, the server and the background tasks
-//!   together: `run(config, listener, shutdown)`.
-//! - [`config`], [`telemetry`]: flags/environment and logging.
+//!   every watcher (gRPC `Watch`, SSE, GraphQL subscriptions);
+//!   [`webhooks`]: stock transitions queued in the flusher's transaction
+//!   and POSTed, signed, to subscribed URLs.
+//! - [`app`]: wires config, Redis, Postgres, the servers and the
+//!   background tasks together; [`config`], [`telemetry`]: settings,
+//!   logging and metrics.
 //! - [`pb`]: the generated protocol types, which the `stockctl` binary
 //!   (`src/bin/stockctl/`, its own module tree) also uses.
 

@@ -51,6 +51,7 @@ use crate::domain::Sku;
 use crate::error::Error;
 use crate::events::{ChangeEvent, EntryId};
 use crate::keys::{Keyspace, Partition};
+use crate::scripts;
 
 /// Most SKUs one watch may name.
 pub const MAX_WATCH_SKUS: usize = 1_000;
@@ -276,8 +277,6 @@ struct Inner {
     stopped: CancellationToken,
     /// Stream key → partition, for read replies.
     partition_of_key: HashMap<String, Partition>,
-    /// Reads a partition's stream bounds (see `RANGE_SCRIPT`).
-    range_script: redis::Script,
 }
 
 /// The fan-out hub of one stockd instance: the reader and its watchers.
@@ -285,23 +284,6 @@ struct Inner {
 pub struct Hub {
     inner: Arc<Inner>,
 }
-
-/// Reads a stream's bounds for a resume check, in one round trip.
-/// KEYS[1] the stream; ARGV[1] the resume id.
-/// Reply: {length, entries added ever, first entry id or "", last generated
-/// id, 1 when ARGV[1] is an entry of the stream else 0}.
-const RANGE_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {0, 0, '', '0-0', 0}
-end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local f = {}
-for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
-local first = ''
-if type(f['first-entry']) == 'table' then first = f['first-entry'][1] end
-local hit = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
-return {f['length'], f['entries-added'], first, f['last-generated-id'], #hit}
-";
 
 /// Where a replay of one partition starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,7 +328,6 @@ impl Hub {
                 next_id: AtomicU64::new(1),
                 stopped: CancellationToken::new(),
                 partition_of_key,
-                range_script: redis::Script::new(RANGE_SCRIPT),
             }),
         };
         let cursors = hub.stream_ends().await?;
@@ -615,13 +596,12 @@ impl Hub {
         let mut conn = self.inner.query.clone();
         let mut bounds = Vec::with_capacity(partitions.len());
         for &p in partitions {
-            let (length, added, first, last, hit): (u64, u64, String, String, u64) = self
-                .inner
-                .range_script
-                .key(self.inner.keys.events(p))
-                .arg(x.to_string())
-                .invoke_async(&mut conn)
-                .await?;
+            let (length, added, first, last, hit): (u64, u64, String, String, u64) =
+                scripts::STREAM_RANGE
+                    .key(self.inner.keys.events(p))
+                    .arg(x.to_string())
+                    .invoke_async(&mut conn)
+                    .await?;
             bounds.push(Bounds {
                 partition: p,
                 length,

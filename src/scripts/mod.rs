@@ -111,6 +111,11 @@ script!(
     UNLOCK,
     "unlock.lua"
 );
+script!(
+    /// A partition stream's bounds, for a Watch resume check.
+    STREAM_RANGE,
+    "stream_range.lua"
+);
 
 /// One line as a script receives it: `amount` is a quantity or a signed
 /// delta, by script.
