@@ -358,8 +358,8 @@ struct Tally {
     acked: HashMap<String, Vec<(String, i64)>>,
     short: usize,
     unavailable: Vec<(Instant, Vec<String>)>,
-    /// (attempt sent, answered, SKUs) of each acknowledged request.
-    answered: Vec<(Instant, Instant, Vec<String>)>,
+    /// (attempt sent, answered, id, SKUs) of each acknowledged request.
+    answered: Vec<(Instant, Instant, String, Vec<String>)>,
     other: Vec<String>,
 }
 
@@ -402,7 +402,12 @@ impl DecrementLoad {
                                 let mut tally = tally.lock().unwrap();
                                 match answer {
                                     Ok(_) => {
-                                        tally.answered.push((sent, Instant::now(), names.clone()));
+                                        tally.answered.push((
+                                            sent,
+                                            Instant::now(),
+                                            id.clone(),
+                                            names.clone(),
+                                        ));
                                         tally.acked.insert(id.clone(), lines.clone());
                                         true
                                     }
@@ -591,9 +596,34 @@ async fn a_master_killed_under_load_fails_over_and_loses_nothing_flushed() {
     if ran_in_the_other_pass() {
         return;
     }
+    failover_under_load(false).await;
+}
+
+// Fails today (issue 14, open): writes that the promoted replica accepts
+// before the watchdog looks reuse versions Postgres already has (the
+// flusher records ledger forks), and a partition that took such writes is
+// not seen as rolled back at all (its stream's last id is above the
+// checkpoint again), so it is never healed; a decrement spanning
+// partitions whose part the heal erased answers INTERNAL ("holds 0
+// reserved, ... needs 1"). Run it by hand: `cargo test --test it
+// cluster::a_lagging -- --ignored --nocapture`.
+#[ignore = "a failover to a lagging replica forks the ledger (see the comment)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_replica_taking_over_is_a_rollback_healed_from_postgres() {
+    if ran_in_the_other_pass() {
+        return;
+    }
+    failover_under_load(true).await;
+}
+
+/// kill -9 of the master of busy partitions under load; its replica takes
+/// over. `lagging`: the replica was stopped (SIGSTOP) before, so it lacks
+/// changes the flusher had written to Postgres meanwhile: a rollback of
+/// that master's partitions, which the watchdog must heal from Postgres.
+async fn failover_under_load(lagging: bool) {
     // A node timeout of 1 s: the replica takes over about 1-2 s after.
     let mut cluster = OwnCluster::start_with(3, 1, 1_000).await;
-    let namespace = unique_namespace("failover");
+    let namespace = unique_namespace(if lagging { "lagging" } else { "failover" });
     let database = namespace.replace('-', "_");
     let database_url = postgres_url(&database);
     let metrics = crate::operability::free_port();
@@ -623,13 +653,47 @@ async fn a_master_killed_under_load_fails_over_and_loses_nothing_flushed() {
             victim_skus.insert(sku.clone());
         }
     }
-    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
-    cluster.kill9(victim);
-    let killed_at = Instant::now();
-    // What Postgres held at the kill (and a little after): flushed.
-    let flushed_at_kill = ledger_refs(&pool).await;
     let touches_victim =
         |names: &Vec<String>| names.iter().any(|n| victim_skus.contains(n.as_str()));
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let replica = cluster.replica_of(victim).await;
+    if lagging {
+        // Stopped, and cut off: what its master had sent before it still
+        // reaches it from the socket when it resumes, nothing after.
+        cluster.pause(replica, true);
+        let cut: Option<i64> =
+            crate::own_cluster::node_query(victim, &["CLIENT", "KILL", "TYPE", "replica"]).await;
+        assert_eq!(cut, Some(1), "the replica's link cut");
+        let stopped_at = Instant::now();
+        // Until Postgres holds a change of the victim's partitions that the
+        // stopped replica cannot have.
+        eventually(
+            Duration::from_secs(20),
+            "a change the replica lacks to be flushed",
+            || {
+                let behind: Vec<String> = load
+                    .tally
+                    .lock()
+                    .unwrap()
+                    .answered
+                    .iter()
+                    .filter(|(sent, _, _, names)| *sent > stopped_at && touches_victim(names))
+                    .map(|(_, _, id, _)| id.clone())
+                    .collect();
+                let pool = pool.clone();
+                async move {
+                    let flushed = ledger_refs(&pool).await;
+                    behind.iter().any(|id| flushed.contains(id)).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    cluster.kill9(victim);
+    let killed_at = Instant::now();
+    if lagging {
+        cluster.pause(replica, false);
+    }
     let recovered_at = eventually(
         Duration::from_secs(30),
         "a request on the failed master's partitions to be answered again",
@@ -640,8 +704,8 @@ async fn a_master_killed_under_load_fails_over_and_loses_nothing_flushed() {
                 .unwrap()
                 .answered
                 .iter()
-                .find(|(sent, _, names)| *sent > killed_at && touches_victim(names))
-                .map(|(_, answered, _)| *answered);
+                .find(|(sent, _, _, names)| *sent > killed_at && touches_victim(names))
+                .map(|(_, answered, _, _)| *answered);
             async move { at }
         },
     )
@@ -657,28 +721,21 @@ async fn a_master_killed_under_load_fails_over_and_loses_nothing_flushed() {
         Duration::from_secs(60),
     )
     .await;
+    // Redis holds exactly the answered requests that Postgres holds: every
+    // flushed change survived the failover (a lagging replica lacked some:
+    // they came back from Postgres), nothing oversold, nothing applied
+    // twice. Acknowledged changes the flusher had not written when the
+    // master died are gone with it (the durability window).
     let in_ledger = ledger_refs(&pool).await;
-    let lost: Vec<&String> = tally
+    let (kept, lost): (HashMap<_, _>, HashMap<_, _>) = tally
         .acked
-        .keys()
-        .filter(|id| !in_ledger.contains(*id))
-        .collect();
-    assert!(
-        lost.iter().all(|id| !flushed_at_kill.contains(*id)),
-        "an acknowledged and flushed change was lost"
-    );
-    // Every unit taken is one of an answered request that Postgres holds:
-    // nothing oversold, nothing applied twice.
-    let kept = Tally {
-        acked: tally
-            .acked
-            .iter()
-            .filter(|(id, _)| in_ledger.contains(*id))
-            .map(|(id, lines)| (id.clone(), lines.clone()))
-            .collect(),
+        .iter()
+        .map(|(id, lines)| (id.clone(), lines.clone()))
+        .partition(|(id, _)| in_ledger.contains(id));
+    let taken = taken(&Tally {
+        acked: kept,
         ..Tally::default()
-    };
-    let taken = taken(&kept);
+    });
     let levels = levels_in_redis(&mut redis.clone(), &namespace).await;
     for sku in &skus {
         let (available, reserved, _) = levels[&(sku.clone(), "default".to_owned())];
@@ -697,13 +754,16 @@ async fn a_master_killed_under_load_fails_over_and_loses_nothing_flushed() {
         .filter(|(t, _)| *t > killed_at)
         .count();
     eprintln!(
-        "failover: recovered in {:?}; {refused} answers UNAVAILABLE meanwhile (retried); \
-         {} decrements acknowledged, {} acknowledged but lost (unflushed, replica lag), \
-         {rollbacks} rollbacks detected",
+        "failover (lagging replica: {lagging}): recovered in {:?}; {refused} answers \
+         UNAVAILABLE meanwhile (retried); {} decrements acknowledged, {} acknowledged \
+         but not flushed and lost; {rollbacks} rollbacks detected",
         recovered_at - killed_at,
         tally.acked.len(),
         lost.len()
     );
+    if lagging {
+        assert!(rollbacks >= 1.0, "the watchdog saw the rollback");
+    }
     assert!(
         recovered_at - killed_at < Duration::from_secs(15),
         "stockd recovered by itself"

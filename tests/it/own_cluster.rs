@@ -198,6 +198,28 @@ impl OwnCluster {
         self.replicas = 0;
     }
 
+    /// The port of a replica of the master on `port`.
+    pub async fn replica_of(&self, port: u16) -> u16 {
+        let master = self.node_id(port).await;
+        let text: String = node_query(self.any_port(), &["CLUSTER", "NODES"])
+            .await
+            .expect("CLUSTER NODES");
+        text.lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == master)
+            .and_then(|f| node_port(f[1]))
+            .unwrap_or_else(|| panic!("no replica of {port}"))
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`) of the node on `port`: a
+    /// stopped replica falls behind its master without being told.
+    pub fn pause(&self, port: u16, stopped: bool) {
+        let pid = self.nodes[&port].id().to_string();
+        let signal = if stopped { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// `redis-cli --cluster reshard`: moves `slots` slots from the master
     /// on `from` to the master on `to`, keys and all, while clients go on.
     pub async fn reshard(&self, from: u16, to: u16, slots: usize) -> std::process::Output {
@@ -288,14 +310,8 @@ impl NodesView {
                 replicas += 1;
             }
             if fields[2].contains("master") && fields.len() > 8 {
-                // "ip:port@bus" ; slot fields "a-b" or "a", migrating ones "[..]".
-                let node_port = fields[1]
-                    .split('@')
-                    .next()?
-                    .rsplit(':')
-                    .next()?
-                    .parse()
-                    .ok()?;
+                // Slot fields "a-b" or "a", migrating ones "[..]".
+                let node_port = node_port(fields[1])?;
                 let slots = fields[8..]
                     .iter()
                     .filter(|f| !f.starts_with('['))
@@ -313,6 +329,11 @@ impl NodesView {
         }
         Some(Self { masters, replicas })
     }
+}
+
+/// The port of a `CLUSTER NODES` address, `ip:port@bus`.
+fn node_port(address: &str) -> Option<u16> {
+    address.split('@').next()?.rsplit(':').next()?.parse().ok()
 }
 
 /// `count` ports free for cluster nodes: each and its bus port (+10000).
