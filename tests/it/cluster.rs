@@ -599,14 +599,17 @@ async fn a_master_killed_under_load_fails_over_and_loses_nothing_flushed() {
     failover_under_load(false).await;
 }
 
-// Fails today (issue 14, open): writes that the promoted replica accepts
-// before the watchdog looks reuse versions Postgres already has (the
-// flusher records ledger forks), and a partition that took such writes is
-// not seen as rolled back at all (its stream's last id is above the
-// checkpoint again), so it is never healed; a decrement spanning
-// partitions whose part the heal erased answers INTERNAL ("holds 0
-// reserved, ... needs 1"). Run it by hand: `cargo test --test it
-// cluster::a_lagging -- --ignored --nocapture`.
+// Fails today (issue 14, open). Seen in a run: of the dead master's
+// partitions, those whose marker had recorded a flush the replica lacks
+// were refused and healed (p1, p5, p8, p12); but one whose last flushed
+// batch was committed in Postgres and not yet marked when the master died
+// (p9) passed the in-script marker check, took writes under versions
+// Postgres already had (the flusher dead-lettered them as ledger forks),
+// and the watchdog's look after the failover no longer saw it rolled back
+// (new entries had moved its stream's last id past the checkpoint). A
+// decrement spanning partitions whose part the heal then erased answered
+// INTERNAL ("holds 0 reserved, ... needs 1"). Run it by hand:
+// `cargo test --test it cluster::a_lagging -- --ignored --nocapture`.
 #[ignore = "a failover to a lagging replica forks the ledger (see the comment)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lagging_replica_taking_over_is_a_rollback_healed_from_postgres() {
