@@ -357,7 +357,8 @@ async fn a_crash_between_the_parts_is_finished_by_the_retry_on_a_new_instance() 
 struct Tally {
     acked: HashMap<String, Vec<(String, i64)>>,
     short: usize,
-    unavailable: Vec<(Instant, Vec<String>)>,
+    /// (when, id, SKUs) of each UNAVAILABLE answer.
+    unavailable: Vec<(Instant, String, Vec<String>)>,
     /// (attempt sent, answered, id, SKUs) of each acknowledged request.
     answered: Vec<(Instant, Instant, String, Vec<String>)>,
     other: Vec<String>,
@@ -419,7 +420,11 @@ impl DecrementLoad {
                                         if s.code() == Code::Unavailable
                                             && Instant::now() < deadline =>
                                     {
-                                        tally.unavailable.push((Instant::now(), names.clone()));
+                                        tally.unavailable.push((
+                                            Instant::now(),
+                                            id.clone(),
+                                            names.clone(),
+                                        ));
                                         false
                                     }
                                     Err(s) => {
@@ -751,16 +756,20 @@ async fn failover_under_load(lagging: bool) {
     let text = crate::operability::scrape(metrics).await;
     let rollbacks =
         crate::operability::sample(&text, "stockd_redis_rollbacks_total", &[]).unwrap_or(0.0);
-    let refused = tally
+    let refused: Vec<&String> = tally
         .unavailable
         .iter()
-        .filter(|(t, _)| *t > killed_at)
-        .count();
+        .filter(|(t, _, _)| *t > killed_at)
+        .map(|(_, id, _)| id)
+        .collect();
+    let refused_requests = refused.iter().collect::<HashSet<_>>().len();
     eprintln!(
-        "failover (lagging replica: {lagging}): recovered in {:?}; {refused} answers \
-         UNAVAILABLE meanwhile (retried); {} decrements acknowledged, {} acknowledged \
-         but not flushed and lost; {rollbacks} rollbacks detected",
+        "failover (lagging replica: {lagging}): recovered in {:?}; {} answers UNAVAILABLE \
+         meanwhile to {refused_requests} requests (8 clients, each retried after 25 ms until \
+         answered); {} decrements acknowledged, {} acknowledged but not flushed and lost; \
+         {rollbacks} rollbacks detected",
         recovered_at - killed_at,
+        refused.len(),
         tally.acked.len(),
         lost.len()
     );
