@@ -542,6 +542,12 @@ async fn resharding_busy_partitions_under_load_loses_nothing() {
         .expect("a master serving two partitions");
     let to = *cluster.ports().iter().find(|&&p| p != from).unwrap();
     let before = cluster.slot_count(from).await;
+    let mut moving = Vec::new();
+    for p in app.keys.partitions() {
+        if cluster.master_of(&app.keys.events(p)).await == from {
+            moving.push(p);
+        }
+    }
     let moved = cluster.reshard(from, to, slots).await;
     assert!(
         moved.status.success(),
@@ -553,6 +559,13 @@ async fn resharding_busy_partitions_under_load_loses_nothing() {
         before - slots,
         "{slots} slots moved"
     );
+    let mut moved_partitions = 0;
+    for &p in &moving {
+        if cluster.master_of(&app.keys.events(p)).await == to {
+            moved_partitions += 1;
+        }
+    }
+    assert_eq!(moved_partitions, 2, "two busy partitions moved");
     // The load goes on a moment on the new layout.
     load.wait_for_more(50, "requests served after the move")
         .await;
