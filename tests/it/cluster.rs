@@ -626,7 +626,13 @@ async fn a_master_killed_under_load_fails_over_and_loses_nothing_flushed() {
 // and the watchdog's look after the failover no longer saw it rolled back
 // (new entries had moved its stream's last id past the checkpoint). A
 // decrement spanning partitions whose part the heal then erased answered
-// INTERNAL ("holds 0 reserved, ... needs 1"). Run it by hand:
+// INTERNAL ("holds 0 reserved, ... needs 1"). Other runs: ledger deltas
+// of an item not summing to its row (a forked reserve), and once, with
+// every partition of the dead master healed and no fork, an item whose
+// Redis level was not initial − the acknowledged decrements Postgres
+// holds. Learning the flushed position when the flusher's mark fails
+// (so that scripts refuse the promoted replica) was tried and did not
+// close it (forks remained in 1 of 2 runs). Run it by hand:
 // `cargo test --test it cluster::a_lagging -- --ignored --nocapture`.
 #[ignore = "a failover to a lagging replica forks the ledger (see the comment)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
