@@ -153,7 +153,7 @@ impl Handler for FlushHandler {
         counter!("stockd_flush_batches_total").increment(1);
         counter!("stockd_flushed_events_total")
             .increment((flush.changes.len() - report.forks.len()) as u64);
-        failpoint_after_commit();
+        crate::failpoint::hit("crash-after-commit");
 
         for fork in &report.forks {
             counter!("stockd_ledger_forks_total").increment(1);
@@ -238,22 +238,5 @@ fn value_text(value: &Value) -> String {
         Value::SimpleString(s) => s.clone(),
         Value::Int(i) => i.to_string(),
         other => format!("{other:?}"),
-    }
-}
-
-/// Test-only fail point: with `STOCKD_FAILPOINT=crash-after-commit` the
-/// process aborts between a batch's Postgres commit and its XACK, the window
-/// the crash tests must cover. Compiled out of release builds.
-fn failpoint_after_commit() {
-    #[cfg(debug_assertions)]
-    {
-        use std::sync::OnceLock;
-        static ARMED: OnceLock<bool> = OnceLock::new();
-        if *ARMED.get_or_init(|| {
-            std::env::var("STOCKD_FAILPOINT").is_ok_and(|v| v == "crash-after-commit")
-        }) {
-            eprintln!("failpoint crash-after-commit: aborting between commit and XACK");
-            std::process::abort();
-        }
     }
 }

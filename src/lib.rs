@@ -50,6 +50,7 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod export;
+mod failpoint;
 pub mod flusher;
 pub mod grpc;
 pub mod http;

@@ -220,15 +220,20 @@ impl Engine {
             async move {
                 let part = self.part_plan(plan, p);
                 let groups = part.reservation_groups(&self.inner.keys, &self.inner.markers);
-                self.run(
-                    &scripts::RESERVE,
-                    &part,
-                    fp,
-                    &groups,
-                    Mode::part_of(coordinator),
-                    [provisional, window],
-                )
-                .await
+                let held = self
+                    .run(
+                        &scripts::RESERVE,
+                        &part,
+                        fp,
+                        &groups,
+                        Mode::part_of(coordinator),
+                        [provisional, window],
+                    )
+                    .await;
+                if matches!(held, Ok(Outcome::Applied { .. })) {
+                    crate::failpoint::hit("after-first-part");
+                }
+                held
             }
         }))
         .await;

@@ -297,36 +297,11 @@ impl<B: Broker> Handler for ExportHandler<B> {
                 return Err(StepError::Handler(format!("{name} export: {err}")));
             }
         }
-        failpoint_after_publish(name);
+        // The replay after a crash here must be dropped by the broker
+        // (JetStream) or carry the same message ids (AMQP).
+        crate::failpoint::hit(&format!("export-crash-after-publish:{name}"));
         Ok(())
     }
-}
-
-/// Test-only fail point: with `STOCKD_FAILPOINT=export-crash-after-publish:<name>`
-/// (`nats`, `amqp`) the process aborts once that exporter's broker
-/// acknowledged a batch, before the XACK:
-/// the replay after the restart must be dropped by the broker (JetStream)
-/// or carry the same message ids (AMQP). Compiled out of release builds.
-fn failpoint_after_publish(name: &str) {
-    #[cfg(debug_assertions)]
-    {
-        use std::sync::OnceLock;
-        static ARMED: OnceLock<Option<String>> = OnceLock::new();
-        let armed = ARMED.get_or_init(|| {
-            std::env::var("STOCKD_FAILPOINT").ok().and_then(|v| {
-                v.strip_prefix("export-crash-after-publish:")
-                    .map(str::to_owned)
-            })
-        });
-        if armed.as_deref() == Some(name) {
-            eprintln!(
-                "failpoint export-crash-after-publish:{name}: aborting between publish and XACK"
-            );
-            std::process::abort();
-        }
-    }
-    #[cfg(not(debug_assertions))]
-    let _ = name;
 }
 
 /// How the exporters read the streams (the flusher's batching settings).

@@ -89,6 +89,8 @@ pub struct Options {
     pub partitions: u32,
     /// Another Redis than the shared test one (a fault test's own).
     pub redis_url: Option<String>,
+    /// `redis_url` is a Redis Cluster's seed list (a test's own cluster).
+    pub own_cluster: bool,
     pub extra_args: Vec<String>,
     /// How the test's own clients reach a server that serves TLS.
     pub client_tls: Option<tonic::transport::ClientTlsConfig>,
@@ -101,6 +103,7 @@ impl Default for Options {
             database_url: None,
             partitions: 16,
             redis_url: None,
+            own_cluster: false,
             extra_args: Vec::new(),
             client_tls: None,
         }
@@ -136,7 +139,7 @@ pub fn config_for(options: &Options) -> Config {
         "--shutdown-drain-ms".into(),
         "0".into(),
     ];
-    if options.redis_url.is_none() && redis_cluster() {
+    if options.cluster() {
         args.push("--redis-cluster".into());
     }
     args.extend(options.extra_args.iter().cloned());
@@ -144,6 +147,14 @@ pub fn config_for(options: &Options) -> Config {
 }
 
 impl Options {
+    /// Whether the server's Redis is a cluster.
+    pub fn cluster(&self) -> bool {
+        match self.redis_url {
+            None => redis_cluster(),
+            Some(_) => self.own_cluster,
+        }
+    }
+
     pub fn database_url(&self) -> String {
         self.database_url
             .clone()
@@ -199,8 +210,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         tokio::time::sleep(POLL_INTERVAL).await;
     }
     let redis_url = options.redis_url.clone().unwrap_or_else(redis_url);
-    let cluster = options.redis_url.is_none() && redis_cluster();
-    let redis = app::connect_redis(&redis_url, cluster, Duration::from_secs(5))
+    let redis = app::connect_redis(&redis_url, options.cluster(), Duration::from_secs(5))
         .await
         .expect("test redis");
     let database_url = options.database_url();

@@ -36,7 +36,8 @@ pub fn background_load(
     })
 }
 
-pub async fn seed(channel: Channel, skus: &[String]) {
+/// SetStock of every SKU to `available` (location `default`).
+pub(crate) async fn seed(channel: Channel, skus: &[String], available: i64) {
     let mut admin = AdminClient::new(channel);
     for sku in skus {
         admin
@@ -44,7 +45,7 @@ pub async fn seed(channel: Channel, skus: &[String]) {
                 request_id: format!("seed-{sku}"),
                 sku: sku.clone(),
                 location: String::new(),
-                available: 10_000,
+                available,
                 expected_version: None,
             })
             .await
@@ -116,7 +117,7 @@ async fn kill_9_at_random_moments_under_load_loses_nothing() {
     for round in 0..6 {
         let mut stockd = Stockd::start(&fx.namespace, &fx.database_url, "crashy", false).await;
         if round == 0 {
-            seed(stockd.channel(), &fx.skus).await;
+            seed(stockd.channel(), &fx.skus, 10_000).await;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let load = background_load(stockd.channel(), fx.skus.clone(), stop.clone());
@@ -148,7 +149,7 @@ async fn a_crash_between_commit_and_xack_is_replayed_by_the_surviving_instance()
     let fx = Fixture::new("window").await;
     {
         let seeder = Stockd::start(&fx.namespace, &fx.database_url, "seeder", false).await;
-        seed(seeder.channel(), &fx.skus).await;
+        seed(seeder.channel(), &fx.skus, 10_000).await;
         let mut seeder = seeder;
         assert_eq!(seeder.terminate().await.code(), Some(0));
     }
@@ -200,7 +201,7 @@ async fn two_instances_share_the_flush_and_survive_losing_one() {
     let fx = Fixture::new("pair").await;
     let mut a = Stockd::start(&fx.namespace, &fx.database_url, "a", false).await;
     let mut b = Stockd::start(&fx.namespace, &fx.database_url, "b", false).await;
-    seed(a.channel(), &fx.skus).await;
+    seed(a.channel(), &fx.skus, 10_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let loads = [
         background_load(a.channel(), fx.skus.clone(), stop.clone()),

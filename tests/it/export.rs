@@ -383,7 +383,7 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
         &args(&failing),
     )
     .await;
-    seed(first.channel(), &skus[..1]).await;
+    seed(first.channel(), &skus[..1], 10_000).await;
     assert!(!first.wait_exit(Duration::from_secs(30)).await.success());
 
     // 2. Rounds of load from many clients, each ended by kill -9 at a
@@ -415,7 +415,7 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
                 },
             )
             .await;
-            seed(stockd.channel(), &skus).await;
+            seed(stockd.channel(), &skus, 10_000).await;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let load = background_load(stockd.channel(), skus.clone(), stop.clone());

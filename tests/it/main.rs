@@ -5,6 +5,7 @@
 mod auth;
 mod chaos;
 mod cli;
+mod cluster;
 mod common;
 mod concurrency;
 mod crash;
@@ -23,6 +24,7 @@ mod idempotency;
 mod lifecycle;
 mod model;
 mod operability;
+mod own_cluster;
 mod process;
 mod proxy;
 mod reasons;

@@ -36,11 +36,12 @@ impl Stockd {
         extra: &[String],
     ) -> Self {
         let failpoint = failpoint.then_some("crash-after-commit");
-        Self::launch(None, namespace, database_url, instance, failpoint, extra).await
+        Self::start_failing(namespace, database_url, instance, failpoint, extra).await
     }
 
     /// As `start_with`, armed with the fail point `STOCKD_FAILPOINT` names
-    /// (`crash-after-commit`, `export-crash-after-publish`), if any.
+    /// (`crash-after-commit`, `export-crash-after-publish`, see
+    /// src/failpoint.rs), if any.
     pub async fn start_failing(
         namespace: &str,
         database_url: &str,
@@ -48,10 +49,18 @@ impl Stockd {
         failpoint: Option<&str>,
         extra: &[String],
     ) -> Self {
-        Self::launch(None, namespace, database_url, instance, failpoint, extra).await
+        Self::start_on(
+            (&redis_url(), redis_cluster()),
+            namespace,
+            database_url,
+            instance,
+            failpoint,
+            extra,
+        )
+        .await
     }
 
-    /// As `start_with`, on a Redis of the test's own (standalone).
+    /// As `start_with`, on a standalone Redis of the test's own.
     pub async fn start_on_redis(
         redis_url: &str,
         namespace: &str,
@@ -59,8 +68,8 @@ impl Stockd {
         instance: &str,
         extra: &[String],
     ) -> Self {
-        Self::launch(
-            Some(redis_url),
+        Self::start_on(
+            (redis_url, false),
             namespace,
             database_url,
             instance,
@@ -70,8 +79,11 @@ impl Stockd {
         .await
     }
 
-    async fn launch(
-        own_redis: Option<&str>,
+    /// As `start_with`, on another Redis (`(url, is a cluster)`, e.g. a
+    /// test's own cluster), with the fail point `failpoint` armed
+    /// (`STOCKD_FAILPOINT`, see src/failpoint.rs).
+    pub async fn start_on(
+        (redis_url, cluster): (&str, bool),
         namespace: &str,
         database_url: &str,
         instance: &str,
@@ -85,14 +97,14 @@ impl Stockd {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
         cmd.args(["--grpc-addr", &addr.to_string()])
             .args(["--namespace", namespace])
-            .args(["--redis-url", own_redis.unwrap_or(&redis_url())])
+            .args(["--redis-url", redis_url])
             .args(["--database-url", database_url])
             .args(["--instance-id", instance])
             .args(["--flush-claim-idle-ms", "1000"])
             .args(["--flush-batch", "50"])
             .args(["--database-max-connections", "4"])
             .args(["--metrics-addr", ""])
-            .args((own_redis.is_none() && redis_cluster()).then_some("--redis-cluster"))
+            .args(cluster.then_some("--redis-cluster"))
             .args(["--http-addr", ""])
             .args(["--shutdown-drain-ms", "0"])
             .args(extra)
@@ -101,8 +113,8 @@ impl Stockd {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null());
-        if let Some(failpoint) = failpoint {
-            cmd.env("STOCKD_FAILPOINT", failpoint);
+        if let Some(point) = failpoint {
+            cmd.env("STOCKD_FAILPOINT", point);
         }
         let mut child = cmd.spawn().expect("start stockd");
         let deadline = Instant::now() + Duration::from_secs(30);
