@@ -44,6 +44,13 @@ impl redis::FromRedisValue for MarkerState {
     }
 }
 
+/// The watchdog's full checks, as [`Markers::fresh_check`] waits for them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Checks {
+    began: u64,
+    ended: Option<(u64, bool)>,
+}
+
 /// A Bloom filter of the ids Postgres knew when a partition was
 /// re-established, and until when it applies.
 pub struct SeenFilter {
@@ -77,9 +84,9 @@ pub struct Markers {
     /// Per partition, the newest flushed id seen, packed (`EntryId::pack`).
     seen: Arc<[AtomicU64]>,
     alarm: Arc<Notify>,
-    /// The watchdog's full checks: how many, and whether the last one
-    /// found every partition sound.
-    checks: Arc<tokio::sync::watch::Sender<(u64, bool)>>,
+    /// The watchdog's full checks: how many began, and the last one that
+    /// ended (its number and whether it found every partition sound).
+    checks: Arc<tokio::sync::watch::Sender<Checks>>,
 }
 
 impl Markers {
@@ -89,28 +96,35 @@ impl Markers {
             keys,
             seen,
             alarm: Arc::new(Notify::new()),
-            checks: Arc::new(tokio::sync::watch::channel((0, false)).0),
+            checks: Arc::new(tokio::sync::watch::channel(Checks::default()).0),
         }
     }
 
-    /// The watchdog compared Redis with Postgres; `sound`: nothing was
-    /// lost or rolled back.
-    pub fn note_full_check(&self, sound: bool) {
-        self.checks.send_modify(|(n, last)| {
-            *n += 1;
-            *last = sound;
+    /// The watchdog begins comparing Redis with Postgres; the number of
+    /// that check, for [`Markers::end_full_check`].
+    pub fn begin_full_check(&self) -> u64 {
+        let mut n = 0;
+        self.checks.send_modify(|c| {
+            c.began += 1;
+            n = c.began;
         });
+        n
     }
 
-    /// Sounds the alarm and waits (`within` at most) for the full check it
-    /// causes: `Some(true)` when that check found Redis sound.
+    /// Check `n` ended; `sound`: nothing was lost or rolled back.
+    pub fn end_full_check(&self, n: u64, sound: bool) {
+        self.checks.send_modify(|c| c.ended = Some((n, sound)));
+    }
+
+    /// Sounds the alarm and waits (`within` at most) for a full check that
+    /// began after this call: `Some(true)` when it found Redis sound.
     pub async fn fresh_check(&self, within: std::time::Duration) -> Option<bool> {
         let mut checks = self.checks.subscribe();
-        let before = checks.borrow_and_update().0;
+        let before = checks.borrow_and_update().began;
         self.sound_alarm();
-        let done = checks.wait_for(|(n, _)| *n > before);
+        let done = checks.wait_for(|c| c.ended.is_some_and(|(n, _)| n > before));
         match tokio::time::timeout(within, done).await {
-            Ok(Ok(state)) => Some(state.1),
+            Ok(Ok(checks)) => checks.ended.map(|(_, sound)| sound),
             _ => None,
         }
     }
@@ -253,6 +267,26 @@ impl Markers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_fresh_check_is_one_that_began_after_the_call() {
+        let markers = Markers::new(Keyspace::new("t", 1));
+        let under_way = markers.begin_full_check();
+        let waiter = {
+            let markers = markers.clone();
+            tokio::spawn(async move {
+                markers
+                    .fresh_check(std::time::Duration::from_secs(10))
+                    .await
+            })
+        };
+        // The waiter sounds the alarm once it is listening.
+        markers.alarmed().await;
+        markers.end_full_check(under_way, true);
+        let fresh = markers.begin_full_check();
+        markers.end_full_check(fresh, false);
+        assert_eq!(waiter.await.unwrap(), Some(false), "the fresh one counts");
+    }
 
     #[test]
     fn seen_only_moves_forward_until_reset() {

@@ -491,13 +491,14 @@ impl Watchdog {
             if full {
                 last_full = std::time::Instant::now();
             }
+            let number = full.then(|| self.markers.begin_full_check());
             let checked = match self.troubles(full).await {
                 Ok(troubles) => self.resolve(troubles).await,
                 Err(err) => Err(err),
             };
-            if full {
+            if let Some(n) = number {
                 self.markers
-                    .note_full_check(matches!(&checked, Ok(check) if check.is_steady()));
+                    .end_full_check(n, matches!(&checked, Ok(check) if check.is_steady()));
             }
             if full && let Err(err) = self.restore_overdue_holds().await {
                 tracing::warn!(error = %err, "checking for holds Redis lost failed; retrying");
