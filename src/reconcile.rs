@@ -444,7 +444,10 @@ impl Reconciler {
         Ok(report)
     }
 
-    /// Classifies items only Redis has (one SCAN step).
+    /// Classifies items only Redis has: SCAN steps until `size` stock keys
+    /// (or the end). Each step examines at least `SCAN_COUNT` keys, so a
+    /// small page does not cost one round trip per few keys of a Redis
+    /// that holds much else (other namespaces, other applications).
     async fn redis_page(
         &self,
         scope: &Scope,
@@ -453,10 +456,20 @@ impl Reconciler {
         mode: Mode,
         run_id: &str,
     ) -> Result<(Option<ScanCursor>, Report), Error> {
-        let (keys, next) = self
-            .conn
-            .scan_step(cursor, &self.keys.pattern("{p*}:stock:*"), size)
-            .await?;
+        const SCAN_COUNT: usize = 1000;
+        let pattern = self.keys.pattern("{p*}:stock:*");
+        let mut keys = Vec::new();
+        let mut next = Some(cursor);
+        while let Some(at) = next
+            && keys.len() < size
+        {
+            let (found, after) = self
+                .conn
+                .scan_step(at, &pattern, size.max(SCAN_COUNT))
+                .await?;
+            keys.extend(found);
+            next = after;
+        }
         let mut report = Report::default();
         if keys.is_empty() {
             return Ok((next, report));
