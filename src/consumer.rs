@@ -190,10 +190,6 @@ impl<H: Handler> Consumer<H> {
         &self.handler
     }
 
-    pub fn group(&self) -> &'static str {
-        self.settings.group
-    }
-
     /// Creates the group on every partition stream (and the stream itself)
     /// where missing. After a data loss the streams are new, so a group made
     /// again starts at their beginning whatever its usual start.

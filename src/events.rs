@@ -97,13 +97,6 @@ impl StreamEntry {
         }
         ChangeEvent::parse(partition, entry_id, fields).map(StreamEntry::Change)
     }
-
-    pub fn entry_id(&self) -> EntryId {
-        match self {
-            StreamEntry::Change(e) => e.entry_id,
-            StreamEntry::Extend(x) => x.entry_id,
-        }
-    }
 }
 
 /// A held reservation's new expiry, as Extend wrote it.

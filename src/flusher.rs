@@ -91,10 +91,6 @@ impl Flusher {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.consumer.handler().store
-    }
-
     /// Creates the consumer group on every partition stream where missing.
     pub async fn ensure_groups(&self) -> Result<(), StepError> {
         self.consumer.ensure_groups(false).await

@@ -42,31 +42,31 @@
 //!   (`src/bin/stockctl/`, its own module tree) also uses.
 
 pub mod app;
-pub mod backlog;
+pub(crate) mod backlog;
 pub mod config;
-pub mod consumer;
+pub(crate) mod consumer;
 pub mod domain;
 pub mod engine;
 pub mod error;
-pub mod events;
+pub(crate) mod events;
 pub mod export;
 mod failpoint;
-pub mod flusher;
-pub mod grpc;
-pub mod http;
+pub(crate) mod flusher;
+pub(crate) mod grpc;
+pub(crate) mod http;
 pub mod keys;
-pub mod lock;
+pub(crate) mod lock;
 pub mod markers;
 pub mod meta;
-pub mod reaper;
-pub mod reconcile;
+pub(crate) mod reaper;
+pub(crate) mod reconcile;
 pub mod redis_conn;
-pub mod scripts;
+pub(crate) mod scripts;
 pub mod store;
 pub mod telemetry;
 pub mod warmer;
-pub mod watch;
-pub mod watchdog;
+pub(crate) mod watch;
+pub(crate) mod watchdog;
 pub mod webhooks;
 
 /// Code generated from `proto/stockd/v1/stockd.proto`.

@@ -374,11 +374,6 @@ impl Hub {
             .collect()
     }
 
-    /// Watchers connected now.
-    pub fn watchers(&self) -> usize {
-        self.state().watchers.len()
-    }
-
     /// The reader: reads and fans out until `shutdown`, then ends every
     /// watch (UNAVAILABLE with the id to resume from), so that the server's
     /// graceful shutdown is not held up by open streams.
