@@ -78,7 +78,12 @@ pub struct TestApp {
     pub admin: AdminClient<Channel>,
     pub redis: RedisConn,
     shutdown: CancellationToken,
-    server: JoinHandle<Result<(), StartError>>,
+    /// Taken by `stop` / `stop_keep_data`.
+    server: Option<JoinHandle<Result<(), StartError>>>,
+    /// Where this app's keys live, for the cleanup on drop.
+    redis_target: (String, bool),
+    /// Stopped (and cleaned up, or kept on purpose): nothing left to do on drop.
+    stopped: bool,
 }
 
 /// Settings a test may change before the server starts.
@@ -210,6 +215,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         tokio::time::sleep(POLL_INTERVAL).await;
     }
     let redis_url = options.redis_url.clone().unwrap_or_else(redis_url);
+    let redis_target = (redis_url.clone(), options.cluster());
     let redis = app::connect_redis(&redis_url, options.cluster(), Duration::from_secs(5))
         .await
         .expect("test redis");
@@ -225,16 +231,56 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         admin: AdminClient::new(channel),
         redis,
         shutdown,
-        server,
+        server: Some(server),
+        redis_target,
+        stopped: false,
+    }
+}
+
+impl Drop for TestApp {
+    /// A test that failed before `stop` leaves no database or keys behind:
+    /// the server is told to stop and the cleanup runs on a thread and
+    /// runtime of its own (the test's runtime may be unwinding, or single
+    /// threaded and blocked here).
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.shutdown.cancel();
+        let namespace = self.namespace.clone();
+        let database = self.database.clone();
+        let (redis_url, cluster) = self.redis_target.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the cleanup");
+            runtime.block_on(async move {
+                let redis = app::connect_redis(&redis_url, cluster, Duration::from_secs(5)).await;
+                if let Ok(redis) = redis {
+                    let keys = stockd::keys::Keyspace::new(namespace.as_str(), 1);
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(20),
+                        stockd::keys::delete_namespace(&redis, &keys),
+                    )
+                    .await;
+                }
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(20), drop_database(&database)).await;
+            });
+        });
+        let _ = cleanup.join();
     }
 }
 
 impl TestApp {
     /// Stops the server (graceful), deletes the namespace's keys and drops
     /// the test's database.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        self.stopped = true;
         self.shutdown.cancel();
-        self.server.await.unwrap().expect("server stopped cleanly");
+        let server = self.server.take().expect("not stopped yet");
+        server.await.unwrap().expect("server stopped cleanly");
         delete_namespace(&mut self.redis.clone(), &self.namespace).await;
         drop_database(&self.database).await;
     }
@@ -246,7 +292,6 @@ impl TestApp {
             .expect("test database")
     }
 
-    /// Stops the server but keeps the keys (another instance shares them).
     /// Waits (20 s at most) until Postgres holds what this app's Redis
     /// holds; panics with the difference otherwise.
     pub async fn converged(&self, pool: &sqlx::PgPool) {
@@ -259,9 +304,23 @@ impl TestApp {
         .await;
     }
 
-    pub async fn stop_keep_data(self) {
+    /// Stops the server and drops the database; the keys stay, on a Redis
+    /// of the test's own that goes away with it.
+    pub async fn stop_on_own_redis(mut self) {
+        self.stopped = true;
         self.shutdown.cancel();
-        self.server.await.unwrap().expect("server stopped cleanly");
+        let server = self.server.take().expect("not stopped yet");
+        server.await.unwrap().expect("server stopped cleanly");
+        drop_database(&self.database).await;
+    }
+
+    /// Stops the server but keeps the keys and the database (another
+    /// instance shares them, or a later one starts on them).
+    pub async fn stop_keep_data(mut self) {
+        self.stopped = true;
+        self.shutdown.cancel();
+        let server = self.server.take().expect("not stopped yet");
+        server.await.unwrap().expect("server stopped cleanly");
     }
 
     /// SetStock through the API: the item exists afterwards with `available`.

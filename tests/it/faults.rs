@@ -215,7 +215,7 @@ async fn redis_gone_is_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    app.stop_keep_data().await;
+    app.stop_on_own_redis().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,5 +277,5 @@ async fn a_redis_turned_replica_is_unavailable_and_changes_nothing() {
     .into_inner();
     assert!(!sold.replayed);
     assert_eq!(sold.levels[0].available, 4);
-    app.stop_keep_data().await;
+    app.stop_on_own_redis().await;
 }
