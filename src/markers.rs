@@ -4,14 +4,18 @@
 //! scripts/marker.lua).
 //!
 //! [`Markers`] is this instance's view of them: for each partition the
-//! newest flushed entry id it has seen in the marker (from script replies,
-//! its own flusher and the watchdog). Scripts are handed that id and refuse
-//! when the marker is behind it: a marker only moves back when Redis rolled
-//! back (a restart from an older snapshot, a failover to a lagging
-//! replica). A refusal sounds the alarm, which wakes the watchdog at once.
+//! newest flushed entry id it has seen in the marker (from script replies
+//! and the watchdog) or flushed itself (its own flusher, at the Postgres
+//! commit: before the marker write, which a dying master never takes).
+//! Scripts are handed that id and refuse when the marker is behind it and
+//! the stream lacks that entry: a Redis that rolled back (a restart from an
+//! older snapshot, a failover to a lagging replica). A refusal sounds the
+//! alarm, which wakes the watchdog at once; so does a ledger fork the
+//! flusher found (a rollback noticed only once Redis gave out a version
+//! Postgres had), which marks the partition rolled back for the watchdog.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
@@ -83,6 +87,8 @@ pub struct Markers {
     keys: Keyspace,
     /// Per partition, the newest flushed id seen, packed (`EntryId::pack`).
     seen: Arc<[AtomicU64]>,
+    /// Per partition: the flusher found a ledger fork there.
+    forked: Arc<[AtomicBool]>,
     alarm: Arc<Notify>,
     /// The watchdog's full checks: how many began, and the last one that
     /// ended (its number and whether it found every partition sound).
@@ -92,9 +98,11 @@ pub struct Markers {
 impl Markers {
     pub fn new(keys: Keyspace) -> Self {
         let seen = keys.partitions().map(|_| AtomicU64::new(0)).collect();
+        let forked = keys.partitions().map(|_| AtomicBool::new(false)).collect();
         Self {
             keys,
             seen,
+            forked,
             alarm: Arc::new(Notify::new()),
             checks: Arc::new(tokio::sync::watch::channel(Checks::default()).0),
         }
@@ -143,6 +151,18 @@ impl Markers {
     /// from Postgres, its marker starts from Postgres's checkpoint).
     pub fn reset(&self, partition: Partition, flushed: Option<EntryId>) {
         self.seen[partition.index()].store(flushed.map_or(0, EntryId::pack), Ordering::Relaxed);
+    }
+
+    /// The flusher found a ledger fork in `partition`: Redis rolled it back
+    /// and took writes before anything refused. The watchdog heals it.
+    pub fn report_fork(&self, partition: Partition) {
+        self.forked[partition.index()].store(true, Ordering::Relaxed);
+        self.sound_alarm();
+    }
+
+    /// Whether a fork was reported in `partition` since it was last healed.
+    pub fn forked(&self, partition: Partition) -> bool {
+        self.forked[partition.index()].load(Ordering::Relaxed)
     }
 
     /// A script found a partition lost or rolled back: the watchdog looks now.
@@ -212,6 +232,7 @@ impl Markers {
         };
         let state: MarkerState = inv.invoke_async(conn).await?;
         self.reset(partition, state.flushed);
+        self.forked[partition.index()].store(false, Ordering::Relaxed);
         Ok(state)
     }
 
@@ -225,6 +246,12 @@ impl Markers {
         if flushed.is_empty() {
             return Ok(());
         }
+        // Learned first: a master that dies now never takes the mark, and
+        // its replica must be refused all the same (the scripts accept a
+        // marker behind it while the stream still holds the entry).
+        for (p, id) in flushed {
+            self.learn(*p, *id);
+        }
         let mut batch = CommandBatch::new();
         for (p, id) in flushed {
             let mut inv = self.invocation(*p);
@@ -232,10 +259,6 @@ impl Markers {
             batch.script(self.keys.marker(*p), &scripts::MARKER, inv);
         }
         batch.query(conn).await?;
-        // Only what the markers hold now may be expected of them.
-        for (p, id) in flushed {
-            self.learn(*p, *id);
-        }
         Ok(())
     }
 

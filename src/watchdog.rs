@@ -8,9 +8,12 @@
 //!   epoch). The scripts refuse such a partition in the very script that
 //!   would have used it, so nothing is answered from an empty Redis.
 //! - **rollback**: Postgres has flushed entries the partition's stream no
-//!   longer has (its last id is below Postgres's checkpoint): Redis came
-//!   back from an older snapshot or AOF, or a lagging replica took over.
-//!   The scripts also refuse a marker whose flushed id went back.
+//!   longer has (its last id is below Postgres's checkpoint, or its marker
+//!   is and the checkpoint's entry is not in the stream: new entries may
+//!   have moved the last id on since): Redis came back from an older
+//!   snapshot or AOF, or a lagging replica took over. The scripts also
+//!   refuse a marker whose flushed id went back, and a ledger fork the
+//!   flusher met (a version Postgres had, given out again) counts as one.
 //!
 //! Restoring a partition (one instance at a time, under a lock): refuse it
 //! (a rollback: the marker's heal deadline), load every item whose Postgres
@@ -153,7 +156,8 @@ impl Watchdog {
                 self.markers.learn(p, flushed);
             }
         }
-        let suspicious = restarted || behind;
+        let forked = self.keys.partitions().any(|p| self.markers.forked(p));
+        let suspicious = restarted || behind || forked;
         if !(full || suspicious) {
             return Ok(troubles);
         }
@@ -166,15 +170,42 @@ impl Watchdog {
         }
         let checkpoints = self.checkpoints().await;
         let lasts = self.stream_last_ids().await?;
-        for (p, last) in self.keys.partitions().zip(lasts) {
-            let Some(&checkpoint) = checkpoints.get(&p.0) else {
-                continue;
-            };
+        for ((p, last), state) in self.keys.partitions().zip(lasts).zip(&states) {
             if troubles.contains_key(&p) {
                 continue;
             }
+            // A fork: Redis gave out versions Postgres had, so it rolled
+            // back, whatever its stream and marker say now. Its holds may
+            // be as old as the idempotency window.
+            if self.markers.forked(p) {
+                let window_ago = EntryId {
+                    ms: (now_ms() - self.window.as_millis() as i64).max(0) as u64,
+                    seq: 0,
+                };
+                let since = last
+                    .min(window_ago)
+                    .min(state.flushed.unwrap_or(EntryId::ZERO));
+                troubles.insert(p, Trouble::RolledBack { stream_last: since });
+                continue;
+            }
+            let Some(&checkpoint) = checkpoints.get(&p.0) else {
+                continue;
+            };
             if last < checkpoint {
                 troubles.insert(p, Trouble::RolledBack { stream_last: last });
+                continue;
+            }
+            // The stream may have moved past the checkpoint with writes
+            // taken after the rollback; the marker has not, and the flushed
+            // entry is gone. (Entries are trimmed only once the flusher
+            // acknowledged them, after marking them: a marker behind the
+            // checkpoint in a sound Redis is a mark not yet written, with
+            // the entry still in the stream.)
+            if state.flushed.is_none_or(|f| f < checkpoint)
+                && !self.stream_holds(p, checkpoint).await?
+            {
+                let since = state.flushed.unwrap_or(EntryId::ZERO).min(last);
+                troubles.insert(p, Trouble::RolledBack { stream_last: since });
             }
         }
         Ok(troubles)
@@ -450,6 +481,17 @@ impl Watchdog {
                 self.checkpoints.lock().expect("checkpoints lock").clone()
             }
         }
+    }
+
+    /// Whether `partition`'s stream holds the entry `id`.
+    async fn stream_holds(&self, partition: Partition, id: EntryId) -> Result<bool, Error> {
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.keys.events(partition))
+            .arg(id.to_string())
+            .arg(id.to_string())
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(!entries.ids.is_empty())
     }
 
     /// The last id each partition stream ever generated (`0-0` for none).

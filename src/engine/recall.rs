@@ -262,16 +262,27 @@ impl<'a> RestorePlan<'a> {
             .map(|row| {
                 let p = Partition(row.partition);
                 let lines = serde_json::to_string(&row.lines).expect("lines serialise");
-                // Parts of a coordinated reservation hold no outcome and
-                // locate nothing: the coordinator does.
+                // Parts of a coordinated reservation locate nothing and
+                // hold no outcome of the request: the coordinator does.
                 let own = !self.coordinated;
-                record(
+                let mut record = record(
                     p,
                     &row.state,
                     lines,
                     own && p == coordinator,
                     own && p == self.home,
-                )
+                );
+                if self.coordinated {
+                    // A part keeps its own reserve outcome (its lines'
+                    // levels), as reserve.lua stores it: a retry of the
+                    // request replays the part from it.
+                    record.args[5] = json!({
+                        "exp": row.expires_at_ms.unwrap_or_default(),
+                        "levels": row.reserve_levels,
+                    })
+                    .to_string();
+                }
+                record
             })
             .collect();
         if self.coordinated || !self.parts.contains(&self.home) {

@@ -29,8 +29,13 @@ end
 -- nil and the marker's flushed id when the partition may be used, else
 -- {'lost' | 'healing' | 'rollback', key}. `min_flushed` ('' or nil for
 -- none) is the newest flushed id the caller saw in this marker before: a
--- marker behind it belongs to a Redis that rolled back.
-local function marker_refusal(key, min_flushed)
+-- marker behind it belongs to a Redis that rolled back, unless `stream`
+-- (the partition's events stream) still holds that entry: the flusher
+-- committed it and has not marked it yet (an instance learns a flush at its
+-- commit, before the marker write). An entry is only trimmed after the
+-- flusher acknowledged it, which it does after marking it, so a Redis that
+-- lacks it and whose marker is behind it lacks flushed changes.
+local function marker_refusal(key, min_flushed, stream)
   local m = redis.call('HMGET', key, 'epoch', 'flushed', 'heal')
   if not m[1] then
     return { 'lost', key }
@@ -38,7 +43,8 @@ local function marker_refusal(key, min_flushed)
   if m[3] and tonumber(m[3]) > NOW then
     return { 'healing', key }
   end
-  if min_flushed and min_flushed ~= '' and id_less(m[2] or '0-0', min_flushed) then
+  if min_flushed and min_flushed ~= '' and id_less(m[2] or '0-0', min_flushed)
+    and not (stream and #redis.call('XRANGE', stream, min_flushed, min_flushed) > 0) then
     return { 'rollback', key }
   end
   return nil, m[2] or ''

@@ -16,8 +16,9 @@
 --        [6], [7] two parameters of the script (see its header),
 --        [8] the groups' partition numbers joined by ',' (for the locator),
 --        [9 .. 8+k] per group: the newest flushed entry id this instance has
---            seen in that partition's marker ('' for none): a marker behind it
---            means Redis rolled back,
+--            seen in that partition's marker or flushed itself ('' for
+--            none): a marker behind it, in a Redis whose stream lacks that
+--            entry, means Redis rolled back,
 --        [9+k ..] 4 per line: sku, location, amount, group (1..k),
 --        then two 32-bit hashes of the id for its Bloom filter (maybe_seen).
 -- KEYS   [1] the coordinator record: where the request's outcome is stored
@@ -27,7 +28,8 @@
 --        [2] the coordinator partition's marker, [3] its Bloom filter;
 --        [4], [5] with flag L: the locator record in the id's own partition
 --            and that partition's marker;
---        then W keys per group (W and their meaning per script);
+--        then W keys per group (W and their meaning per script; the last
+--            two are always the partition's events stream and its marker);
 --        then the stock hash of every line.
 --
 -- Every reply is {status, payload, flushed}: `status` a word (see
@@ -92,7 +94,9 @@ local function check_markers(width, marker_slot)
   local checked = {}
   for j = 1, K do
     local key = group_key(width, j, marker_slot)
-    local bad, flushed = marker_refusal(key, ARGV[8 + j])
+    -- Every script keeps a group's events stream just before its marker.
+    local stream = group_key(width, j, marker_slot - 1)
+    local bad, flushed = marker_refusal(key, ARGV[8 + j], stream)
     if bad then
       return reply(bad[1], bad[2])
     end
