@@ -496,6 +496,24 @@ impl Engine {
         for ((&p, marker), seen) in partitions.iter().zip(markers).zip(seen) {
             let state: MarkerState = redis::FromRedisValue::from_redis_value(marker.clone())
                 .map_err(|e| Error::Internal(format!("marker reply: {e}")))?;
+            // A marker behind what this instance saw is a rollback only when
+            // the stream lacks that entry too (as `marker_refusal` in
+            // common.lua judges it): between a flush's commit and its
+            // marking, the instance already knows the newer id. Rare, so
+            // the stream is asked only then.
+            let seen = match seen {
+                Some(id) if state.epoch.is_some() && state.flushed < Some(id) => {
+                    let stream = keys.events(p);
+                    let held: Vec<redis::Value> = redis::cmd("XRANGE")
+                        .arg(&stream)
+                        .arg(id.to_string())
+                        .arg(id.to_string())
+                        .query_async(&mut self.inner.conn.clone())
+                        .await?;
+                    (held.is_empty()).then_some(id)
+                }
+                other => other,
+            };
             self.check_read_marker(p, &state, seen)?;
         }
         let mut levels = Vec::new();
