@@ -43,7 +43,7 @@ use std::time::Duration;
 use crate::redis_conn::{CommandBatch, RedisConn};
 use metrics::{counter, gauge};
 use redis::streams::{StreamRangeReply, StreamReadReply};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -277,6 +277,9 @@ struct Inner {
     stopped: CancellationToken,
     /// Stream key → partition, for read replies.
     partition_of_key: HashMap<String, Partition>,
+    /// Woken when a watcher subscribes, so that an idle reader (no
+    /// watchers) starts reading at once.
+    watcher_arrived: Notify,
 }
 
 /// The fan-out hub of one stockd instance: the reader and its watchers.
@@ -297,6 +300,14 @@ impl Start {
         match self {
             Start::After(id) => format!("({id}"),
             Start::From(id) => id.to_string(),
+        }
+    }
+
+    /// The newest id the replay does not include.
+    fn last_excluded(self) -> EntryId {
+        match self {
+            Start::After(id) => id,
+            Start::From(id) => id.predecessor(),
         }
     }
 
@@ -328,6 +339,7 @@ impl Hub {
                 next_id: AtomicU64::new(1),
                 stopped: CancellationToken::new(),
                 partition_of_key,
+                watcher_arrived: Notify::new(),
             }),
         };
         let cursors = hub.stream_ends().await?;
@@ -419,7 +431,16 @@ impl Hub {
     /// `XREAD BLOCK` over every stream; on a cluster, where one command may
     /// not span slots, one non-blocking `XREAD` per partition in one batch,
     /// and a short pause when none had anything.
+    ///
+    /// Without watchers there is no one to hand events to: the reader then
+    /// only moves its cursors to the ends of the streams ([`Self::idle_once`])
+    /// instead of reading and decoding every change (measured at about 8 %
+    /// of stockd's CPU under load, docs/benchmarks.md).
     pub async fn read_once(&self) -> Result<usize, redis::RedisError> {
+        if self.state().watchers.is_empty() {
+            self.idle_once().await?;
+            return Ok(0);
+        }
         let inner = &self.inner;
         let cursors = self.state().cursors.clone();
         let read = |partitions: &[Partition], block: bool| {
@@ -496,6 +517,30 @@ impl Hub {
         Ok(events.len())
     }
 
+    /// The reader's step while no one watches: moves the cursors to the
+    /// streams' ends, then waits for a watcher (or `block`). A watcher
+    /// subscribes at the cursors, so they may only jump while there is none:
+    /// one that subscribed after the ends were read keeps the older cursors,
+    /// and the reader reads on from there.
+    async fn idle_once(&self) -> Result<(), redis::RedisError> {
+        let arrived = self.inner.watcher_arrived.notified();
+        tokio::pin!(arrived);
+        // Registered before the check: a subscribe in between still wakes us.
+        arrived.as_mut().enable();
+        let ends = self.stream_ends().await?;
+        {
+            let mut state = self.state();
+            if !state.watchers.is_empty() {
+                return Ok(());
+            }
+            for (cursor, end) in state.cursors.iter_mut().zip(ends) {
+                *cursor = (*cursor).max(end);
+            }
+        }
+        let _ = tokio::time::timeout(self.inner.settings.block, arrived).await;
+        Ok(())
+    }
+
     /// Registers a watcher: it receives every matching event after the
     /// returned subscription's `start` positions.
     fn subscribe(&self, filter: &Filter) -> Result<Subscription, Error> {
@@ -529,6 +574,7 @@ impl Hub {
         gauge!("stockd_watchers").set(state.watchers.len() as f64);
         let start = state.cursors.clone();
         drop(state);
+        self.inner.watcher_arrived.notify_one();
         Ok(Subscription {
             hub: self.clone(),
             id,
@@ -746,6 +792,13 @@ impl Watcher {
                 sub
             }
             Begin::Resume(mut starts) => {
+                // What the client had: the reader may hand out entries from
+                // before the resume point when its cursors are behind it
+                // (an idle reader moves them only now and then).
+                self.consumed = starts
+                    .iter()
+                    .map(|&(p, start)| (p, start.last_excluded()))
+                    .collect();
                 // Up to the end of the streams, before subscribing: a long
                 // replay cannot overflow the live queue.
                 self.replay(&mut starts, None).await?;
