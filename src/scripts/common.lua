@@ -25,6 +25,12 @@ local function id_less(a, b)
   return tonumber(as) < tonumber(bs)
 end
 
+-- Every marker a script read, by key: {epoch, flushed, heal, gate,
+-- seen_until, seen_bits}. One HMGET per marker and script serves the
+-- rollback check, the backlog gate and the Bloom filter's window alike (each
+-- redis.call has a fixed cost that is a good part of a request's).
+local MARKER_FIELDS = {}
+
 -- Reads a partition marker (`NS:{pNN}:marker`, see layout.lua): returns
 -- nil and the marker's flushed id when the partition may be used, else
 -- {'lost' | 'healing' | 'rollback', key}. `min_flushed` ('' or nil for
@@ -36,7 +42,8 @@ end
 -- flusher acknowledged it, which it does after marking it, so a Redis that
 -- lacks it and whose marker is behind it lacks flushed changes.
 local function marker_refusal(key, min_flushed, stream)
-  local m = redis.call('HMGET', key, 'epoch', 'flushed', 'heal')
+  local m = redis.call('HMGET', key, 'epoch', 'flushed', 'heal', 'gate', 'seen_until', 'seen_bits')
+  MARKER_FIELDS[key] = m
   if not m[1] then
     return { 'lost', key }
   end

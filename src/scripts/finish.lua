@@ -93,12 +93,23 @@ for i = 1, N do
 end
 
 local final = final_of[op]
+local out = cjson.encode({ levels = levels })
+-- The coordinator may be one of the groups' records (always, for a
+-- reservation in one partition): then one HSET and one PEXPIRE serve both.
+local coordinator_written = false
 for j = 1, K do
-  redis.call('HSET', group_key(W, j, 1), 'state', final)
-  redis.call('PEXPIRE', group_key(W, j, 1), WINDOW)
+  local record = group_key(W, j, 1)
+  if record == KEYS[1] then
+    redis.call('HSET', record, 'state', final, 'fin', out)
+    coordinator_written = true
+  else
+    redis.call('HSET', record, 'state', final)
+  end
+  redis.call('PEXPIRE', record, WINDOW)
   redis.call('ZREM', group_key(W, j, 2), ID)
 end
-local out = cjson.encode({ levels = levels })
-redis.call('HSET', KEYS[1], 'state', final, 'fin', out)
-redis.call('PEXPIRE', KEYS[1], WINDOW)
+if not coordinator_written then
+  redis.call('HSET', KEYS[1], 'state', final, 'fin', out)
+  redis.call('PEXPIRE', KEYS[1], WINDOW)
+end
 return reply(replayed and 'replay' or 'ok', out)

@@ -121,7 +121,9 @@ end
 local function gate_refusal(width, marker_slot)
   for j = 1, K do
     local key = group_key(width, j, marker_slot)
-    if redis.call('HEXISTS', key, 'gate') == 1 then
+    -- check_markers read every group's marker just before.
+    local m = MARKER_FIELDS[key]
+    if (m and m[4]) or (not m and redis.call('HEXISTS', key, 'gate') == 1) then
       return reply('backlog', key)
     end
   end
@@ -137,11 +139,15 @@ local function maybe_seen()
   if CHECKED or PART_OF then
     return false
   end
-  local m = redis.call('HMGET', KEYS[2], 'seen_until', 'seen_bits')
-  if not m[1] or tonumber(m[1]) <= NOW or not m[2] then
+  -- check_markers read the coordinator's marker (KEYS[2]) just before.
+  local m = MARKER_FIELDS[KEYS[2]]
+  if not m then
+    m = redis.call('HMGET', KEYS[2], 'epoch', 'flushed', 'heal', 'gate', 'seen_until', 'seen_bits')
+  end
+  if not m[5] or tonumber(m[5]) <= NOW or not m[6] then
     return false
   end
-  local bits = tonumber(m[2])
+  local bits = tonumber(m[6])
   local at = LINES_AT + 4 * N
   local h1, h2 = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
   for i = 0, 6 do

@@ -74,16 +74,27 @@ for i = 1, N do
   per_group[j] = per_group[j] or {}
   table.insert(per_group[j], { sku, loc, qty })
 end
+local out = cjson.encode({ exp = exp, levels = levels })
+-- The coordinator may be one of the groups' records (always, for a request
+-- in one partition): then one HSET writes both.
+local coordinator_written = false
 for j = 1, K do
   -- `parts` tells the reaper, which finds the id in this partition's rexp,
   -- whether this record holds every line.
-  redis.call('HSET', group_key(W, j, 1), 'state', 'held', 'exp', exp, 'fp', FP,
-    'lines', cjson.encode(per_group[j]), 'parts', PARTS)
+  local record = group_key(W, j, 1)
+  if record == KEYS[1] then
+    redis.call('HSET', record, 'state', 'held', 'exp', exp, 'fp', FP,
+      'lines', cjson.encode(per_group[j]), 'parts', PARTS, 'out', out)
+    coordinator_written = true
+  else
+    redis.call('HSET', record, 'state', 'held', 'exp', exp, 'fp', FP,
+      'lines', cjson.encode(per_group[j]), 'parts', PARTS)
+  end
   redis.call('ZADD', group_key(W, j, 2), exp, ID)
 end
-local out = cjson.encode({ exp = exp, levels = levels })
--- The coordinator may be one of the groups' records; these fields add to it.
-redis.call('HSET', KEYS[1], 'state', 'held', 'exp', exp, 'fp', FP, 'out', out)
+if not coordinator_written then
+  redis.call('HSET', KEYS[1], 'state', 'held', 'exp', exp, 'fp', FP, 'out', out)
+end
 if PART_OF then
   -- The reaper asks the coordinator what became of a part when its
   -- (provisional) expiry comes.
