@@ -36,6 +36,11 @@ fn check_token(field: &str, value: &str, max_bytes: usize) -> Result<(), Error> 
             format!("must be at most {max_bytes} bytes, got {}", value.len()),
         ));
     }
+    // Printable ASCII without spaces prints as itself and is NFC: the usual
+    // identifier passes without the Unicode tables (a hot-path cost).
+    if value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Ok(());
+    }
     if let Some((c, what)) = value.chars().find_map(|c| unprintable(c).map(|w| (c, w))) {
         return Err(Error::invalid(
             field,
