@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 
 use super::plan::{Kind, Plan};
@@ -53,6 +54,18 @@ impl Located {
         })
     }
 
+    /// About what this entry holds in memory, in bytes.
+    fn approximate_bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.fingerprint.len()
+            + self.parts.len() * size_of::<Partition>()
+            + self
+                .lines
+                .iter()
+                .map(|l| size_of::<ScriptLine>() + l.sku.len() + l.location.len())
+                .sum::<usize>()
+    }
+
     /// The plan of a script on this reservation; `None` when a line is
     /// outside the parts (a corrupt locator).
     pub fn plan(&self, keys: &Keyspace, id: &str) -> Option<Plan> {
@@ -66,15 +79,36 @@ impl Located {
     }
 }
 
-/// Reservations by id, at most a given number (least recently used go).
+/// Reservations by id, within a memory budget (least recently used go
+/// first): a five-line cart weighs about three one-line reservations, so
+/// the budget, not a count, bounds the process's memory.
 pub(crate) struct LocatorCache {
-    cache: Cache<String, Arc<Located>>,
+    cache: Cache<String, Arc<Located>, ByBytes>,
+}
+
+/// Bookkeeping of one cache entry besides the key's and value's bytes (the
+/// Arc's counts, the entry's slot and metadata), estimated.
+const ENTRY_OVERHEAD: usize = 64;
+
+/// One line of one-line reservations: what the entry count is estimated
+/// from.
+const TYPICAL_ENTRY: usize = 192;
+
+#[derive(Clone)]
+struct ByBytes;
+
+impl Weighter<String, Arc<Located>> for ByBytes {
+    fn weight(&self, id: &String, located: &Arc<Located>) -> u64 {
+        (id.len() + located.approximate_bytes() + ENTRY_OVERHEAD) as u64
+    }
 }
 
 impl LocatorCache {
-    pub fn new(capacity: usize) -> Self {
+    /// A cache of at most about `budget_bytes` of entries.
+    pub fn new(budget_bytes: usize) -> Self {
+        let budget_bytes = budget_bytes.max(TYPICAL_ENTRY);
         Self {
-            cache: Cache::new(capacity.max(1)),
+            cache: Cache::with_weighter(budget_bytes / TYPICAL_ENTRY, budget_bytes as u64, ByBytes),
         }
     }
 
@@ -107,11 +141,35 @@ mod tests {
 
     #[test]
     fn the_cache_forgets_on_request() {
-        let cache = LocatorCache::new(10);
+        let cache = LocatorCache::new(10_000);
         let located = Located::parse("fp".into(), "1", "[]").unwrap();
         cache.remember("r", located.clone());
         assert_eq!(cache.get("r"), Some(located));
         cache.forget("r");
         assert_eq!(cache.get("r"), None);
+    }
+
+    #[test]
+    fn the_cache_keeps_within_its_budget_whatever_the_entries_weigh() {
+        let budget = 64 * 1024;
+        let cache = LocatorCache::new(budget);
+        let cart = |n: usize| {
+            let lines: Vec<String> = (0..n)
+                .map(|i| format!(r#"["sku-{i:07}","default",1]"#))
+                .collect();
+            Located::parse("f".repeat(40), "1", &format!("[{}]", lines.join(","))).unwrap()
+        };
+        for (i, lines) in [1, 5, 20].into_iter().cycle().take(3_000).enumerate() {
+            cache.remember(&format!("reservation-{i}"), cart(lines));
+        }
+        assert!(
+            cache.cache.weight() <= budget as u64,
+            "{}",
+            cache.cache.weight()
+        );
+        // Entries of every size are kept: recent ones are found.
+        assert!(cache.get("reservation-2999").is_some());
+        assert!(cache.get("reservation-2998").is_some());
+        assert!(cache.cache.len() > 100, "{}", cache.cache.len());
     }
 }

@@ -45,16 +45,17 @@ pub struct EngineSettings {
     /// How long a finished reservation and a request's outcome are kept, so
     /// that a retry within the window replays the first outcome.
     pub idempotency_window: Duration,
-    /// Reservations whose lines this instance remembers (Commit, Release
-    /// and Extend of those take one round trip).
-    pub located_capacity: usize,
+    /// Memory for the reservations whose lines this instance remembers
+    /// (Commit, Release and Extend of those take one round trip), in bytes.
+    pub located_budget_bytes: usize,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
         Self {
             idempotency_window: Duration::from_secs(24 * 3600),
-            located_capacity: 100_000,
+            // About 85,000 one-line or 30,000 five-line reservations.
+            located_budget_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -192,7 +193,7 @@ impl Engine {
         Self {
             inner: Arc::new(Inner {
                 conn,
-                located: LocatorCache::new(settings.located_capacity),
+                located: LocatorCache::new(settings.located_budget_bytes),
                 keys,
                 settings,
                 markers,
@@ -210,7 +211,7 @@ impl Engine {
             keys: shared.keys.clone(),
             settings: shared.settings.clone(),
             markers: shared.markers.clone(),
-            located: LocatorCache::new(shared.settings.located_capacity),
+            located: LocatorCache::new(shared.settings.located_budget_bytes),
             warmer: shared.warmer.clone(),
         });
         Self {
