@@ -5,15 +5,7 @@ use tonic::Code;
 
 use stockd::pb;
 
-use crate::common::*;
-
-fn with_authorization<T>(value: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", value.parse().unwrap());
-    request
-}
+use crate::support::*;
 
 #[tokio::test]
 async fn bearer_scheme_in_any_case() {
@@ -27,12 +19,7 @@ async fn bearer_scheme_in_any_case() {
         ..Options::default()
     })
     .await;
-    let get = || pb::GetStockRequest {
-        items: vec![pb::ItemRef {
-            sku: "x".into(),
-            location: String::new(),
-        }],
-    };
+    let get = || get_request(&[("x", "")]);
     let (mut inventory, mut admin) = (app.inventory.clone(), app.admin.clone());
     for scheme in ["Bearer", "bearer", "BEARER"] {
         inventory
@@ -42,7 +29,7 @@ async fn bearer_scheme_in_any_case() {
         admin
             .flush_status(with_authorization(
                 &format!("{scheme} adm1n"),
-                pb::FlushStatusRequest {},
+                pb::FlushStatusRequest::default(),
             ))
             .await
             .unwrap_or_else(|s| panic!("{scheme}: {s:?}"));

@@ -1,46 +1,12 @@
 //! `stockctl`, the built binary, against a real stockd.
 
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
 use prost::Message;
 use stockd::pb;
 
-use crate::common::*;
-
-/// What one `stockctl` run printed and how it ended.
-pub struct Ran {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// Runs `stockctl --addr http://ADDR ARGS...`; see [`run_stockctl`].
-pub async fn stockctl(addr: SocketAddr, args: &[&str]) -> Ran {
-    let addr = format!("http://{addr}");
-    run_stockctl(&[&["--addr", addr.as_str()], args].concat()).await
-}
-
-/// Runs `stockctl ARGS...` with none of stockctl's settings taken from this
-/// process' environment.
-pub async fn run_stockctl(args: &[&str]) -> Ran {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_stockctl"));
-    command.args(args).stdin(Stdio::null());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("STOCKD_") {
-            command.env_remove(name);
-        }
-    }
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .expect("stockctl runner")
-        .expect("stockctl runs");
-    Ran {
-        code: output.status.code().expect("stockctl exited"),
-        stdout: String::from_utf8(output.stdout).expect("stdout is UTF-8"),
-        stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
-    }
-}
+use crate::support::process::{run_stockctl, stockctl};
+use crate::support::*;
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
@@ -283,7 +249,7 @@ async fn webhook_list_pages_past_the_message_limit() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert_eq!(crate::reasons::reason(&status), "INVALID_ARGUMENT");
+    assert_eq!(reason(&status), "INVALID_ARGUMENT");
 
     let listed = stockctl(app.addr, &["--json", "webhook", "list"]).await;
     assert_eq!(listed.code, 0, "{}", listed.stderr);

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use stockd::pb;
 
-use crate::common::*;
-use crate::process::Stockd;
+use crate::support::process::Stockd;
+use crate::support::*;
 
 const ALERTS: &str = "deploy/prometheus/stockd-alerts.yml";
 const DASHBOARD: &str = "deploy/grafana/stockd-dashboard.json";
@@ -200,26 +200,13 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
 
     // Series that exist only once something happened: a request (counts
     // and latencies), a change (a flush), a full reconcile.
-    let mut admin = pb::admin_client::AdminClient::new(stockd.channel());
-    admin
-        .set_stock(pb::SetStockRequest {
-            request_id: "kit-seed".into(),
-            sku: "kit".into(),
-            location: String::new(),
-            available: 5,
-            expected_version: None,
-        })
-        .await
-        .unwrap();
+    let rpc = stockd.clients();
+    rpc.set("kit-seed", "kit", "", 5).await.unwrap();
     // The reconcile pages through Postgres: let the flusher write the item.
     eventually(Duration::from_secs(20), "the seed to be flushed", || {
-        let mut admin = admin.clone();
+        let rpc = rpc.clone();
         async move {
-            let status = admin
-                .flush_status(pb::FlushStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
+            let status = rpc.flush_status().await.ok()?;
             status
                 .partitions
                 .iter()
@@ -228,14 +215,10 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
         }
     })
     .await;
-    let report = admin
-        .reconcile(pb::ReconcileRequest {
-            all: true,
-            ..Default::default()
-        })
+    let report = rpc
+        .reconcile_all(pb::ReconcileMode::Unspecified)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(report.checked, 1, "{report:?}");
 
     // Gauges and flush histograms come from background tasks: poll.

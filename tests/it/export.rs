@@ -24,13 +24,12 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use rand::Rng;
 use stockd::export;
-use stockd::pb;
 use tonic::Code;
 
-use crate::common::*;
-use crate::crash::{background_load, seed};
-use crate::process::Stockd;
-use crate::proxy::FaultProxy;
+use crate::support::load::background_load;
+use crate::support::process::Stockd;
+use crate::support::proxy::FaultProxy;
+use crate::support::*;
 
 /// The test NATS server (`STOCKD_TEST_NATS_URL`).
 pub fn nats_url() -> String {
@@ -383,7 +382,7 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
         &args(&failing),
     )
     .await;
-    seed(first.channel(), &skus[..1], 10_000).await;
+    first.clients().seed_each(&skus[..1], 10_000).await;
     assert!(!first.wait_exit(Duration::from_secs(30)).await.success());
 
     // 2. Rounds of load from many clients, each ended by kill -9 at a
@@ -415,7 +414,7 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
                 },
             )
             .await;
-            seed(stockd.channel(), &skus, 10_000).await;
+            stockd.clients().seed_each(&skus, 10_000).await;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let load = background_load(stockd.channel(), skus.clone(), stop.clone());
@@ -470,13 +469,7 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
 /// The export's state per exporter: (backlog, oldest lag ms) summed over
 /// partitions, and the flusher's pending entries.
 async fn export_status(app: &TestApp, exporter: &str) -> (u64, i64, u64) {
-    let status = app
-        .admin
-        .clone()
-        .flush_status(pb::FlushStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = app.flush_status().await.unwrap();
     let mut out = (0, 0, 0);
     for p in status.partitions {
         out.2 += p.pending;
@@ -489,14 +482,7 @@ async fn export_status(app: &TestApp, exporter: &str) -> (u64, i64, u64) {
 }
 
 async fn decrement(app: &TestApp, id: &str, sku: &str) -> Result<(), tonic::Status> {
-    app.inventory
-        .clone()
-        .decrement(pb::DecrementRequest {
-            request_id: id.to_owned(),
-            lines: vec![line(sku, "", 1)],
-        })
-        .await
-        .map(drop)
+    app.decrement(id, vec![line(sku, "", 1)]).await.map(drop)
 }
 
 /// A broker under test, with what a consumer of it received.
@@ -692,17 +678,7 @@ async fn subjects_and_routing_keys_of_odd_names_are_distinct_and_decodable() {
         }
     }
     // Whitespace never gets this far: names with it are refused.
-    let refused = app
-        .admin
-        .clone()
-        .set_stock(pb::SetStockRequest {
-            request_id: "space".into(),
-            sku: "a b".into(),
-            location: String::new(),
-            available: 1,
-            expected_version: None,
-        })
-        .await;
+    let refused = app.set("space", "a b", "", 1).await;
     assert_eq!(code_of(refused), Code::InvalidArgument);
 
     let levels = levels_in_redis(&mut app.redis.clone(), &app.namespace).await;

@@ -5,8 +5,8 @@
 
 use serde_json::{Value, json};
 
-use crate::common::*;
-use crate::http_client::*;
+use crate::support::http_api::*;
+use crate::support::*;
 
 const CHANGED: &str = "eventId sku location available reserved version op availability";
 

@@ -4,8 +4,8 @@
 
 use serde_json::json;
 
-use crate::common::*;
-use crate::http_client::*;
+use crate::support::http_api::*;
+use crate::support::*;
 
 fn options(extra: &[&str]) -> Options {
     Options {

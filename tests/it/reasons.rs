@@ -9,24 +9,10 @@ use stockd::pb;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use crate::common::*;
-
-/// The status's ErrorInfo reason, after checking its domain.
-pub fn reason(status: &Status) -> String {
-    let info = status
-        .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.domain, "stockd.v1", "{status:?}");
-    info.reason
-}
+use crate::support::*;
 
 fn metadata(status: &Status) -> HashMap<String, String> {
     status.get_details_error_info().unwrap().metadata
-}
-
-/// The RetryInfo delay of a refusal worth retrying.
-pub fn retry_delay(status: &Status) -> Option<Duration> {
-    status.get_details_retry_info()?.retry_delay
 }
 
 /// Checks code, reason, and that no retry is advised.
@@ -38,24 +24,14 @@ fn refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, expected: 
     status
 }
 
-fn reserve(id: &str, lines: Vec<pb::Line>, ttl_seconds: u32) -> pb::ReserveRequest {
-    pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines,
-        ttl_seconds,
-    }
-}
-
 #[tokio::test]
 async fn refusals_name_their_reason() {
     let app = spawn_app().await;
     app.seed("mug", "", 2).await;
-    let mut inv = app.inventory.clone();
     let mut admin = app.admin.clone();
 
     let status = refused(
-        inv.reserve(reserve("r0", vec![line("mug", "", 0)], 0))
-            .await,
+        app.reserve("r0", vec![line("mug", "", 0)], 0).await,
         Code::InvalidArgument,
         "INVALID_ARGUMENT",
     );
@@ -63,11 +39,7 @@ async fn refusals_name_their_reason() {
     assert!(status.get_details_bad_request().is_some(), "{status:?}");
 
     let status = refused(
-        inv.decrement(pb::DecrementRequest {
-            request_id: "d0".into(),
-            lines: vec![line("mug", "", 3)],
-        })
-        .await,
+        app.decrement("d0", vec![line("mug", "", 3)]).await,
         Code::FailedPrecondition,
         "OUT_OF_STOCK",
     );
@@ -79,8 +51,7 @@ async fn refusals_name_their_reason() {
     assert_eq!(violations[0].subject, "default/mug");
 
     let status = refused(
-        inv.reserve(reserve("r1", vec![line("nope", "berlin", 1)], 0))
-            .await,
+        app.reserve("r1", vec![line("nope", "berlin", 1)], 0).await,
         Code::NotFound,
         "ITEM_NOT_FOUND",
     );
@@ -91,83 +62,51 @@ async fn refusals_name_their_reason() {
     );
 
     let status = refused(
-        inv.commit(pb::CommitRequest {
-            reservation_id: "never".into(),
-        })
-        .await,
+        app.commit("never").await,
         Code::NotFound,
         "RESERVATION_NOT_FOUND",
     );
     assert_eq!(metadata(&status)["reservation_id"], "never");
 
     // Committed: neither released nor extended.
-    inv.reserve(reserve("sold", vec![line("mug", "", 1)], 0))
+    app.reserve("sold", vec![line("mug", "", 1)], 0)
         .await
         .unwrap();
-    inv.commit(pb::CommitRequest {
-        reservation_id: "sold".into(),
-    })
-    .await
-    .unwrap();
+    app.commit("sold").await.unwrap();
     let status = refused(
-        inv.release(pb::ReleaseRequest {
-            reservation_id: "sold".into(),
-        })
-        .await,
+        app.release("sold").await,
         Code::FailedPrecondition,
         "RESERVATION_COMMITTED",
     );
     assert_eq!(metadata(&status)["reservation_id"], "sold");
     refused(
-        inv.extend(pb::ExtendRequest {
-            reservation_id: "sold".into(),
-            ttl_seconds: 60,
-        })
-        .await,
+        app.extend("sold", 60).await,
         Code::FailedPrecondition,
         "RESERVATION_COMMITTED",
     );
 
     // Released: not committed.
-    inv.reserve(reserve("back", vec![line("mug", "", 1)], 0))
+    app.reserve("back", vec![line("mug", "", 1)], 0)
         .await
         .unwrap();
-    inv.release(pb::ReleaseRequest {
-        reservation_id: "back".into(),
-    })
-    .await
-    .unwrap();
+    app.release("back").await.unwrap();
     refused(
-        inv.commit(pb::CommitRequest {
-            reservation_id: "back".into(),
-        })
-        .await,
+        app.commit("back").await,
         Code::FailedPrecondition,
         "RESERVATION_RELEASED",
     );
 
     // The same id with another payload.
-    let decrement = |quantity| pb::DecrementRequest {
-        request_id: "once".into(),
-        lines: vec![line("mug", "", quantity)],
-    };
-    inv.decrement(decrement(1)).await.unwrap();
+    let decrement = |quantity| app.decrement("once", vec![line("mug", "", quantity)]);
+    decrement(1).await.unwrap();
     refused(
-        inv.decrement(decrement(2)).await,
+        decrement(2).await,
         Code::AlreadyExists,
         "IDEMPOTENCY_KEY_REUSED",
     );
 
     let status = refused(
-        admin
-            .set_stock(pb::SetStockRequest {
-                request_id: "cas".into(),
-                sku: "mug".into(),
-                location: String::new(),
-                available: 5,
-                expected_version: Some(99),
-            })
-            .await,
+        app.set_if_version("cas", "mug", "", 5, 99).await,
         Code::Aborted,
         "VERSION_MISMATCH",
     );
@@ -190,8 +129,7 @@ async fn refusals_name_their_reason() {
 async fn an_expired_reservation_says_so() {
     let app = spawn_app().await;
     app.seed("tea", "", 1).await;
-    let mut inv = app.inventory.clone();
-    inv.reserve(reserve("brief", vec![line("tea", "", 1)], 1))
+    app.reserve("brief", vec![line("tea", "", 1)], 1)
         .await
         .unwrap();
     eventually(
@@ -204,10 +142,7 @@ async fn an_expired_reservation_says_so() {
     )
     .await;
     let status = refused(
-        inv.commit(pb::CommitRequest {
-            reservation_id: "brief".into(),
-        })
-        .await,
+        app.commit("brief").await,
         Code::FailedPrecondition,
         "RESERVATION_EXPIRED",
     );
@@ -223,10 +158,7 @@ async fn a_missing_token_is_unauthenticated() {
     })
     .await;
     refused(
-        app.admin
-            .clone()
-            .flush_status(pb::FlushStatusRequest {})
-            .await,
+        app.flush_status().await,
         Code::Unauthenticated,
         "UNAUTHENTICATED",
     );

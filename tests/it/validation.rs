@@ -4,7 +4,7 @@
 use stockd::pb;
 use tonic::Code;
 
-use crate::common::*;
+use crate::support::*;
 
 type Check = (&'static str, Result<(), tonic::Status>);
 
@@ -77,147 +77,84 @@ async fn bad_input_is_invalid_argument_and_changes_nothing() {
     let cases: Vec<Check> = vec![
         (
             "reservation_id",
-            inv.reserve(reserve("", vec![ok()], 0)).await.map(drop),
+            app.reserve("", vec![ok()], 0).await.map(drop),
         ),
         (
             "reservation_id",
-            inv.reserve(reserve(&long(129), vec![ok()], 0))
-                .await
-                .map(drop),
+            app.reserve(&long(129), vec![ok()], 0).await.map(drop),
         ),
         (
             "reservation_id",
-            inv.reserve(reserve("a b", vec![ok()], 0)).await.map(drop),
+            app.reserve("a b", vec![ok()], 0).await.map(drop),
         ),
+        ("lines", app.reserve("r", vec![], 0).await.map(drop)),
+        ("lines", app.reserve("r", many(101), 0).await.map(drop)),
         (
-            "lines",
-            inv.reserve(reserve("r", vec![], 0)).await.map(drop),
-        ),
-        (
-            "lines",
-            inv.reserve(reserve("r", many(101), 0)).await.map(drop),
+            "lines[0].quantity",
+            app.reserve("r", vec![line("ok", "", 0)], 0).await.map(drop),
         ),
         (
             "lines[0].quantity",
-            inv.reserve(reserve("r", vec![line("ok", "", 0)], 0))
+            app.reserve("r", vec![line("ok", "", -1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[0].quantity",
-            inv.reserve(reserve("r", vec![line("ok", "", -1)], 0))
-                .await
-                .map(drop),
-        ),
-        (
-            "lines[0].quantity",
-            inv.reserve(reserve("r", vec![line("ok", "", 1_000_001)], 0))
+            app.reserve("r", vec![line("ok", "", 1_000_001)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[1].sku",
-            inv.reserve(reserve("r", vec![ok(), line("", "", 1)], 0))
+            app.reserve("r", vec![ok(), line("", "", 1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[0].sku",
-            inv.reserve(reserve("r", vec![line(&long(129), "", 1)], 0))
+            app.reserve("r", vec![line(&long(129), "", 1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[0].sku",
-            inv.reserve(reserve("r", vec![line("a\tb", "", 1)], 0))
+            app.reserve("r", vec![line("a\tb", "", 1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[0].location",
-            inv.reserve(reserve("r", vec![line("ok", &long(65), 1)], 0))
+            app.reserve("r", vec![line("ok", &long(65), 1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[0].location",
-            inv.reserve(reserve("r", vec![line("ok", "x\u{1}", 1)], 0))
+            app.reserve("r", vec![line("ok", "x\u{1}", 1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[1]",
-            inv.reserve(reserve("r", vec![ok(), line("ok", "default", 2)], 0))
+            app.reserve("r", vec![ok(), line("ok", "default", 2)], 0)
                 .await
                 .map(drop),
         ),
         (
             "ttl_seconds",
-            inv.reserve(reserve("r", vec![ok()], 86_401))
-                .await
-                .map(drop),
+            app.reserve("r", vec![ok()], 86_401).await.map(drop),
         ),
-        (
-            "reservation_id",
-            inv.commit(pb::CommitRequest {
-                reservation_id: String::new(),
-            })
-            .await
-            .map(drop),
-        ),
-        (
-            "reservation_id",
-            inv.release(pb::ReleaseRequest {
-                reservation_id: " ".into(),
-            })
-            .await
-            .map(drop),
-        ),
-        (
-            "ttl_seconds",
-            inv.extend(pb::ExtendRequest {
-                reservation_id: "held".into(),
-                ttl_seconds: 0,
-            })
-            .await
-            .map(drop),
-        ),
-        (
-            "ttl_seconds",
-            inv.extend(pb::ExtendRequest {
-                reservation_id: "held".into(),
-                ttl_seconds: 86_401,
-            })
-            .await
-            .map(drop),
-        ),
-        (
-            "request_id",
-            inv.decrement(pb::DecrementRequest {
-                request_id: String::new(),
-                lines: vec![ok()],
-            })
-            .await
-            .map(drop),
-        ),
+        ("reservation_id", app.commit("").await.map(drop)),
+        ("reservation_id", app.release(" ").await.map(drop)),
+        ("ttl_seconds", app.extend("held", 0).await.map(drop)),
+        ("ttl_seconds", app.extend("held", 86_401).await.map(drop)),
+        ("request_id", app.decrement("", vec![ok()]).await.map(drop)),
         (
             "lines[0].quantity",
-            inv.decrement(pb::DecrementRequest {
-                request_id: "d".into(),
-                lines: vec![line("ok", "", 0)],
-            })
-            .await
-            .map(drop),
+            app.decrement("d", vec![line("ok", "", 0)]).await.map(drop),
         ),
-        (
-            "lines",
-            inv.decrement(pb::DecrementRequest {
-                request_id: "d".into(),
-                lines: vec![],
-            })
-            .await
-            .map(drop),
-        ),
+        ("lines", app.decrement("d", vec![]).await.map(drop)),
         ("delta", inv.adjust(adjust("ok", 0, "")).await.map(drop)),
         (
             "delta",
@@ -296,58 +233,23 @@ async fn unknown_items_and_reservations_are_not_found_and_change_nothing() {
     let before = app.snapshot().await;
     let mut inv = app.inventory.clone();
 
-    let status = inv
-        .reserve(reserve(
-            "r",
-            vec![line("known", "", 1), line("ghost", "", 1)],
-            0,
-        ))
+    let status = app
+        .reserve("r", vec![line("known", "", 1), line("ghost", "", 1)], 0)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("default/ghost"), "{status:?}");
     assert_eq!(
-        code_of(
-            inv.decrement(pb::DecrementRequest {
-                request_id: "d".into(),
-                lines: vec![line("ghost", "", 1)]
-            })
-            .await
-        ),
+        code_of(app.decrement("d", vec![line("ghost", "", 1)]).await),
         Code::NotFound
     );
     assert_eq!(
         code_of(inv.adjust(adjust("ghost", 1, "")).await),
         Code::NotFound
     );
-    assert_eq!(
-        code_of(
-            inv.commit(pb::CommitRequest {
-                reservation_id: "nope".into()
-            })
-            .await
-        ),
-        Code::NotFound
-    );
-    assert_eq!(
-        code_of(
-            inv.release(pb::ReleaseRequest {
-                reservation_id: "nope".into()
-            })
-            .await
-        ),
-        Code::NotFound
-    );
-    assert_eq!(
-        code_of(
-            inv.extend(pb::ExtendRequest {
-                reservation_id: "nope".into(),
-                ttl_seconds: 5
-            })
-            .await
-        ),
-        Code::NotFound
-    );
+    assert_eq!(code_of(app.commit("nope").await), Code::NotFound);
+    assert_eq!(code_of(app.release("nope").await), Code::NotFound);
+    assert_eq!(code_of(app.extend("nope", 5).await), Code::NotFound);
     assert_eq!(app.snapshot().await, before);
 
     let got = inv
@@ -429,7 +331,7 @@ async fn identifiers_that_do_not_print_as_themselves_are_refused_and_change_noth
     app.seed("ok", "", 10).await;
     let mut inv = app.inventory.clone();
     let mut admin = app.admin.clone();
-    inv.reserve(reserve("order-1001", vec![line("ok", "", 1)], 60))
+    app.reserve("order-1001", vec![line("ok", "", 1)], 60)
         .await
         .unwrap();
     let before = app.snapshot().await;
@@ -449,55 +351,24 @@ async fn identifiers_that_do_not_print_as_themselves_are_refused_and_change_noth
         let cases: Vec<Check> = vec![
             (
                 "reservation_id",
-                inv.reserve(reserve(bad, vec![line("ok", "", 1)], 0))
-                    .await
-                    .map(drop),
+                app.reserve(bad, vec![line("ok", "", 1)], 0).await.map(drop),
             ),
             (
                 "lines[0].sku",
-                inv.reserve(reserve("r", vec![line(bad, "", 1)], 0))
-                    .await
-                    .map(drop),
+                app.reserve("r", vec![line(bad, "", 1)], 0).await.map(drop),
             ),
             (
                 "lines[0].location",
-                inv.reserve(reserve("r", vec![line("ok", bad, 1)], 0))
+                app.reserve("r", vec![line("ok", bad, 1)], 0)
                     .await
                     .map(drop),
             ),
-            (
-                "reservation_id",
-                inv.commit(pb::CommitRequest {
-                    reservation_id: bad.into(),
-                })
-                .await
-                .map(drop),
-            ),
-            (
-                "reservation_id",
-                inv.release(pb::ReleaseRequest {
-                    reservation_id: bad.into(),
-                })
-                .await
-                .map(drop),
-            ),
-            (
-                "reservation_id",
-                inv.extend(pb::ExtendRequest {
-                    reservation_id: bad.into(),
-                    ttl_seconds: 60,
-                })
-                .await
-                .map(drop),
-            ),
+            ("reservation_id", app.commit(&bad).await.map(drop)),
+            ("reservation_id", app.release(&bad).await.map(drop)),
+            ("reservation_id", app.extend(&bad, 60).await.map(drop)),
             (
                 "request_id",
-                inv.decrement(pb::DecrementRequest {
-                    request_id: bad.into(),
-                    lines: vec![line("ok", "", 1)],
-                })
-                .await
-                .map(drop),
+                app.decrement(&bad, vec![line("ok", "", 1)]).await.map(drop),
             ),
             (
                 "request_id",

@@ -11,8 +11,7 @@ use tonic::Code;
 use tonic::codec::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::common::*;
-use crate::reasons::{reason, retry_delay};
+use crate::support::*;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -50,18 +49,9 @@ async fn take(stream: &mut Streaming<pb::StockEvent>, n: usize) -> Vec<pb::Stock
 }
 
 async fn adjust(app: &TestApp, sku: &str, delta: i64) -> pb::StockLevel {
-    app.inventory
-        .clone()
-        .adjust(pb::AdjustRequest {
-            request_id: unique_namespace("adj"),
-            sku: sku.into(),
-            location: String::new(),
-            delta,
-            reason: "test".into(),
-        })
+    app.adjust(&unique_namespace("adj"), &sku, "", delta, "test")
         .await
         .expect("adjust")
-        .into_inner()
         .level
         .unwrap()
 }
@@ -104,28 +94,20 @@ async fn events_arrive_in_version_order_per_item_and_none_is_missed() {
     }
     // Concurrent changes from several clients, lines across partitions.
     let clients = (0..6).map(|c| {
-        let mut inv = app.inventory.clone();
+        let inv = app.clients();
         let skus = skus.clone();
         async move {
             for i in 0..15 {
                 let id = format!("ord-{c}-{i}");
                 let a = &skus[(c + i) % skus.len()];
                 let b = &skus[(c + i + 1) % skus.len()];
-                inv.reserve(pb::ReserveRequest {
-                    reservation_id: id.clone(),
-                    lines: vec![line(a, "", 1), line(b, "berlin", 2)],
-                    ttl_seconds: 600,
-                })
-                .await
-                .unwrap();
+                inv.reserve(&id, vec![line(a, "", 1), line(b, "berlin", 2)], 600)
+                    .await
+                    .unwrap();
                 if i % 2 == 0 {
-                    inv.commit(pb::CommitRequest { reservation_id: id })
-                        .await
-                        .unwrap();
+                    inv.commit(&id).await.unwrap();
                 } else {
-                    inv.release(pb::ReleaseRequest { reservation_id: id })
-                        .await
-                        .unwrap();
+                    inv.release(&id).await.unwrap();
                 }
             }
         }
@@ -234,17 +216,17 @@ async fn resuming_from_an_id_replays_exactly_the_missed_events() {
             .unwrap();
         let producers: Vec<_> = (0..2)
             .map(|p| {
-                let mut inv = app.inventory.clone();
+                let inv = app.clients();
                 let skus = skus.clone();
                 tokio::spawn(async move {
                     for i in 0..25 {
-                        inv.adjust(pb::AdjustRequest {
-                            request_id: format!("live-{round}-{p}-{i}"),
-                            sku: skus[(i + p) % 3].clone(),
-                            location: String::new(),
-                            delta: 1,
-                            reason: String::new(),
-                        })
+                        inv.adjust(
+                            &format!("live-{round}-{p}-{i}"),
+                            &skus[(i + p) % 3],
+                            "",
+                            1,
+                            "",
+                        )
                         .await
                         .unwrap();
                     }
@@ -411,19 +393,10 @@ async fn a_slow_watcher_is_cut_and_can_resume_from_the_id_it_is_given() {
 
     // 40 reservations of 50 lines, each released: 4,000 events.
     let lines: Vec<pb::Line> = skus.iter().map(|s| line(s, "", 1)).collect();
-    let mut inv = app.inventory.clone();
     for i in 0..40 {
         let id = format!("slow-{i}");
-        inv.reserve(pb::ReserveRequest {
-            reservation_id: id.clone(),
-            lines: lines.clone(),
-            ttl_seconds: 600,
-        })
-        .await
-        .unwrap();
-        inv.release(pb::ReleaseRequest { reservation_id: id })
-            .await
-            .unwrap();
+        app.reserve(&id, lines.clone(), 600).await.unwrap();
+        app.release(&id).await.unwrap();
     }
     let healthy_got = tokio::time::timeout(Duration::from_secs(60), reader)
         .await

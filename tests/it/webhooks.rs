@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 
-use crate::common::*;
+use crate::support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const OWN_SECRET: &str = "own-secret-0123456789";
@@ -311,33 +311,20 @@ async fn add_webhook(app: &TestApp, req: pb::AddWebhookRequest) -> pb::AddWebhoo
 }
 
 async fn decrement(app: &TestApp, sku: &str, quantity: i64) {
-    app.inventory
-        .clone()
-        .decrement(pb::DecrementRequest {
-            request_id: unique_namespace("dec"),
-            lines: vec![line(sku, "", quantity)],
-        })
+    app.decrement(&unique_namespace("dec"), vec![line(sku, "", quantity)])
         .await
         .expect("decrement");
 }
 
 async fn adjust(app: &TestApp, sku: &str, delta: i64) {
-    app.inventory
-        .clone()
-        .adjust(pb::AdjustRequest {
-            request_id: unique_namespace("adj"),
-            sku: sku.into(),
-            location: String::new(),
-            delta,
-            reason: String::new(),
-        })
+    app.adjust(&unique_namespace("adj"), &sku, "", delta, "")
         .await
         .expect("adjust");
 }
 
 /// Runs a `stockctl` command line against the app; (exit code, stdout).
 async fn stockctl(app: &TestApp, args: &[&str]) -> (i32, String) {
-    let ran = crate::cli::stockctl(app.addr, args).await;
+    let ran = crate::support::process::stockctl(app.addr, args).await;
     assert!(ran.code == 0, "stockctl {args:?}: {}", ran.stderr);
     (ran.code, ran.stdout)
 }
@@ -400,19 +387,10 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
     decrement(&app, "mug", 4).await; // v3: 4 -> 0, out_of_stock
     adjust(&app, "mug", 3).await; // v4: 0 -> 3, back_in_stock
     adjust(&app, "mug", 7).await; // v5: 3 -> 10, nothing
-    let mut inv = app.inventory.clone();
-    inv.reserve(pb::ReserveRequest {
-        reservation_id: "hold-all".into(),
-        lines: vec![line("mug", "", 10)],
-        ttl_seconds: 600,
-    })
-    .await
-    .unwrap(); // v6: 10 -> 0, low_stock and out_of_stock
-    inv.release(pb::ReleaseRequest {
-        reservation_id: "hold-all".into(),
-    })
-    .await
-    .unwrap(); // v7: 0 -> 10, back_in_stock
+    app.reserve("hold-all", vec![line("mug", "", 10)], 600)
+        .await
+        .unwrap(); // v6: 10 -> 0, low_stock and out_of_stock
+    app.release("hold-all").await.unwrap(); // v7: 0 -> 10, back_in_stock
     decrement(&app, "other", 1).await; // other v2: out_of_stock (server hook only)
 
     let expected = [

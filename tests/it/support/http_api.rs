@@ -10,7 +10,7 @@ use stockd::pb;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::common::*;
+use super::*;
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
