@@ -178,23 +178,20 @@ async fn webhook_list_pages_past_the_message_limit() {
         ..Options::default()
     })
     .await;
-    let mut admin = app.admin.clone();
     let mut added = Vec::new();
     for n in 0..40 {
         let skus = (0..1_000)
             .map(|i| format!("{n:02}-{i:04}-{}", "x".repeat(120)))
             .collect();
-        let webhook = admin
+        let url = format!("http://127.0.0.1:9/hook-{n}");
+        let webhook = app
             .add_webhook(pb::AddWebhookRequest {
-                url: format!("http://127.0.0.1:9/hook-{n}"),
-                events: vec![pb::WebhookEvent::OutOfStock.into()],
                 skus,
                 secret: "0123456789abcdef".into(),
-                ..Default::default()
+                ..webhook_request(&url, &[pb::WebhookEvent::OutOfStock])
             })
             .await
             .unwrap()
-            .into_inner()
             .webhook
             .unwrap();
         added.push(webhook);
@@ -208,14 +205,7 @@ async fn webhook_list_pages_past_the_message_limit() {
     let mut seen = Vec::new();
     let mut page_token = String::new();
     loop {
-        let page = admin
-            .list_webhooks(pb::ListWebhooksRequest {
-                page_size: 100,
-                page_token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let page = app.list_webhooks(100, &page_token).await.unwrap();
         assert!(
             page.encoded_len() <= (1024 + 4) * 1024,
             "a page stays near 1 MiB"
@@ -230,24 +220,11 @@ async fn webhook_list_pages_past_the_message_limit() {
     let ids: Vec<u64> = added.iter().map(|w| w.id).collect();
     assert_eq!(seen, ids, "every subscription once, in id order");
 
-    let small = admin
-        .list_webhooks(pb::ListWebhooksRequest {
-            page_size: 3,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let small = app.list_webhooks(3, "").await.unwrap();
     assert_eq!(small.webhooks.len(), 3);
     assert_eq!(small.next_page_token, ids[2].to_string());
 
-    let status = admin
-        .list_webhooks(pb::ListWebhooksRequest {
-            page_size: 0,
-            page_token: "not-a-token".into(),
-        })
-        .await
-        .unwrap_err();
+    let status = app.list_webhooks(0, "not-a-token").await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(reason(&status), "INVALID_ARGUMENT");
 

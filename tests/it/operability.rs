@@ -716,14 +716,7 @@ async fn request_metrics_name_known_rpcs_and_count_final_statuses() {
         .connect()
         .await
         .unwrap();
-    let mut slow = pb::inventory_client::InventoryClient::new(slow_channel)
-        .watch(pb::WatchRequest {
-            skus: vec!["w".into()],
-            from_event_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut slow = Clients::new(slow_channel).watch(&["w"], "").await.unwrap();
     for i in 0..150 {
         let id = format!("w-{i}");
         rpc.reserve(&id, vec![line("w", "", 1)], 600).await.unwrap();

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use stockd::pb;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
@@ -28,7 +27,6 @@ fn refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, expected: 
 async fn refusals_name_their_reason() {
     let app = spawn_app().await;
     app.seed("mug", "", 2).await;
-    let mut admin = app.admin.clone();
 
     let status = refused(
         app.reserve("r0", vec![line("mug", "", 0)], 0).await,
@@ -116,9 +114,7 @@ async fn refusals_name_their_reason() {
     assert_eq!(m["current_version"], current.to_string());
 
     refused(
-        admin
-            .remove_webhook(pb::RemoveWebhookRequest { id: 999_999 })
-            .await,
+        app.remove_webhook(999_999).await,
         Code::NotFound,
         "NOT_FOUND",
     );

@@ -24,14 +24,7 @@ async fn try_watch(
     skus: &[&str],
     from: &str,
 ) -> Result<Streaming<pb::StockEvent>, tonic::Status> {
-    app.inventory
-        .clone()
-        .watch(pb::WatchRequest {
-            skus: skus.iter().map(|s| s.to_string()).collect(),
-            from_event_id: from.into(),
-        })
-        .await
-        .map(|r| r.into_inner())
+    app.watch(skus, from).await
 }
 
 /// The next `n` events, or a panic naming what arrived before the deadline.
@@ -368,17 +361,9 @@ async fn a_slow_watcher_is_cut_and_can_resume_from_the_id_it_is_given() {
         .connect()
         .await
         .unwrap();
-    let mut slow_client = pb::inventory_client::InventoryClient::new(slow_channel);
-    let mut slow = slow_client
-        .watch(pb::WatchRequest {
-            skus: skus.clone(),
-            from_event_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    // A healthy watcher of the same SKUs alongside keeps everything.
     let refs: Vec<&str> = skus.iter().map(String::as_str).collect();
+    let mut slow = Clients::new(slow_channel).watch(&refs, "").await.unwrap();
+    // A healthy watcher of the same SKUs alongside keeps everything.
     let mut healthy = watch(&app, &refs, "").await;
     let reader = tokio::spawn(async move {
         let mut n = 0usize;

@@ -301,15 +301,6 @@ fn assert_signed(r: &Received, secret: &str) {
     assert_eq!(r.header("content-type"), "application/json");
 }
 
-async fn add_webhook(app: &TestApp, req: pb::AddWebhookRequest) -> pb::AddWebhookResponse {
-    app.admin
-        .clone()
-        .add_webhook(req)
-        .await
-        .expect("add webhook")
-        .into_inner()
-}
-
 async fn decrement(app: &TestApp, sku: &str, quantity: i64) {
     app.decrement(&unique_namespace("dec"), vec![line(sku, "", quantity)])
         .await
@@ -349,9 +340,8 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
     ])
     .await;
     // Every kind, own secret, this SKU only.
-    let own = add_webhook(
-        &app,
-        pb::AddWebhookRequest {
+    let own = app
+        .add_webhook(pb::AddWebhookRequest {
             url: receiver.url("/own"),
             events: vec![
                 pb::WebhookEvent::OutOfStock.into(),
@@ -361,21 +351,19 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
             low_stock_threshold: 5,
             skus: vec!["mug".into()],
             secret: OWN_SECRET.into(),
-        },
-    )
-    .await;
+        })
+        .await
+        .expect("add webhook");
     let own_id = own.webhook.as_ref().unwrap().id;
     assert!(own.generated_secret.is_empty());
     // out_of_stock of every SKU, signed with the server-wide secret.
-    let server = add_webhook(
-        &app,
-        pb::AddWebhookRequest {
-            url: receiver.url("/server"),
-            events: vec![pb::WebhookEvent::OutOfStock.into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let server = app
+        .add_webhook(webhook_request(
+            &receiver.url("/server"),
+            &[pb::WebhookEvent::OutOfStock],
+        ))
+        .await
+        .expect("add webhook");
     assert_eq!(
         server.webhook.as_ref().unwrap().secret_source(),
         pb::WebhookSecretSource::Server
@@ -569,15 +557,13 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
     let down_id = added["webhook"]["id"].as_u64().unwrap();
     let down_secret = added["generated_secret"].as_str().unwrap().to_owned();
     assert!(down_secret.starts_with("whsec_"), "{added}");
-    let up = add_webhook(
-        &app,
-        pb::AddWebhookRequest {
-            url: receiver.url("/up"),
-            events: vec![pb::WebhookEvent::OutOfStock.into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let up = app
+        .add_webhook(webhook_request(
+            &receiver.url("/up"),
+            &[pb::WebhookEvent::OutOfStock],
+        ))
+        .await
+        .expect("add webhook");
     let up_secret = up.generated_secret.clone();
 
     app.seed("cup", "", 2).await;
@@ -598,19 +584,9 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
 
     // Three attempts of v2, then dead; only then v3 (in order), three
     // attempts, dead.
-    let dead = eventually(DEADLINE, "two dead letters", || {
-        let mut admin = app.admin.clone();
-        async move {
-            let r = admin
-                .list_webhook_dead_letters(pb::ListWebhookDeadLettersRequest {
-                    subscription_id: down_id,
-                    limit: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            (r.dead_letters.len() == 2).then_some(r.dead_letters)
-        }
+    let dead = eventually(DEADLINE, "two dead letters", || async {
+        let r = app.webhook_dead_letters(down_id, 0).await.unwrap();
+        (r.dead_letters.len() == 2).then_some(r.dead_letters)
     })
     .await;
     let down_seen = receiver.seen("/down");
@@ -706,12 +682,7 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
         removed.starts_with(&format!("removed webhook {down_id}")),
         "{removed}"
     );
-    let status = app
-        .admin
-        .clone()
-        .remove_webhook(pb::RemoveWebhookRequest { id: down_id })
-        .await
-        .unwrap_err();
+    let status = app.remove_webhook(down_id).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
     pool.close().await;
     app.stop().await;
@@ -725,11 +696,7 @@ async fn subscriptions_are_validated() {
     })
     .await;
     let mut admin = app.admin.clone();
-    let base = pb::AddWebhookRequest {
-        url: "http://127.0.0.1:9/hook".into(),
-        events: vec![pb::WebhookEvent::OutOfStock.into()],
-        ..Default::default()
-    };
+    let base = webhook_request("http://127.0.0.1:9/hook", &[pb::WebhookEvent::OutOfStock]);
     for (req, field) in [
         (
             pb::AddWebhookRequest {
@@ -830,11 +797,7 @@ async fn internal_destinations_are_refused_unless_allowed() {
         ),
     ] {
         let status = admin
-            .add_webhook(pb::AddWebhookRequest {
-                url: url.clone(),
-                events: vec![pb::WebhookEvent::OutOfStock.into()],
-                ..Default::default()
-            })
+            .add_webhook(webhook_request(&url, &[pb::WebhookEvent::OutOfStock]))
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{url}");
@@ -958,16 +921,15 @@ async fn https_endpoints_get_standard_webhooks_through_a_private_ca() {
     let receiver = Receiver::start_tls(&[("/tls", Behaviour::Ok)], tls).await;
     let url = receiver.url("/tls");
     assert!(url.starts_with("https://localhost:"), "{url}");
-    let added = add_webhook(
-        &app,
-        pb::AddWebhookRequest {
+    let added = app
+        .add_webhook(pb::AddWebhookRequest {
             url: url.clone(),
             events: vec![pb::WebhookEvent::OutOfStock.into()],
             secret: STANDARD_SECRET.into(),
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .await
+        .expect("add webhook");
     let id = added.webhook.unwrap().id;
 
     // A SKU with a dot and a non-ASCII letter: the webhook-id may hold

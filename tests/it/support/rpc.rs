@@ -12,7 +12,7 @@ use stockd::pb;
 use stockd::pb::admin_client::AdminClient;
 use stockd::pb::inventory_client::InventoryClient;
 use tonic::transport::Channel;
-use tonic::{Response, Status};
+use tonic::{Response, Status, Streaming};
 
 use super::TestApp;
 
@@ -112,6 +112,16 @@ pub fn reconcile_all_request(mode: pb::ReconcileMode) -> pb::ReconcileRequest {
 pub fn preload_all_request() -> pb::PreloadRequest {
     pb::PreloadRequest {
         all: true,
+        ..Default::default()
+    }
+}
+
+/// A webhook subscription of `url` to `events`, every SKU, the server's
+/// secret (struct update for the other fields).
+pub fn webhook_request(url: &str, events: &[pb::WebhookEvent]) -> pb::AddWebhookRequest {
+    pb::AddWebhookRequest {
+        url: url.into(),
+        events: events.iter().map(|&event| event.into()).collect(),
         ..Default::default()
     }
 }
@@ -217,6 +227,19 @@ pub trait Rpc {
             .map(Response::into_inner)
     }
 
+    /// The changes of `skus` after the event `from` (`""`: from now on).
+    async fn watch(&self, skus: &[&str], from: &str) -> Result<Streaming<pb::StockEvent>, Status> {
+        let request = pb::WatchRequest {
+            skus: skus.iter().map(|sku| sku.to_string()).collect(),
+            from_event_id: from.into(),
+        };
+        self.clients()
+            .inventory
+            .watch(request)
+            .await
+            .map(Response::into_inner)
+    }
+
     async fn adjust(
         &self,
         id: &str,
@@ -315,6 +338,59 @@ pub trait Rpc {
             ..Default::default()
         };
         self.preload(request).await
+    }
+
+    async fn add_webhook(
+        &self,
+        request: pb::AddWebhookRequest,
+    ) -> Result<pb::AddWebhookResponse, Status> {
+        self.clients()
+            .admin
+            .add_webhook(request)
+            .await
+            .map(Response::into_inner)
+    }
+
+    async fn list_webhooks(
+        &self,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<pb::ListWebhooksResponse, Status> {
+        let request = pb::ListWebhooksRequest {
+            page_size,
+            page_token: page_token.into(),
+        };
+        self.clients()
+            .admin
+            .list_webhooks(request)
+            .await
+            .map(Response::into_inner)
+    }
+
+    async fn remove_webhook(&self, id: u64) -> Result<pb::RemoveWebhookResponse, Status> {
+        let request = pb::RemoveWebhookRequest { id };
+        self.clients()
+            .admin
+            .remove_webhook(request)
+            .await
+            .map(Response::into_inner)
+    }
+
+    /// The dead letters of a subscription (`limit` 0: the server's default).
+    async fn webhook_dead_letters(
+        &self,
+        subscription_id: u64,
+        limit: u32,
+    ) -> Result<pb::ListWebhookDeadLettersResponse, Status> {
+        let request = pb::ListWebhookDeadLettersRequest {
+            subscription_id,
+            limit,
+        };
+        let mut admin = self.clients().admin;
+        admin
+            .list_webhook_dead_letters(request)
+            .await
+            .map(Response::into_inner)
     }
 
     /// SetStock of every SKU (location `default`) to `available`, each
