@@ -9,15 +9,12 @@ use crate::support::*;
 
 #[tokio::test]
 async fn bearer_scheme_in_any_case() {
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--admin-token".into(),
-            "adm1n".into(),
-            "--client-token".into(),
-            "cl1ent".into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--admin-token",
+        "adm1n",
+        "--client-token",
+        "cl1ent",
+    ]))
     .await;
     let get = || get_request(&[("x", "")]);
     let (mut inventory, mut admin) = (app.inventory.clone(), app.admin.clone());

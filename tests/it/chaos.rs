@@ -433,20 +433,7 @@ async fn chaos_never_loses_or_doubles_an_acknowledged_change() {
     let pool = sqlx::PgPool::connect(&postgres_url(&database))
         .await
         .unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the test's connection to Redis",
-        || {
-            let mut conn = conn.clone();
-            async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
+    reconnected(&conn).await;
     assert_converged(
         &mut conn.clone(),
         &namespace,

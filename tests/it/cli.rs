@@ -80,11 +80,7 @@ async fn exit_codes_say_what_happened() {
 
 #[tokio::test]
 async fn a_missing_token_exits_80() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--admin-token".into(), "adm1n".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--admin-token", "adm1n"])).await;
     let ran = stockctl(app.addr, &["flush-status"]).await;
     assert_eq!(ran.code, 64 + 16, "{}", ran.stderr);
     let ran = stockctl(app.addr, &["--admin-token", "adm1n", "flush-status"]).await;
@@ -173,10 +169,10 @@ async fn completions_generate_for_each_shell() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_list_pages_past_the_message_limit() {
     // Never delivered to (no stock changes), but loopback must be allowed.
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--webhook-allow-networks".into(), "127.0.0.0/8".into()],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-allow-networks",
+        "127.0.0.0/8",
+    ]))
     .await;
     let mut added = Vec::new();
     for n in 0..40 {

@@ -67,6 +67,23 @@ impl Fixture {
         pool.close().await;
     }
 
+    /// Waits until `consumer` (a dead instance) holds no entry pending:
+    /// another instance claimed and flushed them.
+    async fn taken_over_from(&self, consumer: &str) {
+        eventually(
+            Duration::from_secs(30),
+            &format!("the entries pending for {consumer} to be taken over"),
+            || {
+                let mut conn = self.redis.clone();
+                async move {
+                    let pending = pending_of(&mut conn, &self.namespace, 16, consumer).await;
+                    (pending == 0).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     async fn cleanup(self) {
         delete_namespace(&mut self.redis.clone(), &self.namespace).await;
         drop_database(&self.database).await;
@@ -144,16 +161,7 @@ async fn a_crash_between_commit_and_xack_is_replayed_by_the_surviving_instance()
     // timeout and writes them again, harmlessly.
     let mut b = Stockd::start(&fx.namespace, &fx.database_url, "b", false).await;
     fx.assert_converged().await;
-    eventually(
-        Duration::from_secs(30),
-        "b to take over a's pending entries",
-        || {
-            let mut conn = fx.redis.clone();
-            let namespace = fx.namespace.clone();
-            async move { (pending_of(&mut conn, &namespace, 16, "a").await == 0).then_some(()) }
-        },
-    )
-    .await;
+    fx.taken_over_from("a").await;
     assert_eq!(b.terminate().await.code(), Some(0));
     fx.cleanup().await;
 }
@@ -177,16 +185,7 @@ async fn two_instances_share_the_flush_and_survive_losing_one() {
         load.await.unwrap();
     }
     fx.assert_converged().await;
-    eventually(
-        Duration::from_secs(30),
-        "b to hold none of a's entries pending",
-        || {
-            let mut conn = fx.redis.clone();
-            let namespace = fx.namespace.clone();
-            async move { (pending_of(&mut conn, &namespace, 16, "a").await == 0).then_some(()) }
-        },
-    )
-    .await;
+    fx.taken_over_from("a").await;
     assert_eq!(b.terminate().await.code(), Some(0));
     fx.cleanup().await;
 }

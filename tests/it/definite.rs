@@ -137,20 +137,7 @@ async fn a_stall_then_a_loss_leaves_no_hole_in_the_ledger() {
     sales(200, 300).await;
     // Redis comes back empty before the flusher caught up.
     redis.restart().await;
-    eventually(
-        Duration::from_secs(10),
-        "the test's connection to reconnect",
-        || {
-            let mut conn = app.redis.clone();
-            async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
+    reconnected(&app.redis).await;
     sales(300, 350).await;
 
     let pool = app.postgres().await;

@@ -27,6 +27,7 @@ use stockd::export;
 use tonic::Code;
 
 use crate::support::load::background_load;
+use crate::support::own_redis::free_port;
 use crate::support::process::Stockd;
 use crate::support::proxy::FaultProxy;
 use crate::support::*;
@@ -346,9 +347,19 @@ async fn scrape(addr: &str) -> String {
     }
 }
 
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+/// A free local address for `--metrics-addr`.
+fn metrics_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// (published, duplicates) of the NATS export, as the instance whose
+/// metrics are at `addr` counted them.
+async fn nats_export_counts(addr: &str) -> (u64, u64) {
+    let page = scrape(addr).await;
+    (
+        counter_in(&page, "stockd_export_published_total", "nats"),
+        counter_in(&page, "stockd_export_duplicates_total", "nats"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -360,28 +371,22 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
     let skus: Vec<String> = (0..10).map(|i| format!("exp.sku*{i}")).collect();
     let jet = Jet::connect(&namespace).await;
     let mut rabbit = Rabbit::bind(&namespace).await;
-    let args = |metrics: &str| {
-        vec![
+    let exporter = async |failpoint: Option<&str>, metrics: &str| {
+        let args = [
             "--nats-url".to_owned(),
             nats_url(),
             "--amqp-url".into(),
             amqp_url(),
             "--metrics-addr".into(),
             metrics.to_owned(),
-        ]
+        ];
+        Stockd::start_failing(&namespace, &database_url, "exporter", failpoint, &args).await
     };
 
     // 1. An instance that dies between JetStream's ack and the XACK: its
     //    restart publishes the batch again, and JetStream drops it.
-    let failing = free_port();
-    let mut first = Stockd::start_failing(
-        &namespace,
-        &database_url,
-        "exporter",
-        Some("export-crash-after-publish:nats"),
-        &args(&failing),
-    )
-    .await;
+    let failing = metrics_addr();
+    let mut first = exporter(Some("export-crash-after-publish:nats"), &failing).await;
     first.clients().seed_each(&skus[..1], 10_000).await;
     assert!(!first.wait_exit(Duration::from_secs(30)).await.success());
 
@@ -390,15 +395,8 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
     let mut published = 0;
     let mut duplicates = 0;
     for round in 0..4 {
-        let metrics = free_port();
-        let mut stockd = Stockd::start_with(
-            &namespace,
-            &database_url,
-            "exporter",
-            false,
-            &args(&metrics),
-        )
-        .await;
+        let metrics = metrics_addr();
+        let mut stockd = exporter(None, &metrics).await;
         if round == 0 {
             // The replay of the aborted batch, dropped as a duplicate.
             eventually(
@@ -420,33 +418,24 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
         let load = background_load(stockd.channel(), skus.clone(), stop.clone());
         let chaos = Duration::from_millis(rand::rng().random_range(200..800));
         tokio::time::sleep(chaos).await;
-        let page = scrape(&metrics).await;
-        published += counter_in(&page, "stockd_export_published_total", "nats");
-        duplicates += counter_in(&page, "stockd_export_duplicates_total", "nats");
+        let (p, d) = nats_export_counts(&metrics).await;
+        (published, duplicates) = (published + p, duplicates + d);
         stockd.kill9();
         stop.store(true, Ordering::Relaxed);
         load.await.unwrap();
     }
 
     // 3. A last instance replays what the killed ones left pending.
-    let metrics = free_port();
-    let mut stockd = Stockd::start_with(
-        &namespace,
-        &database_url,
-        "exporter",
-        false,
-        &args(&metrics),
-    )
-    .await;
+    let metrics = metrics_addr();
+    let mut stockd = exporter(None, &metrics).await;
     let levels = levels_in_redis(&mut redis.clone(), &namespace).await;
     let changes: i64 = levels.values().map(|(_, _, v)| v).sum();
     assert!(changes > 50, "the load made changes: {changes}");
     let in_jetstream = jet.wait_all(Duration::from_secs(60), &levels).await;
     rabbit.receive_all(Duration::from_secs(60), &levels).await;
     let rabbit_duplicates = check_order(&rabbit.received, &levels, false).unwrap();
-    let page = scrape(&metrics).await;
-    published += counter_in(&page, "stockd_export_published_total", "nats");
-    duplicates += counter_in(&page, "stockd_export_duplicates_total", "nats");
+    let (p, d) = nats_export_counts(&metrics).await;
+    (published, duplicates) = (published + p, duplicates + d);
     eprintln!(
         "export across kill -9: {changes} changes; JetStream holds {in_jetstream}, \
          {published} acks seen by live instances of which {duplicates} duplicates dropped; \

@@ -11,12 +11,7 @@ use crate::support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_gone_is_unavailable() {
     let mut redis = OwnRedis::start().await;
-    let app = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        extra_args: vec!["--redis-timeout-ms".into(), "500".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(redis.options(&["--redis-timeout-ms", "500"])).await;
     app.seed("sku", "", 3).await;
     redis.kill();
 
@@ -39,11 +34,7 @@ async fn redis_gone_is_unavailable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_turned_replica_is_unavailable_and_changes_nothing() {
     let redis = OwnRedis::start().await;
-    let app = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(redis.options(&[])).await;
     app.seed("ro", "", 5).await;
     let config = |name: &'static str, value: &'static str| {
         let redis = &redis;

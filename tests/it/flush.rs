@@ -19,13 +19,7 @@ async fn random_load_from_many_clients_converges_in_postgres() {
     random_load(&app.clients(), &skus, 16, 40, 1).await;
 
     let pool = app.postgres().await;
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &pool,
-        Duration::from_secs(30),
-    )
-    .await;
+    app.converged_within(&pool, Duration::from_secs(30)).await;
 
     // Reservation rows: every reserved id of the ledger has a row per
     // partition, and its state follows the last event.
@@ -191,13 +185,7 @@ async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
         }
     })
     .await;
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &pool,
-        Duration::from_secs(30),
-    )
-    .await;
+    app.converged_within(&pool, Duration::from_secs(30)).await;
     pool.close().await;
     app.stop().await;
 }
@@ -225,15 +213,12 @@ async fn flusher_consumers(app: &TestApp, stream: &str) -> Vec<(String, i64)> {
 /// first; the instance's own consumer stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_consumers_are_removed_once_they_own_nothing() {
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--stale-consumer-idle-secs".into(),
-            "1".into(),
-            "--flush-claim-idle-ms".into(),
-            "300".into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--stale-consumer-idle-secs",
+        "1",
+        "--flush-claim-idle-ms",
+        "300",
+    ]))
     .await;
     app.seed("stale", "", 7).await;
     let pool = app.postgres().await;

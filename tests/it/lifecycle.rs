@@ -20,19 +20,17 @@ async fn carts_across_partitions_are_all_or_nothing() {
     app.seed(&skus[1], "", 2).await;
     app.seed(&skus[2], "berlin", 10).await;
     let before = app.stock_and_streams().await;
+    // One line short of stock.
+    let cart_1 = || {
+        let lines = vec![
+            line(&skus[0], "", 1),
+            line(&skus[1], "", 5),
+            line(&skus[2], "berlin", 1),
+        ];
+        app.reserve("cart-1", lines, 60)
+    };
 
-    let status = app
-        .reserve(
-            "cart-1",
-            vec![
-                line(&skus[0], "", 1),
-                line(&skus[1], "", 5),
-                line(&skus[2], "berlin", 1),
-            ],
-            60,
-        )
-        .await
-        .unwrap_err();
+    let status = cart_1().await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     let failure = status
         .get_details_precondition_failure()
@@ -58,18 +56,7 @@ async fn carts_across_partitions_are_all_or_nothing() {
     // One outcome per id: the refusal is the answer of cart-1 from now on,
     // to a late copy of the request as to a retry; another cart under the
     // same id is another request.
-    let again = app
-        .reserve(
-            "cart-1",
-            vec![
-                line(&skus[0], "", 1),
-                line(&skus[1], "", 5),
-                line(&skus[2], "berlin", 1),
-            ],
-            60,
-        )
-        .await
-        .unwrap_err();
+    let again = cart_1().await.unwrap_err();
     assert_eq!(again.code(), Code::FailedPrecondition);
     assert_eq!(
         format!("{:?}", again.get_details_precondition_failure()),
@@ -158,11 +145,7 @@ async fn reservation_state_machine() {
 async fn a_lapsed_hold_cannot_be_committed_and_its_release_is_a_replay() {
     // The reaper is slowed down so that the lapsed hold is still "held" in
     // Redis when the client comes back: the scripts judge expiry themselves.
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--reaper-interval-ms".into(), "3600000".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--reaper-interval-ms", "3600000"])).await;
     app.seed("item", "", 5).await;
     let held = app
         .reserve("late", vec![line("item", "", 2)], 1)
@@ -259,11 +242,7 @@ async fn a_different_partition_count_refuses_to_start() {
 
 #[tokio::test]
 async fn health_reflection_and_admin_token() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--admin-token".into(), "s3cret".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--admin-token", "s3cret"])).await;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
         .unwrap()
         .connect()

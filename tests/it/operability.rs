@@ -2,6 +2,7 @@
 //! size and concurrency limits, least-privilege Redis and Postgres users, and
 //! secrets kept out of logs.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -118,15 +119,12 @@ async fn metrics_are_exported_and_move_after_traffic() {
 
 #[tokio::test]
 async fn tokens_guard_admin_and_inventory_rpcs() {
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--admin-token".into(),
-            "adm1n".into(),
-            "--client-token".into(),
-            "cl1ent".into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--admin-token",
+        "adm1n",
+        "--client-token",
+        "cl1ent",
+    ]))
     .await;
 
     let get = || get_request(&[("x", "")]);
@@ -191,8 +189,17 @@ fn write(dir: &std::path::Path, name: &str, content: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
-async fn get_stock(channel: Result<Channel, tonic::transport::Error>) -> Result<(), String> {
-    let channel = channel.map_err(|e| e.to_string())?;
+/// A GetStock over a new connection to `addr`: plaintext, or TLS with
+/// `tls`; the error says which step failed.
+async fn get_stock(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+    let endpoint = match tls {
+        None => Channel::from_shared(format!("http://{addr}")).unwrap(),
+        Some(tls) => Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap(),
+    };
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
     Clients::new(channel)
         .get(&[("x", "")])
         .await
@@ -232,51 +239,15 @@ async fn tls_and_mutual_tls_refuse_plaintext_and_untrusted_clients() {
         ..Options::default()
     })
     .await;
-    let https = || Channel::from_shared(format!("https://{}", app.addr)).unwrap();
 
     // mutual TLS: a trusted client certificate is let in...
-    get_stock(
-        https()
-            .tls_config(server_tls(Some((&client_cert, &client_key))))
-            .unwrap()
-            .connect()
-            .await,
-    )
-    .await
-    .unwrap();
+    let trusted = server_tls(Some((&client_cert, &client_key)));
+    get_stock(app.addr, Some(trusted)).await.unwrap();
     // ...plaintext, no certificate, or one from another CA are not.
-    assert!(
-        get_stock(
-            Channel::from_shared(format!("http://{}", app.addr))
-                .unwrap()
-                .connect()
-                .await
-        )
-        .await
-        .is_err()
-    );
-    assert!(
-        get_stock(
-            https()
-                .tls_config(server_tls(None))
-                .unwrap()
-                .connect()
-                .await
-        )
-        .await
-        .is_err()
-    );
-    assert!(
-        get_stock(
-            https()
-                .tls_config(server_tls(Some((&rogue_cert, &rogue_key))))
-                .unwrap()
-                .connect()
-                .await
-        )
-        .await
-        .is_err()
-    );
+    assert!(get_stock(app.addr, None).await.is_err());
+    assert!(get_stock(app.addr, Some(server_tls(None))).await.is_err());
+    let rogue = server_tls(Some((&rogue_cert, &rogue_key)));
+    assert!(get_stock(app.addr, Some(rogue)).await.is_err());
     // stockctl speaks TLS too.
     let stockctl_run = |extra: &[&str], command: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_stockctl"))
@@ -359,36 +330,14 @@ async fn tls_and_mutual_tls_refuse_plaintext_and_untrusted_clients() {
         ..Options::default()
     })
     .await;
-    let https = || Channel::from_shared(format!("https://{}", app.addr)).unwrap();
-    get_stock(
-        https()
-            .tls_config(server_tls(None))
-            .unwrap()
-            .connect()
-            .await,
-    )
-    .await
-    .unwrap();
-    assert!(
-        get_stock(
-            Channel::from_shared(format!("http://{}", app.addr))
-                .unwrap()
-                .connect()
-                .await
-        )
-        .await
-        .is_err()
-    );
+    get_stock(app.addr, Some(server_tls(None))).await.unwrap();
+    assert!(get_stock(app.addr, None).await.is_err());
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_requests_and_floods_are_refused_fast() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--max-concurrent-requests".into(), "2".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--max-concurrent-requests", "2"])).await;
     app.seed("limit", "", 1_000_000).await;
     let before = app.level("limit", "").await.unwrap();
     let status = app
@@ -554,13 +503,7 @@ async fn stockd_runs_as_a_postgres_role_without_ddl_rights() {
         .await
         .unwrap();
     app.release("r").await.unwrap();
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &owner,
-        Duration::from_secs(20),
-    )
-    .await;
+    app.converged(&owner).await;
     app.reconcile_all(pb::ReconcileMode::Unspecified)
         .await
         .unwrap();

@@ -148,11 +148,7 @@ async fn an_expired_reservation_says_so() {
 
 #[tokio::test]
 async fn a_missing_token_is_unauthenticated() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--admin-token".into(), "adm1n".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--admin-token", "adm1n"])).await;
     refused(
         app.flush_status().await,
         Code::Unauthenticated,

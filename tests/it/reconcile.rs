@@ -27,11 +27,7 @@ fn counts(r: &pb::ReconcileResponse) -> [u64; 8] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_class_is_planted_counted_and_repaired() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--database-max-connections".into(), "24".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--database-max-connections", "24"])).await;
     for sku in [
         "ok-1",
         "ok-2",

@@ -337,33 +337,10 @@ async fn a_rollback_with_open_holds_keeps_every_hold() {
     rig.stop().await;
 }
 
-/// Waits until the test's own connection has found the restarted Redis.
-async fn reconnected(conn: &RedisConn) {
-    eventually(
-        Duration::from_secs(10),
-        "the test's connection to reconnect",
-        || {
-            let mut conn = conn.clone();
-            async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_after_a_loss_replay_their_first_outcome() {
     let mut redis = OwnRedis::start().await;
-    let app = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        extra_args: vec!["--epoch-check-ms".into(), "100".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(redis.options(&["--epoch-check-ms", "100"])).await;
     let skus = skus_in_distinct_partitions(&app.keys, "retry", 4);
     for sku in &skus {
         app.seed(sku, "", 10).await;

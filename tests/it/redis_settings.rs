@@ -122,10 +122,7 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let options = Options {
-        redis_url: Some(redis.url()),
-        ..Options::default()
-    };
+    let options = redis.options(&[]);
     match Application::build(config_for(&options)).await.map(|_| ()) {
         Err(StartError::Meta(MetaError::EvictingPolicy { policy })) => {
             assert_eq!(policy, "allkeys-lru");
@@ -133,7 +130,6 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
         other => panic!("expected an evicting policy refused, got {other:?}"),
     }
     let app = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
         extra_args: vec!["--allow-redis-eviction".into()],
         ..options
     })
@@ -145,11 +141,7 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
 #[tokio::test]
 async fn redis_out_of_memory_answers_unavailable_and_changes_nothing() {
     let redis = OwnRedis::start().await;
-    let app = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(redis.options(&[])).await;
     app.seed("oom", "", 5).await;
     let mut conn = redis_client(&redis.url()).await;
     let () = redis::cmd("CONFIG")

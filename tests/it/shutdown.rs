@@ -171,11 +171,7 @@ async fn own_conn(redis: &OwnRedis) -> redis::aio::MultiplexedConnection {
 /// say NOT_SERVING; once restored, SERVING again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overall_health_follows_a_rewarm() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--epoch-check-ms".into(), "50".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--epoch-check-ms", "50"])).await;
     app.seed("rewarmed", "", 3).await;
     app.converged(&app.postgres().await).await;
     let channel = Channel::from_shared(format!("http://{}", app.addr))
@@ -233,11 +229,7 @@ async fn overall_health_follows_a_rewarm() {
 /// reconnects and no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_are_recycled_after_their_maximum_age_without_failures() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--max-connection-age-secs".into(), "1".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--max-connection-age-secs", "1"])).await;
     app.seed("aged", "", 5).await;
     // The client counts the connections it opens.
     let opened = Arc::new(AtomicU64::new(0));

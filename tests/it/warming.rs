@@ -362,11 +362,7 @@ async fn assert_recovered(app: &TestApp, lapse_at_ms: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleting_every_key_rewarms_stock_and_holds_from_postgres() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--epoch-check-ms".into(), "100".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--epoch-check-ms", "100"])).await;
     let lapse_at = holds_then_drain(&app).await;
     lose_every_key(&app).await;
     assert_recovered(&app, lapse_at).await;
@@ -376,29 +372,11 @@ async fn deleting_every_key_rewarms_stock_and_holds_from_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_without_persistence_rewarms_stock_and_holds() {
     let mut redis = OwnRedis::start().await;
-    let app = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        extra_args: vec!["--epoch-check-ms".into(), "100".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(redis.options(&["--epoch-check-ms", "100"])).await;
     let lapse_at = holds_then_drain(&app).await;
     redis.restart().await;
     // The test's own connection notices the restart on its first command.
-    eventually(
-        Duration::from_secs(10),
-        "the test's connection to reconnect",
-        || {
-            let mut conn = app.redis.clone();
-            async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
+    reconnected(&app.redis).await;
     assert_recovered(&app, lapse_at).await;
     app.stop().await;
 }

@@ -344,11 +344,7 @@ async fn a_trimmed_resume_id_is_out_of_range_and_bad_requests_are_invalid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_watcher_is_cut_and_can_resume_from_the_id_it_is_given() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--watch-buffer".into(), "1000".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--watch-buffer", "1000"])).await;
     let skus = skus_in_one_partition(&app, "slow", 50);
     for sku in &skus {
         app.seed(sku, "", 1_000_000).await;

@@ -749,15 +749,12 @@ async fn subscriptions_are_validated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn internal_destinations_are_refused_unless_allowed() {
     // No allowlist: the defaults protect the deployment's own network.
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--webhook-max-attempts".into(),
-            "1".into(),
-            "--webhook-backoff-ms".into(),
-            "20".into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-max-attempts",
+        "1",
+        "--webhook-backoff-ms",
+        "20",
+    ]))
     .await;
     let receiver = Receiver::start(&[("/literal", Behaviour::Ok), ("/name", Behaviour::Ok)]).await;
     let port = receiver.base.rsplit(':').next().unwrap().to_owned();

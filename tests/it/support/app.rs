@@ -111,6 +111,14 @@ pub fn config_for(options: &Options) -> Config {
 }
 
 impl Options {
+    /// The defaults, plus these command-line arguments.
+    pub fn with_args(args: &[&str]) -> Self {
+        Self {
+            extra_args: args.iter().map(|arg| arg.to_string()).collect(),
+            ..Self::default()
+        }
+    }
+
     /// Whether the server's Redis is a cluster.
     pub fn cluster(&self) -> bool {
         match self.redis_url {
@@ -254,13 +262,12 @@ impl TestApp {
     /// Waits (20 s at most) until Postgres holds what this app's Redis
     /// holds; panics with the difference otherwise.
     pub async fn converged(&self, pool: &sqlx::PgPool) {
-        assert_converged(
-            &mut self.redis.clone(),
-            &self.namespace,
-            pool,
-            Duration::from_secs(20),
-        )
-        .await;
+        self.converged_within(pool, Duration::from_secs(20)).await;
+    }
+
+    /// As [`Self::converged`], for a flush that may take longer.
+    pub async fn converged_within(&self, pool: &sqlx::PgPool, deadline: Duration) {
+        assert_converged(&mut self.redis.clone(), &self.namespace, pool, deadline).await;
     }
 
     /// Stops the server and drops the database; the keys stay, on a Redis

@@ -11,7 +11,7 @@ use stockd::keys::Keyspace;
 use stockd::markers::Markers;
 use stockd::redis_conn::RedisConn;
 
-use super::TestApp;
+use super::{TestApp, eventually};
 
 /// The shared test Redis: `STOCKD_TEST_REDIS_URL`, a comma-separated list
 /// of seed nodes when `STOCKD_TEST_REDIS_CLUSTER` says the suite runs on a
@@ -192,4 +192,23 @@ pub async fn lose_every_key_but(app: &TestApp, keep: &[&str]) {
             .await
             .unwrap();
     }
+}
+
+/// Waits until a connection of the test's own has found its restarted
+/// Redis (it notices the restart on its first command).
+pub async fn reconnected(conn: &RedisConn) {
+    eventually(
+        Duration::from_secs(10),
+        "the test's connection to reconnect",
+        || {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
 }

@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{eventually, unique_namespace};
+use super::{Options, eventually, unique_namespace};
 
 /// A redis-server of the test's own on a free local port, killed on drop.
 /// Without persistence unless started with [`OwnRedis::start_persistent`],
@@ -109,6 +109,14 @@ impl OwnRedis {
         )
         .await;
         Self { port, child, dir }
+    }
+
+    /// Options of a stockd on this Redis, with these command-line arguments.
+    pub fn options(&self, args: &[&str]) -> Options {
+        Options {
+            redis_url: Some(self.url()),
+            ..Options::with_args(args)
+        }
     }
 
     pub fn url(&self) -> String {
