@@ -21,7 +21,7 @@ async fn events_carry_the_contract_fields_and_versions_without_gaps() {
     app.decrement("d1", vec![line(b, "paris", 3)])
         .await
         .unwrap();
-    app.adjust("a1", &a, "", -1, "shrinkage").await.unwrap();
+    app.adjust("a1", a, "", -1, "shrinkage").await.unwrap();
 
     let events = app.events().await;
     let fields = [

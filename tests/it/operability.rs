@@ -652,14 +652,8 @@ async fn request_metrics_name_known_rpcs_and_count_final_statuses() {
 
     // A Watch whose client reads nothing is cut: counted as
     // RESOURCE_EXHAUSTED, its final status, not as its OK headers.
-    let slow_channel = tonic::transport::Endpoint::from_shared(format!("http://{}", stockd.addr))
-        .unwrap()
-        .initial_stream_window_size(4096)
-        .initial_connection_window_size(4096)
-        .connect()
-        .await
-        .unwrap();
-    let mut slow = Clients::new(slow_channel).watch(&["w"], "").await.unwrap();
+    let slow_client = Clients::small_window(stockd.addr).await;
+    let mut slow = slow_client.watch(&["w"], "").await.unwrap();
     for i in 0..150 {
         let id = format!("w-{i}");
         rpc.reserve(&id, vec![line("w", "", 1)], 600).await.unwrap();

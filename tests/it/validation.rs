@@ -363,12 +363,12 @@ async fn identifiers_that_do_not_print_as_themselves_are_refused_and_change_noth
                     .await
                     .map(drop),
             ),
-            ("reservation_id", app.commit(&bad).await.map(drop)),
-            ("reservation_id", app.release(&bad).await.map(drop)),
-            ("reservation_id", app.extend(&bad, 60).await.map(drop)),
+            ("reservation_id", app.commit(bad).await.map(drop)),
+            ("reservation_id", app.release(bad).await.map(drop)),
+            ("reservation_id", app.extend(bad, 60).await.map(drop)),
             (
                 "request_id",
-                app.decrement(&bad, vec![line("ok", "", 1)]).await.map(drop),
+                app.decrement(bad, vec![line("ok", "", 1)]).await.map(drop),
             ),
             (
                 "request_id",

@@ -9,7 +9,6 @@ use futures::future::join_all;
 use stockd::pb;
 use tonic::Code;
 use tonic::codec::Streaming;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::support::*;
 
@@ -42,7 +41,7 @@ async fn take(stream: &mut Streaming<pb::StockEvent>, n: usize) -> Vec<pb::Stock
 }
 
 async fn adjust(app: &TestApp, sku: &str, delta: i64) -> pb::StockLevel {
-    app.adjust(&unique_namespace("adj"), &sku, "", delta, "test")
+    app.adjust(&unique_namespace("adj"), sku, "", delta, "test")
         .await
         .expect("adjust")
         .level
@@ -349,16 +348,10 @@ async fn a_slow_watcher_is_cut_and_can_resume_from_the_id_it_is_given() {
     for sku in &skus {
         app.seed(sku, "", 1_000_000).await;
     }
-    // A client that advertises a small HTTP/2 window and then reads nothing.
-    let slow_channel: Channel = Endpoint::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .initial_stream_window_size(4096)
-        .initial_connection_window_size(4096)
-        .connect()
-        .await
-        .unwrap();
     let refs: Vec<&str> = skus.iter().map(String::as_str).collect();
-    let mut slow = Clients::new(slow_channel).watch(&refs, "").await.unwrap();
+    // A client that advertises a small HTTP/2 window and then reads nothing.
+    let slow_client = Clients::small_window(app.addr).await;
+    let mut slow = slow_client.watch(&refs, "").await.unwrap();
     // A healthy watcher of the same SKUs alongside keeps everything.
     let mut healthy = watch(&app, &refs, "").await;
     let reader = tokio::spawn(async move {

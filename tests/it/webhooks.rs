@@ -308,7 +308,7 @@ async fn decrement(app: &TestApp, sku: &str, quantity: i64) {
 }
 
 async fn adjust(app: &TestApp, sku: &str, delta: i64) {
-    app.adjust(&unique_namespace("adj"), &sku, "", delta, "")
+    app.adjust(&unique_namespace("adj"), sku, "", delta, "")
         .await
         .expect("adjust");
 }

@@ -8,10 +8,12 @@
 //! The request builders serve the tests that send a request another way:
 //! with metadata of their own, many times, or through a client they hold.
 
+use std::net::SocketAddr;
+
 use stockd::pb;
 use stockd::pb::admin_client::AdminClient;
 use stockd::pb::inventory_client::InventoryClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status, Streaming};
 
 use super::TestApp;
@@ -153,6 +155,20 @@ impl Clients {
             inventory: InventoryClient::new(channel.clone()),
             admin: AdminClient::new(channel),
         }
+    }
+
+    /// Clients on a connection of their own to `addr` that advertises a
+    /// 4 KiB HTTP/2 window: one that then reads nothing soon has the
+    /// server's sends wait on it (a slow consumer).
+    pub async fn small_window(addr: SocketAddr) -> Self {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .initial_stream_window_size(4096)
+            .initial_connection_window_size(4096)
+            .connect()
+            .await
+            .unwrap();
+        Self::new(channel)
     }
 }
 
