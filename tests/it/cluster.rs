@@ -86,19 +86,19 @@ async fn requests_spanning_masters_are_all_or_nothing_under_concurrency() {
     // 24 reservations of a+b+c and 24 decrements of a+2b race for 12, 12
     // and 6 units: most must be refused, each one whole.
     let reservations = (0..24).map(|i| {
-        let client = app.clients();
+        let rpc = app.clients();
         let lines = vec![line(a, "", 1), line(b, "", 1), line(c, "", 1)];
         async move {
             let id = format!("hold-{i}");
-            (id.clone(), client.reserve(&id, lines, 600).await)
+            (id.clone(), rpc.reserve(&id, lines, 600).await)
         }
     });
     let decrements = (0..24).map(|i| {
-        let client = app.clients();
+        let rpc = app.clients();
         let lines = vec![line(a, "", 1), line(b, "", 2)];
         async move {
             let id = format!("sale-{i}");
-            (id.clone(), client.decrement(&id, lines).await)
+            (id.clone(), rpc.decrement(&id, lines).await)
         }
     });
     let (held, sold) = tokio::join!(join_all(reservations), join_all(decrements));
@@ -173,12 +173,10 @@ async fn requests_spanning_masters_are_all_or_nothing_under_concurrency() {
 
     // Half the holds are sold, half given back: nothing stays reserved.
     for (i, id) in held_ids.iter().enumerate() {
-        let client = app.clients();
-        let reservation_id = id.to_string();
         if i % 2 == 0 {
-            client.commit(&reservation_id).await.unwrap();
+            app.commit(id).await.unwrap();
         } else {
-            client.release(&reservation_id).await.unwrap();
+            app.release(id).await.unwrap();
         }
     }
     let committed = held_ids.len().div_ceil(2) as i64;
@@ -851,7 +849,7 @@ async fn two_then_three_instances_expire_each_hold_and_flush_each_event_once() {
     // masters; some committed or released at once, the rest lapse; and
     // decrements between them. The third instance joins midway.
     let round = |app: &TestApp, tag: String| {
-        let client = app.clients();
+        let rpc = app.clients();
         let skus = skus.clone();
         async move {
             for i in 0..30 {
@@ -860,19 +858,16 @@ async fn two_then_three_instances_expire_each_hold_and_flush_each_event_once() {
                     lines.push(line(&skus[(i + 1) % 3], "", 2));
                 }
                 let id = format!("{tag}-{i}");
-                client.reserve(&id, lines.clone(), 2).await.unwrap();
+                rpc.reserve(&id, lines.clone(), 2).await.unwrap();
                 match i % 5 {
                     0 => {
-                        client.commit(&id).await.unwrap();
+                        rpc.commit(&id).await.unwrap();
                     }
                     1 => {
-                        client.release(&id).await.unwrap();
+                        rpc.release(&id).await.unwrap();
                     }
                     2 => {
-                        client
-                            .decrement(&format!("sale-{id}"), lines)
-                            .await
-                            .unwrap();
+                        rpc.decrement(&format!("sale-{id}"), lines).await.unwrap();
                     }
                     _ => {}
                 }

@@ -411,17 +411,9 @@ async fn a_slow_sse_subscriber_is_cut_with_the_id_to_resume_from() {
     }
     let stalled = stalled_sse(http, "slow").await;
     let lines: Vec<stockd::pb::Line> = locations.iter().map(|l| line("slow", l, 1)).collect();
-    let mut inventory = app.inventory.clone();
     for i in 0..100 {
         let id = format!("slow-{i}");
-        inventory
-            .reserve(stockd::pb::ReserveRequest {
-                reservation_id: id.clone(),
-                lines: lines.clone(),
-                ttl_seconds: 600,
-            })
-            .await
-            .unwrap();
+        app.reserve(&id, lines.clone(), 600).await.unwrap();
         release(&app, &id).await;
     }
     // Every change after the seeds, as the stream holds them (read in

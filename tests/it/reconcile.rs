@@ -252,19 +252,19 @@ async fn reconcile_racing_live_reservations_repairs_nothing() {
     let mut successes: HashMap<String, i64> = HashMap::new();
     for round in 0..8 {
         let reserves = (0..60).map(|i| {
-            let inv = app.clients();
+            let rpc = app.clients();
             let sku = skus[i % skus.len()].clone();
             async move {
-                let ok = inv
+                let ok = rpc
                     .reserve(&format!("r{round}-{i}"), vec![line(&sku, "", 1)], 600)
                     .await
                     .is_ok();
                 (sku, ok)
             }
         });
-        let admin = app.clients();
+        let rpc = app.clients();
         let repair = async move {
-            match admin.reconcile_all(pb::ReconcileMode::Repair).await {
+            match rpc.reconcile_all(pb::ReconcileMode::Repair).await {
                 Ok(r) => r.repaired,
                 Err(s) => panic!("{s:?}"),
             }

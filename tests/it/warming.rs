@@ -313,14 +313,14 @@ async fn assert_recovered(app: &TestApp, lapse_at_ms: i64) {
         async move { (levels_in_redis(&mut conn, &namespace).await == expected).then_some(()) }
     })
     .await;
-    let inv = eventually(Duration::from_secs(20), "stockd to serve again", || {
-        let inv = app.clients();
+    let rpc = eventually(Duration::from_secs(20), "stockd to serve again", || {
+        let rpc = app.clients();
         async move {
-            let r = inv.commit("keep").await;
+            let r = rpc.commit("keep").await;
             match r {
                 Ok(c) => {
                     assert!(!c.replayed);
-                    Some(inv)
+                    Some(rpc)
                 }
                 Err(s) if s.code() == Code::Unavailable => None,
                 Err(s) => panic!("commit of a restored hold: {s:?}"),
@@ -328,7 +328,7 @@ async fn assert_recovered(app: &TestApp, lapse_at_ms: i64) {
         }
     })
     .await;
-    let released = inv.release("give-back").await.unwrap();
+    let released = rpc.release("give-back").await.unwrap();
     assert!(!released.replayed);
     // In the ledger rather than the streams: on a slow machine the hold
     // may lapse before the loss, and its event go with the lost streams.

@@ -86,20 +86,20 @@ async fn events_arrive_in_version_order_per_item_and_none_is_missed() {
     }
     // Concurrent changes from several clients, lines across partitions.
     let clients = (0..6).map(|c| {
-        let inv = app.clients();
+        let rpc = app.clients();
         let skus = skus.clone();
         async move {
             for i in 0..15 {
                 let id = format!("ord-{c}-{i}");
                 let a = &skus[(c + i) % skus.len()];
                 let b = &skus[(c + i + 1) % skus.len()];
-                inv.reserve(&id, vec![line(a, "", 1), line(b, "berlin", 2)], 600)
+                rpc.reserve(&id, vec![line(a, "", 1), line(b, "berlin", 2)], 600)
                     .await
                     .unwrap();
                 if i % 2 == 0 {
-                    inv.commit(&id).await.unwrap();
+                    rpc.commit(&id).await.unwrap();
                 } else {
-                    inv.release(&id).await.unwrap();
+                    rpc.release(&id).await.unwrap();
                 }
             }
         }
@@ -208,11 +208,11 @@ async fn resuming_from_an_id_replays_exactly_the_missed_events() {
             .unwrap();
         let producers: Vec<_> = (0..2)
             .map(|p| {
-                let inv = app.clients();
+                let rpc = app.clients();
                 let skus = skus.clone();
                 tokio::spawn(async move {
                     for i in 0..25 {
-                        inv.adjust(
+                        rpc.adjust(
                             &format!("live-{round}-{p}-{i}"),
                             &skus[(i + p) % 3],
                             "",

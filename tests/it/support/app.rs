@@ -24,7 +24,9 @@ use super::{
     redis_cluster, redis_url, snapshot, unique_namespace,
 };
 
+/// A stockd of the test's own, serving in this process.
 pub struct TestApp {
+    /// gRPC.
     pub addr: SocketAddr,
     /// The HTTP API (on port 0 like gRPC).
     pub http_addr: SocketAddr,
@@ -74,10 +76,13 @@ impl Default for Options {
     }
 }
 
+/// A stockd on the shared test Redis and Postgres, with the defaults.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(Options::default()).await
 }
 
+/// The configuration a test server starts with: ports 0, the test's
+/// namespace and database, short intervals, then `extra_args`.
 pub fn config_for(options: &Options) -> Config {
     let mut args = vec![
         "stockd".to_owned(),
@@ -144,6 +149,8 @@ fn init_test_logs() {
         .try_init();
 }
 
+/// A stockd started with `options`, serving once its health service
+/// answers.
 pub async fn spawn_app_with(options: Options) -> TestApp {
     init_test_logs();
     let config = config_for(&options);

@@ -11,7 +11,7 @@ use tonic_types::StatusExt;
 use super::POLL_INTERVAL;
 
 /// The code of a failed rpc, or a panic when it succeeded.
-pub fn code_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Code {
+pub fn code_of<T: std::fmt::Debug>(result: Result<T, Status>) -> Code {
     match result {
         Ok(v) => panic!("expected an error, got {v:?}"),
         Err(status) => status.code(),
