@@ -174,9 +174,6 @@ impl Clients {
 
 /// The rpcs of stockd, each a typed call. Implementors only hand out their
 /// clients.
-// The futures are only awaited on concrete types here, where the compiler
-// sees whether they are Send; no bound is needed on the trait.
-#[allow(async_fn_in_trait)]
 pub trait Rpc {
     fn clients(&self) -> Clients;
 
