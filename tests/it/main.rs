@@ -1,6 +1,8 @@
 //! Integration tests: a real stockd (in-process, port 0) against the real
 //! Redis, one namespace per test so that tests run in parallel. One test
-//! binary for all of them keeps link time down.
+//! binary for all of them keeps link time down. What the tests share (the
+//! test server, typed rpc calls, polling, servers a test may break) is in
+//! `support/`, described in support/mod.rs.
 
 mod auth;
 mod chaos;
