@@ -631,7 +631,7 @@ async fn failover_under_load(lagging: bool) {
     let namespace = unique_namespace(if lagging { "lagging" } else { "failover" });
     let database = namespace.replace('-', "_");
     let database_url = postgres_url(&database);
-    let metrics = crate::support::own_redis::free_port();
+    let metrics = free_port();
     let mut stockd = Stockd::start_on(
         (&cluster.url(), true),
         &namespace,

@@ -179,10 +179,7 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
 
     let namespace = unique_namespace("deploy-kit");
     let database = namespace.replace('-', "_");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .unwrap();
+    let metrics_port = free_port();
     let mut stockd = Stockd::start_with(
         &namespace,
         &postgres_url(&database),
@@ -193,7 +190,7 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
             format!("127.0.0.1:{metrics_port}"),
             // The export series exist only with an exporter on.
             "--nats-url".into(),
-            crate::export::nats_url(),
+            crate::support::brokers::nats_url(),
         ],
     )
     .await;
@@ -246,7 +243,7 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
     );
 
     assert_eq!(stockd.terminate().await.code(), Some(0));
-    crate::export::Jet::connect(&namespace).await.delete().await;
+    crate::support::brokers::delete_nats_stream(&namespace).await;
     delete_namespace(&mut shared_redis().await, &namespace).await;
     drop_database(&database).await;
 }

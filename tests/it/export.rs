@@ -26,22 +26,11 @@ use rand::Rng;
 use stockd::export;
 use tonic::Code;
 
+use crate::support::brokers::{amqp_url, nats_url};
 use crate::support::load::background_load;
-use crate::support::own_redis::free_port;
 use crate::support::process::Stockd;
 use crate::support::proxy::FaultProxy;
 use crate::support::*;
-
-/// The test NATS server (`STOCKD_TEST_NATS_URL`).
-pub fn nats_url() -> String {
-    std::env::var("STOCKD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
-
-/// The test RabbitMQ (`STOCKD_TEST_AMQP_URL`).
-pub fn amqp_url() -> String {
-    std::env::var("STOCKD_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
 
 /// `host:port` of a broker URL, for a fault proxy in front of it.
 fn socket_of(url: &str) -> SocketAddr {
@@ -102,13 +91,13 @@ fn seen(namespace: &str, item_key: &str, id: &str, payload: &[u8]) -> Seen {
 }
 
 /// The test's JetStream stream, read whole.
-pub struct Jet {
+struct Jet {
     js: jetstream::Context,
     namespace: String,
 }
 
 impl Jet {
-    pub async fn connect(namespace: &str) -> Self {
+    async fn connect(namespace: &str) -> Self {
         let client = async_nats::connect(nats_url())
             .await
             .expect("the test NATS");
@@ -150,7 +139,7 @@ impl Jet {
         out
     }
 
-    pub async fn delete(self) {
+    async fn delete(self) {
         let _ = self.js.delete_stream(self.stream()).await;
     }
 }

@@ -17,7 +17,6 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::support::metrics::{sample, scrape};
 use crate::support::own_redis::OwnRedis;
-use crate::support::own_redis::free_port;
 use crate::support::process::Stockd;
 use crate::support::*;
 

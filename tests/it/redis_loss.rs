@@ -12,7 +12,7 @@ use stockd::redis_conn::RedisConn;
 use tonic::Code;
 
 use crate::support::metrics::{sample, scrape};
-use crate::support::own_redis::{OwnRedis, free_port};
+use crate::support::own_redis::OwnRedis;
 use crate::support::process::Stockd;
 use crate::support::*;
 

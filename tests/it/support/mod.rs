@@ -10,15 +10,18 @@
 //!   namespace and database of the test's own, and what a test reads from
 //!   them directly (snapshots, levels, convergence);
 //! - [`poll`]: `eventually`, waiting for a state under a deadline;
+//! - [`ports`]: `free_port`, for the servers a test starts itself;
 //! - [`status`]: reading a refusal (code, reason, retry delay, ambiguity).
 //!
 //! The rest serves a few tests each and is named by path:
 //! [`own_redis`] and [`own_cluster`] (servers a test may break),
 //! [`proxy`] (a TCP proxy that cuts connections), [`process`] (the real
 //! binaries as child processes), [`load`] (random traffic), [`metrics`]
-//! (the Prometheus page) and [`http_api`] (clients of the HTTP API).
+//! (the Prometheus page), [`brokers`] (NATS and RabbitMQ) and [`http_api`]
+//! (clients of the HTTP API).
 
 pub mod app;
+pub mod brokers;
 pub mod http_api;
 pub mod load;
 pub mod metrics;
@@ -26,6 +29,7 @@ pub mod namespace;
 pub mod own_cluster;
 pub mod own_redis;
 pub mod poll;
+pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod proxy;
@@ -35,6 +39,7 @@ pub mod status;
 pub use app::*;
 pub use namespace::*;
 pub use poll::*;
+pub use ports::*;
 pub use postgres::*;
 pub use rpc::*;
 pub use status::*;

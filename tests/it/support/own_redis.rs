@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{Options, eventually, unique_namespace};
+use super::{Options, eventually, free_port, unique_namespace};
 
 /// A redis-server of the test's own on a free local port, killed on drop.
 /// Without persistence unless started with [`OwnRedis::start_persistent`],
@@ -136,12 +136,4 @@ impl Drop for OwnRedis {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
-use super::own_redis::free_port;
-use super::{Clients, POLL_INTERVAL, eventually, redis_cluster, redis_url};
+use super::{Clients, POLL_INTERVAL, eventually, free_port, redis_cluster, redis_url};
 
 /// A stockd process of the test's own.
 pub struct Stockd {
