@@ -302,7 +302,7 @@ async fn connections_are_recycled_after_their_maximum_age_without_failures() {
 
 /// Whether a failed call never reached the service because its connection
 /// was going away: tonic surfaces these as transport errors of its own.
-pub fn never_processed(status: &tonic::Status) -> bool {
+fn never_processed(status: &tonic::Status) -> bool {
     let detail = format!("{status:?}");
     match status.code() {
         Code::Cancelled => detail.contains("connection closed"),
