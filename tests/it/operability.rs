@@ -1,6 +1,6 @@
-//! Operability and security: metrics, tokens, TLS and mutual TLS, request
-//! size and concurrency limits, least-privilege Redis and Postgres users, and
-//! secrets kept out of logs.
+//! Operability and security: metrics, TLS and mutual TLS, request size and
+//! concurrency limits, least-privilege Redis and Postgres users, and secrets
+//! kept out of logs (the tokens: tests/it/auth.rs).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -114,42 +114,6 @@ async fn metrics_are_exported_and_move_after_traffic() {
     assert_eq!(stockd.terminate().await.code(), Some(0));
     delete_namespace(&mut shared_redis().await, &namespace).await;
     drop_database(&database).await;
-}
-
-#[tokio::test]
-async fn tokens_guard_admin_and_inventory_rpcs() {
-    let app = spawn_app_with(Options::with_args(&[
-        "--admin-token",
-        "adm1n",
-        "--client-token",
-        "cl1ent",
-    ]))
-    .await;
-
-    let get = || get_request(&[("x", "")]);
-    let flush_status = pb::FlushStatusRequest::default;
-    let mut inv = app.inventory.clone();
-    assert_eq!(code_of(app.get(&[("x", "")]).await), Code::Unauthenticated);
-    assert_eq!(
-        code_of(inv.get_stock(with_token("adm1n", get())).await),
-        Code::Unauthenticated,
-        "tokens are per service"
-    );
-    inv.get_stock(with_token("cl1ent", get())).await.unwrap();
-    let mut admin = app.admin.clone();
-    assert_eq!(
-        code_of(
-            admin
-                .flush_status(with_token("cl1ent", flush_status()))
-                .await
-        ),
-        Code::Unauthenticated
-    );
-    admin
-        .flush_status(with_token("adm1n", flush_status()))
-        .await
-        .unwrap();
-    app.stop().await;
 }
 
 /// A certificate authority for the test, and leaf certificates it signs.
