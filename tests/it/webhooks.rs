@@ -322,17 +322,14 @@ async fn stockctl(app: &TestApp, args: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--webhook-secret".into(),
-            SERVER_SECRET.into(),
-            "--webhook-backoff-ms".into(),
-            "20".into(),
-            "--webhook-allow-networks".into(),
-            ALLOW_LOOPBACK.into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-secret",
+        SERVER_SECRET,
+        "--webhook-backoff-ms",
+        "20",
+        "--webhook-allow-networks",
+        ALLOW_LOOPBACK,
+    ]))
     .await;
     let receiver = Receiver::start(&[
         ("/own", Behaviour::FailFirstAttempt),
@@ -526,17 +523,14 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works() {
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--webhook-max-attempts".into(),
-            "3".into(),
-            "--webhook-backoff-ms".into(),
-            "20".into(),
-            "--webhook-allow-networks".into(),
-            ALLOW_LOOPBACK.into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-max-attempts",
+        "3",
+        "--webhook-backoff-ms",
+        "20",
+        "--webhook-allow-networks",
+        ALLOW_LOOPBACK,
+    ]))
     .await;
     let receiver =
         Receiver::start(&[("/down", Behaviour::FailWhileSet), ("/up", Behaviour::Ok)]).await;
@@ -690,10 +684,10 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscriptions_are_validated() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--webhook-allow-networks".into(), ALLOW_LOOPBACK.into()],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-allow-networks",
+        ALLOW_LOOPBACK,
+    ]))
     .await;
     let mut admin = app.admin.clone();
     let base = webhook_request("http://127.0.0.1:9/hook", &[pb::WebhookEvent::OutOfStock]);
@@ -905,15 +899,13 @@ async fn https_endpoints_get_standard_webhooks_through_a_private_ca() {
     std::fs::create_dir_all(&dir).unwrap();
     let ca_file = dir.join("receivers-ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--webhook-ca-file".into(),
-            ca_file.to_string_lossy().into_owned(),
-            "--webhook-allow-networks".into(),
-            ALLOW_LOOPBACK.into(),
-        ],
-        ..Options::default()
-    })
+    let ca_file = ca_file.to_string_lossy();
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-ca-file",
+        &ca_file,
+        "--webhook-allow-networks",
+        ALLOW_LOOPBACK,
+    ]))
     .await;
     let receiver = Receiver::start_tls(&[("/tls", Behaviour::Ok)], tls).await;
     let url = receiver.url("/tls");
