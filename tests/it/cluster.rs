@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use stockd::keys::Keyspace;
+use stockd::pb::inventory_client::InventoryClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -338,7 +339,7 @@ impl DecrementLoad {
                 let (channel, skus, stop, tally) =
                     (channel.clone(), skus.clone(), stop.clone(), tally.clone());
                 tokio::spawn(async move {
-                    let rpc = Clients::new(channel);
+                    let mut client = InventoryClient::new(channel);
                     let mut n = 0usize;
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
@@ -349,12 +350,14 @@ impl DecrementLoad {
                         }
                         let id = format!("load-{c}-{n}");
                         let names: Vec<String> = lines.iter().map(|(s, _)| s.clone()).collect();
-                        let request_lines: Vec<_> =
-                            lines.iter().map(|(s, q)| line(s, "", *q)).collect();
+                        let request = decrement_request(
+                            &id,
+                            lines.iter().map(|(s, q)| line(s, "", *q)).collect(),
+                        );
                         let deadline = Instant::now() + Duration::from_secs(60);
                         loop {
                             let sent = Instant::now();
-                            let answer = rpc.decrement(&id, request_lines.clone()).await;
+                            let answer = client.decrement(request.clone()).await;
                             let answered = {
                                 let mut tally = tally.lock().unwrap();
                                 match answer {
