@@ -18,17 +18,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use stockd::pb;
-use stockd::pb::admin_client::AdminClient;
-use stockd::pb::inventory_client::InventoryClient;
 use tokio::sync::RwLock;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::*;
-use crate::faults::{OwnRedis, ambiguous};
-use crate::process::Stockd;
-use crate::proxy::FaultProxy;
+use crate::support::own_redis::OwnRedis;
+use crate::support::process::Stockd;
+use crate::support::proxy::FaultProxy;
+use crate::support::*;
 
 const ITEMS: usize = 8;
 const INITIAL: i64 = 100_000;
@@ -165,13 +162,10 @@ async fn client(shared: Arc<Shared>, n: usize, seed: u64) {
         match choice {
             0..=2 => {
                 let lines = pick(&mut rng);
-                let request = pb::DecrementRequest {
-                    request_id: id.clone(),
-                    lines: lines.iter().map(|(s, q)| line(s, "", *q)).collect(),
-                };
+                let request_lines: Vec<_> = lines.iter().map(|(s, q)| line(s, "", *q)).collect();
                 let answer = until_definite(&shared, &mut rng, "decrement", |c| {
-                    let request = request.clone();
-                    async move { InventoryClient::new(c).decrement(request).await }
+                    let (id, lines) = (id.clone(), request_lines.clone());
+                    async move { Clients::new(c).decrement(&id, lines).await }
                 })
                 .await;
                 record(&shared, "decrement", &id, answer.map(|_| ()), || {
@@ -182,16 +176,9 @@ async fn client(shared: Arc<Shared>, n: usize, seed: u64) {
                 let sku = skus[rng.below(ITEMS as u64) as usize].clone();
                 let delta = rng.below(7) as i64 - 2;
                 let delta = if delta == 0 { 1 } else { delta };
-                let request = pb::AdjustRequest {
-                    request_id: id.clone(),
-                    sku: sku.clone(),
-                    location: String::new(),
-                    delta,
-                    reason: "chaos".into(),
-                };
                 let answer = until_definite(&shared, &mut rng, "adjust", |c| {
-                    let request = request.clone();
-                    async move { InventoryClient::new(c).adjust(request).await }
+                    let (id, sku) = (id.clone(), sku.clone());
+                    async move { Clients::new(c).adjust(&id, &sku, "", delta, "chaos").await }
                 })
                 .await;
                 record(&shared, "adjust", &id, answer.map(|_| ()), || {
@@ -200,14 +187,10 @@ async fn client(shared: Arc<Shared>, n: usize, seed: u64) {
             }
             4..=6 if open.len() < 20 => {
                 let lines = pick(&mut rng);
-                let request = pb::ReserveRequest {
-                    reservation_id: id.clone(),
-                    lines: lines.iter().map(|(s, q)| line(s, "", *q)).collect(),
-                    ttl_seconds: 3_600,
-                };
+                let request_lines: Vec<_> = lines.iter().map(|(s, q)| line(s, "", *q)).collect();
                 let answer = until_definite(&shared, &mut rng, "reserve", |c| {
-                    let request = request.clone();
-                    async move { InventoryClient::new(c).reserve(request).await }
+                    let (id, lines) = (id.clone(), request_lines.clone());
+                    async move { Clients::new(c).reserve(&id, lines, 3_600).await }
                 })
                 .await;
                 let held = answer.is_ok();
@@ -224,19 +207,11 @@ async fn client(shared: Arc<Shared>, n: usize, seed: u64) {
                 let answer = until_definite(&shared, &mut rng, "finish", |c| {
                     let hold = hold.clone();
                     async move {
-                        let mut inv = InventoryClient::new(c);
+                        let rpc = Clients::new(c);
                         if commit {
-                            inv.commit(pb::CommitRequest {
-                                reservation_id: hold,
-                            })
-                            .await
-                            .map(|_| ())
+                            rpc.commit(&hold).await.map(drop)
                         } else {
-                            inv.release(pb::ReleaseRequest {
-                                reservation_id: hold,
-                            })
-                            .await
-                            .map(|_| ())
+                            rpc.release(&hold).await.map(drop)
                         }
                     }
                 })
@@ -391,19 +366,7 @@ async fn chaos_never_loses_or_doubles_an_acknowledged_change() {
     let conn = stockd::app::connect_redis(&redis.url(), false, Duration::from_secs(5))
         .await
         .unwrap();
-    let mut admin = AdminClient::new(fleet[0].channel());
-    for sku in skus() {
-        admin
-            .set_stock(pb::SetStockRequest {
-                request_id: format!("seed-{sku}"),
-                sku,
-                location: String::new(),
-                available: INITIAL,
-                expected_version: None,
-            })
-            .await
-            .unwrap();
-    }
+    fleet[0].clients().seed_each(&skus(), INITIAL).await;
     let shared = Arc::new(Shared {
         fleet: Fleet {
             channels: std::sync::RwLock::new(fleet.iter().map(Stockd::channel).collect()),
@@ -470,20 +433,7 @@ async fn chaos_never_loses_or_doubles_an_acknowledged_change() {
     let pool = sqlx::PgPool::connect(&postgres_url(&database))
         .await
         .unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the test's connection to Redis",
-        || {
-            let mut conn = conn.clone();
-            async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
+    reconnected(&conn).await;
     assert_converged(
         &mut conn.clone(),
         &namespace,

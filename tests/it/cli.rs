@@ -1,46 +1,12 @@
 //! `stockctl`, the built binary, against a real stockd.
 
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
 use prost::Message;
 use stockd::pb;
 
-use crate::common::*;
-
-/// What one `stockctl` run printed and how it ended.
-pub struct Ran {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// Runs `stockctl --addr http://ADDR ARGS...`; see [`run_stockctl`].
-pub async fn stockctl(addr: SocketAddr, args: &[&str]) -> Ran {
-    let addr = format!("http://{addr}");
-    run_stockctl(&[&["--addr", addr.as_str()], args].concat()).await
-}
-
-/// Runs `stockctl ARGS...` with none of stockctl's settings taken from this
-/// process' environment.
-pub async fn run_stockctl(args: &[&str]) -> Ran {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_stockctl"));
-    command.args(args).stdin(Stdio::null());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("STOCKD_") {
-            command.env_remove(name);
-        }
-    }
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .expect("stockctl runner")
-        .expect("stockctl runs");
-    Ran {
-        code: output.status.code().expect("stockctl exited"),
-        stdout: String::from_utf8(output.stdout).expect("stdout is UTF-8"),
-        stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
-    }
-}
+use crate::support::process::{run_stockctl, stockctl};
+use crate::support::*;
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
@@ -114,11 +80,7 @@ async fn exit_codes_say_what_happened() {
 
 #[tokio::test]
 async fn a_missing_token_exits_80() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--admin-token".into(), "adm1n".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--admin-token", "adm1n"])).await;
     let ran = stockctl(app.addr, &["flush-status"]).await;
     assert_eq!(ran.code, 64 + 16, "{}", ran.stderr);
     let ran = stockctl(app.addr, &["--admin-token", "adm1n", "flush-status"]).await;
@@ -207,28 +169,25 @@ async fn completions_generate_for_each_shell() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_list_pages_past_the_message_limit() {
     // Never delivered to (no stock changes), but loopback must be allowed.
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--webhook-allow-networks".into(), "127.0.0.0/8".into()],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-allow-networks",
+        "127.0.0.0/8",
+    ]))
     .await;
-    let mut admin = app.admin.clone();
     let mut added = Vec::new();
     for n in 0..40 {
         let skus = (0..1_000)
             .map(|i| format!("{n:02}-{i:04}-{}", "x".repeat(120)))
             .collect();
-        let webhook = admin
+        let url = format!("http://127.0.0.1:9/hook-{n}");
+        let webhook = app
             .add_webhook(pb::AddWebhookRequest {
-                url: format!("http://127.0.0.1:9/hook-{n}"),
-                events: vec![pb::WebhookEvent::OutOfStock.into()],
                 skus,
                 secret: "0123456789abcdef".into(),
-                ..Default::default()
+                ..webhook_request(&url, &[pb::WebhookEvent::OutOfStock])
             })
             .await
             .unwrap()
-            .into_inner()
             .webhook
             .unwrap();
         added.push(webhook);
@@ -242,14 +201,7 @@ async fn webhook_list_pages_past_the_message_limit() {
     let mut seen = Vec::new();
     let mut page_token = String::new();
     loop {
-        let page = admin
-            .list_webhooks(pb::ListWebhooksRequest {
-                page_size: 100,
-                page_token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let page = app.list_webhooks(100, &page_token).await.unwrap();
         assert!(
             page.encoded_len() <= (1024 + 4) * 1024,
             "a page stays near 1 MiB"
@@ -264,26 +216,13 @@ async fn webhook_list_pages_past_the_message_limit() {
     let ids: Vec<u64> = added.iter().map(|w| w.id).collect();
     assert_eq!(seen, ids, "every subscription once, in id order");
 
-    let small = admin
-        .list_webhooks(pb::ListWebhooksRequest {
-            page_size: 3,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let small = app.list_webhooks(3, "").await.unwrap();
     assert_eq!(small.webhooks.len(), 3);
     assert_eq!(small.next_page_token, ids[2].to_string());
 
-    let status = admin
-        .list_webhooks(pb::ListWebhooksRequest {
-            page_size: 0,
-            page_token: "not-a-token".into(),
-        })
-        .await
-        .unwrap_err();
+    let status = app.list_webhooks(0, "not-a-token").await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert_eq!(crate::reasons::reason(&status), "INVALID_ARGUMENT");
+    assert_eq!(reason(&status), "INVALID_ARGUMENT");
 
     let listed = stockctl(app.addr, &["--json", "webhook", "list"]).await;
     assert_eq!(listed.code, 0, "{}", listed.stderr);

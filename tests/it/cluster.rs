@@ -10,14 +10,13 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use stockd::keys::Keyspace;
-use stockd::pb;
 use stockd::pb::inventory_client::InventoryClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::*;
-use crate::own_cluster::OwnCluster;
-use crate::process::Stockd;
+use crate::support::own_cluster::OwnCluster;
+use crate::support::process::Stockd;
+use crate::support::*;
 
 /// These tests start clusters of their own and do not use the suite's
 /// Redis: the pass of the suite on the shared cluster (scripts/test) skips
@@ -61,21 +60,6 @@ async fn app_on(cluster: &OwnCluster, options: Options) -> TestApp {
     .await
 }
 
-fn reserve(id: &str, lines: Vec<pb::Line>, ttl_seconds: u32) -> pb::ReserveRequest {
-    pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines,
-        ttl_seconds,
-    }
-}
-
-fn decrement(id: &str, lines: Vec<pb::Line>) -> pb::DecrementRequest {
-    pb::DecrementRequest {
-        request_id: id.into(),
-        lines,
-    }
-}
-
 /// (available, reserved) of each SKU (location `default`).
 async fn levels_of(app: &TestApp, skus: &[String]) -> Vec<(i64, i64)> {
     let mut out = Vec::new();
@@ -103,19 +87,19 @@ async fn requests_spanning_masters_are_all_or_nothing_under_concurrency() {
     // 24 reservations of a+b+c and 24 decrements of a+2b race for 12, 12
     // and 6 units: most must be refused, each one whole.
     let reservations = (0..24).map(|i| {
-        let mut client = app.inventory.clone();
+        let rpc = app.clients();
         let lines = vec![line(a, "", 1), line(b, "", 1), line(c, "", 1)];
         async move {
             let id = format!("hold-{i}");
-            (id.clone(), client.reserve(reserve(&id, lines, 600)).await)
+            (id.clone(), rpc.reserve(&id, lines, 600).await)
         }
     });
     let decrements = (0..24).map(|i| {
-        let mut client = app.inventory.clone();
+        let rpc = app.clients();
         let lines = vec![line(a, "", 1), line(b, "", 2)];
         async move {
             let id = format!("sale-{i}");
-            (id.clone(), client.decrement(decrement(&id, lines)).await)
+            (id.clone(), rpc.decrement(&id, lines).await)
         }
     });
     let (held, sold) = tokio::join!(join_all(reservations), join_all(decrements));
@@ -161,18 +145,16 @@ async fn requests_spanning_masters_are_all_or_nothing_under_concurrency() {
     // The same ids again: each gets its first outcome, nothing applies twice.
     for (id, first) in &held {
         let again = app
-            .inventory
-            .clone()
-            .reserve(reserve(
+            .reserve(
                 id,
                 vec![line(a, "", 1), line(b, "", 1), line(c, "", 1)],
                 600,
-            ))
+            )
             .await;
         match (first, again) {
             (Ok(first), Ok(again)) => {
-                assert!(again.get_ref().replayed, "{id} replayed");
-                assert_eq!(first.get_ref().levels, again.get_ref().levels, "{id}");
+                assert!(again.replayed, "{id} replayed");
+                assert_eq!(first.levels, again.levels, "{id}");
             }
             (Err(first), Err(again)) => assert_eq!(first.code(), again.code(), "{id}"),
             (first, again) => panic!("{id}: first {first:?}, then {again:?}"),
@@ -180,9 +162,7 @@ async fn requests_spanning_masters_are_all_or_nothing_under_concurrency() {
     }
     for (id, first) in &sold {
         let again = app
-            .inventory
-            .clone()
-            .decrement(decrement(id, vec![line(a, "", 1), line(b, "", 2)]))
+            .decrement(id, vec![line(a, "", 1), line(b, "", 2)])
             .await;
         assert_eq!(first.is_ok(), again.is_ok(), "{id}: same outcome twice");
     }
@@ -194,18 +174,10 @@ async fn requests_spanning_masters_are_all_or_nothing_under_concurrency() {
 
     // Half the holds are sold, half given back: nothing stays reserved.
     for (i, id) in held_ids.iter().enumerate() {
-        let mut client = app.inventory.clone();
-        let reservation_id = id.to_string();
         if i % 2 == 0 {
-            client
-                .commit(pb::CommitRequest { reservation_id })
-                .await
-                .unwrap();
+            app.commit(id).await.unwrap();
         } else {
-            client
-                .release(pb::ReleaseRequest { reservation_id })
-                .await
-                .unwrap();
+            app.release(id).await.unwrap();
         }
     }
     let committed = held_ids.len().div_ceil(2) as i64;
@@ -267,15 +239,12 @@ async fn a_crash_between_the_parts_is_finished_by_the_retry_on_a_new_instance() 
     // An instance that aborts once the first part of a request spanning
     // partitions is applied, before its coordinator decides.
     let mut crashy = start("crashy", Some("after-first-part")).await;
-    crate::crash::seed(crashy.channel(), &skus, 10).await;
-    let hold = || {
-        reserve(
-            "order-1",
-            skus.iter().map(|s| line(s, "", 2)).collect(),
-            600,
-        )
+    crashy.clients().seed_each(&skus, 10).await;
+    let hold = |rpc: Clients| {
+        let lines = skus.iter().map(|s| line(s, "", 2)).collect();
+        async move { rpc.reserve("order-1", lines, 600).await }
     };
-    let crashed = InventoryClient::new(crashy.channel()).reserve(hold()).await;
+    let crashed = hold(crashy.clients()).await;
     assert!(crashed.is_err(), "the instance died answering: {crashed:?}");
     assert!(!crashy.wait_exit(Duration::from_secs(10)).await.success());
     let midway = levels().await;
@@ -287,14 +256,10 @@ async fn a_crash_between_the_parts_is_finished_by_the_retry_on_a_new_instance() 
     // The client retries the same id on another instance: the request is
     // finished, every part held once.
     let mut fresh = start("fresh", None).await;
-    let mut client = InventoryClient::new(fresh.channel());
-    let finished = client
-        .reserve(hold())
-        .await
-        .expect("the retry finishes it")
-        .into_inner();
+    let rpc = fresh.clients();
+    let finished = hold(rpc.clone()).await.expect("the retry finishes it");
     assert_eq!(levels().await, vec![(8, 2); 3]);
-    let again = client.reserve(hold()).await.unwrap().into_inner();
+    let again = hold(rpc.clone()).await.unwrap();
     assert!(again.replayed);
     assert_eq!(again.levels, finished.levels);
     assert_eq!(
@@ -305,10 +270,11 @@ async fn a_crash_between_the_parts_is_finished_by_the_retry_on_a_new_instance() 
 
     // The same for a decrement spanning partitions.
     let mut crashy = start("crashy2", Some("after-first-part")).await;
-    let sale = || decrement("sale-1", skus.iter().map(|s| line(s, "", 3)).collect());
-    let crashed = InventoryClient::new(crashy.channel())
-        .decrement(sale())
-        .await;
+    let sale = |rpc: Clients| {
+        let lines = skus.iter().map(|s| line(s, "", 3)).collect();
+        async move { rpc.decrement("sale-1", lines).await }
+    };
+    let crashed = sale(crashy.clients()).await;
     assert!(crashed.is_err(), "the instance died answering: {crashed:?}");
     assert!(!crashy.wait_exit(Duration::from_secs(10)).await.success());
     let midway = levels().await;
@@ -316,14 +282,10 @@ async fn a_crash_between_the_parts_is_finished_by_the_retry_on_a_new_instance() 
         midway.iter().any(|&(_, r)| r == 5),
         "a part of the sale's internal hold was taken: {midway:?}"
     );
-    let sold = client
-        .decrement(sale())
-        .await
-        .expect("the retry finishes it")
-        .into_inner();
+    let sold = sale(rpc.clone()).await.expect("the retry finishes it");
     assert!(!sold.replayed);
     assert_eq!(levels().await, vec![(5, 2); 3]);
-    let again = client.decrement(sale()).await.unwrap().into_inner();
+    let again = sale(rpc.clone()).await.unwrap();
     assert!(again.replayed);
     assert_eq!(
         levels().await,
@@ -331,12 +293,7 @@ async fn a_crash_between_the_parts_is_finished_by_the_retry_on_a_new_instance() 
         "the replay applied nothing"
     );
 
-    client
-        .commit(pb::CommitRequest {
-            reservation_id: "order-1".into(),
-        })
-        .await
-        .unwrap();
+    rpc.commit("order-1").await.unwrap();
     assert_eq!(levels().await, vec![(5, 0); 3]);
     let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
     assert_converged(
@@ -393,8 +350,10 @@ impl DecrementLoad {
                         }
                         let id = format!("load-{c}-{n}");
                         let names: Vec<String> = lines.iter().map(|(s, _)| s.clone()).collect();
-                        let request =
-                            decrement(&id, lines.iter().map(|(s, q)| line(s, "", *q)).collect());
+                        let request = decrement_request(
+                            &id,
+                            lines.iter().map(|(s, q)| line(s, "", *q)).collect(),
+                        );
                         let deadline = Instant::now() + Duration::from_secs(60);
                         loop {
                             let sent = Instant::now();
@@ -675,7 +634,7 @@ async fn failover_under_load(lagging: bool) {
     let namespace = unique_namespace(if lagging { "lagging" } else { "failover" });
     let database = namespace.replace('-', "_");
     let database_url = postgres_url(&database);
-    let metrics = crate::faults::free_port();
+    let metrics = free_port();
     let mut stockd = Stockd::start_on(
         (&cluster.url(), true),
         &namespace,
@@ -691,7 +650,7 @@ async fn failover_under_load(lagging: bool) {
     let keys = Keyspace::new(namespace.clone(), 16);
     let skus = skus_in_distinct_partitions(&keys, "fail", 16);
     let initial = 100_000;
-    crate::crash::seed(stockd.channel(), &skus, initial).await;
+    stockd.clients().seed_each(&skus, initial).await;
     let load = DecrementLoad::start(stockd.channel(), skus.clone(), 8);
     load.wait_for_more(200, "load before the kill").await;
 
@@ -711,7 +670,8 @@ async fn failover_under_load(lagging: bool) {
         // reaches it from the socket when it resumes, nothing after.
         cluster.pause(replica, true);
         let cut: Option<i64> =
-            crate::own_cluster::node_query(victim, &["CLIENT", "KILL", "TYPE", "replica"]).await;
+            crate::support::own_cluster::node_query(victim, &["CLIENT", "KILL", "TYPE", "replica"])
+                .await;
         assert_eq!(cut, Some(1), "the replica's link cut");
         let stopped_at = Instant::now();
         // Until Postgres holds a change of the victim's partitions that the
@@ -840,9 +800,9 @@ async fn failover_under_load(lagging: bool) {
             "{sku}"
         );
     }
-    let text = crate::operability::scrape(metrics).await;
+    let text = crate::support::metrics::scrape(metrics).await;
     let rollbacks =
-        crate::operability::sample(&text, "stockd_redis_rollbacks_total", &[]).unwrap_or(0.0);
+        crate::support::metrics::sample(&text, "stockd_redis_rollbacks_total", &[]).unwrap_or(0.0);
     let refused: Vec<&String> = tally
         .unavailable
         .iter()
@@ -892,7 +852,7 @@ async fn two_then_three_instances_expire_each_hold_and_flush_each_event_once() {
     // masters; some committed or released at once, the rest lapse; and
     // decrements between them. The third instance joins midway.
     let round = |app: &TestApp, tag: String| {
-        let mut client = app.inventory.clone();
+        let rpc = app.clients();
         let skus = skus.clone();
         async move {
             for i in 0..30 {
@@ -901,28 +861,16 @@ async fn two_then_three_instances_expire_each_hold_and_flush_each_event_once() {
                     lines.push(line(&skus[(i + 1) % 3], "", 2));
                 }
                 let id = format!("{tag}-{i}");
-                client
-                    .reserve(reserve(&id, lines.clone(), 2))
-                    .await
-                    .unwrap();
+                rpc.reserve(&id, lines.clone(), 2).await.unwrap();
                 match i % 5 {
                     0 => {
-                        client
-                            .commit(pb::CommitRequest { reservation_id: id })
-                            .await
-                            .unwrap();
+                        rpc.commit(&id).await.unwrap();
                     }
                     1 => {
-                        client
-                            .release(pb::ReleaseRequest { reservation_id: id })
-                            .await
-                            .unwrap();
+                        rpc.release(&id).await.unwrap();
                     }
                     2 => {
-                        client
-                            .decrement(decrement(&format!("sale-{id}"), lines))
-                            .await
-                            .unwrap();
+                        rpc.decrement(&format!("sale-{id}"), lines).await.unwrap();
                     }
                     _ => {}
                 }

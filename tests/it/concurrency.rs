@@ -1,10 +1,9 @@
 //! Many clients at once on the same stock: never oversell.
 
 use futures::future::join_all;
-use stockd::pb;
 use tonic::Code;
 
-use crate::common::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_reservations_of_fifty_units_give_exactly_fifty() {
@@ -12,14 +11,9 @@ async fn two_hundred_reservations_of_fifty_units_give_exactly_fifty() {
     app.seed("hot", "", 50).await;
 
     let attempts = (0..200).map(|i| {
-        let mut client = app.inventory.clone();
+        let rpc = app.clients();
         async move {
-            client
-                .reserve(pb::ReserveRequest {
-                    reservation_id: format!("r-{i}"),
-                    lines: vec![line("hot", "", 1)],
-                    ttl_seconds: 600,
-                })
+            rpc.reserve(&format!("r-{i}"), vec![line("hot", "", 1)], 600)
                 .await
         }
     });
@@ -47,24 +41,15 @@ async fn concurrent_decrements_and_reservations_never_oversell() {
     app.seed("mixed", "", 100).await;
 
     let ops = (0..300).map(|i| {
-        let mut client = app.inventory.clone();
+        let rpc = app.clients();
         async move {
             let qty = 1 + (i % 3);
             if i % 2 == 0 {
-                client
-                    .reserve(pb::ReserveRequest {
-                        reservation_id: format!("r-{i}"),
-                        lines: vec![line("mixed", "", qty)],
-                        ttl_seconds: 600,
-                    })
+                rpc.reserve(&format!("r-{i}"), vec![line("mixed", "", qty)], 600)
                     .await
                     .map(|_| qty)
             } else {
-                client
-                    .decrement(pb::DecrementRequest {
-                        request_id: format!("d-{i}"),
-                        lines: vec![line("mixed", "", qty)],
-                    })
+                rpc.decrement(&format!("d-{i}"), vec![line("mixed", "", qty)])
                     .await
                     .map(|_| qty)
             }

@@ -9,49 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
-use stockd::pb;
-use stockd::pb::admin_client::AdminClient;
-use stockd::pb::inventory_client::InventoryClient;
 use stockd::redis_conn::RedisConn;
-use tonic::transport::Channel;
 
-use crate::common::*;
-use crate::flush::random_load;
-use crate::process::Stockd;
-
-/// Random operations against `addr` until `stop`; failures (the server is
-/// being killed) are expected and ignored.
-pub fn background_load(
-    channel: Channel,
-    skus: Vec<String>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let client = InventoryClient::new(channel);
-        let mut round = rand::rng().random_range(0..u32::MAX as u64);
-        while !stop.load(Ordering::Relaxed) {
-            round += 1;
-            random_load(&client, &skus, 8, 5, round).await;
-        }
-    })
-}
-
-/// SetStock of every SKU to `available` (location `default`).
-pub(crate) async fn seed(channel: Channel, skus: &[String], available: i64) {
-    let mut admin = AdminClient::new(channel);
-    for sku in skus {
-        admin
-            .set_stock(pb::SetStockRequest {
-                request_id: format!("seed-{sku}"),
-                sku: sku.clone(),
-                location: String::new(),
-                available,
-                expected_version: None,
-            })
-            .await
-            .unwrap();
-    }
-}
+use crate::support::load::background_load;
+use crate::support::process::Stockd;
+use crate::support::*;
 
 async fn pending_of(conn: &mut RedisConn, namespace: &str, partitions: u32, consumer: &str) -> u64 {
     let keys = stockd::keys::Keyspace::new(namespace, partitions);
@@ -105,6 +67,23 @@ impl Fixture {
         pool.close().await;
     }
 
+    /// Waits until `consumer` (a dead instance) holds no entry pending:
+    /// another instance claimed and flushed them.
+    async fn taken_over_from(&self, consumer: &str) {
+        eventually(
+            Duration::from_secs(30),
+            &format!("the entries pending for {consumer} to be taken over"),
+            || {
+                let mut conn = self.redis.clone();
+                async move {
+                    let pending = pending_of(&mut conn, &self.namespace, 16, consumer).await;
+                    (pending == 0).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     async fn cleanup(self) {
         delete_namespace(&mut self.redis.clone(), &self.namespace).await;
         drop_database(&self.database).await;
@@ -117,7 +96,7 @@ async fn kill_9_at_random_moments_under_load_loses_nothing() {
     for round in 0..6 {
         let mut stockd = Stockd::start(&fx.namespace, &fx.database_url, "crashy", false).await;
         if round == 0 {
-            seed(stockd.channel(), &fx.skus, 10_000).await;
+            stockd.clients().seed_each(&fx.skus, 10_000).await;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let load = background_load(stockd.channel(), fx.skus.clone(), stop.clone());
@@ -149,7 +128,7 @@ async fn a_crash_between_commit_and_xack_is_replayed_by_the_surviving_instance()
     let fx = Fixture::new("window").await;
     {
         let seeder = Stockd::start(&fx.namespace, &fx.database_url, "seeder", false).await;
-        seed(seeder.channel(), &fx.skus, 10_000).await;
+        seeder.clients().seed_each(&fx.skus, 10_000).await;
         let mut seeder = seeder;
         assert_eq!(seeder.terminate().await.code(), Some(0));
     }
@@ -182,16 +161,7 @@ async fn a_crash_between_commit_and_xack_is_replayed_by_the_surviving_instance()
     // timeout and writes them again, harmlessly.
     let mut b = Stockd::start(&fx.namespace, &fx.database_url, "b", false).await;
     fx.assert_converged().await;
-    eventually(
-        Duration::from_secs(30),
-        "b to take over a's pending entries",
-        || {
-            let mut conn = fx.redis.clone();
-            let namespace = fx.namespace.clone();
-            async move { (pending_of(&mut conn, &namespace, 16, "a").await == 0).then_some(()) }
-        },
-    )
-    .await;
+    fx.taken_over_from("a").await;
     assert_eq!(b.terminate().await.code(), Some(0));
     fx.cleanup().await;
 }
@@ -201,7 +171,7 @@ async fn two_instances_share_the_flush_and_survive_losing_one() {
     let fx = Fixture::new("pair").await;
     let mut a = Stockd::start(&fx.namespace, &fx.database_url, "a", false).await;
     let mut b = Stockd::start(&fx.namespace, &fx.database_url, "b", false).await;
-    seed(a.channel(), &fx.skus, 10_000).await;
+    a.clients().seed_each(&fx.skus, 10_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let loads = [
         background_load(a.channel(), fx.skus.clone(), stop.clone()),
@@ -215,16 +185,7 @@ async fn two_instances_share_the_flush_and_survive_losing_one() {
         load.await.unwrap();
     }
     fx.assert_converged().await;
-    eventually(
-        Duration::from_secs(30),
-        "b to hold none of a's entries pending",
-        || {
-            let mut conn = fx.redis.clone();
-            let namespace = fx.namespace.clone();
-            async move { (pending_of(&mut conn, &namespace, 16, "a").await == 0).then_some(()) }
-        },
-    )
-    .await;
+    fx.taken_over_from("a").await;
     assert_eq!(b.terminate().await.code(), Some(0));
     fx.cleanup().await;
 }

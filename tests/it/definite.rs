@@ -9,8 +9,8 @@ use futures::future::join_all;
 use stockd::pb;
 use tonic::Code;
 
-use crate::common::*;
-use crate::faults::{OwnRedis, ambiguous, definite};
+use crate::support::own_redis::OwnRedis;
+use crate::support::*;
 
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -41,41 +41,29 @@ async fn a_timed_out_request_has_one_outcome_across_instances() {
         let sku = format!("once-{round}");
         let id = format!("sale-{round}");
         apps[0].seed(&sku, "", 1).await;
-        let sale = pb::DecrementRequest {
-            request_id: id.clone(),
-            lines: vec![line(&sku, "", 2)],
+        let sale = |rpc: Clients| {
+            let (id, lines) = (id.clone(), vec![line(&sku, "", 2)]);
+            async move { rpc.decrement(&id, lines).await }
         };
         redis.pause(1_500).await;
-        let first = apps[0].inventory.clone().decrement(sale.clone()).await;
+        let first = sale(apps[0].clients()).await;
         let first = first.expect_err("Redis is paused");
         assert!(ambiguous(&first), "{first:?}");
         // The retry on the other instance and a restock race the original,
         // which is still queued in Redis.
         let retry = |n: usize| {
-            let (inv, sale) = (apps[n % 2].inventory.clone(), sale.clone());
+            let rpc = apps[n % 2].clients();
             async move {
-                definite(SETTLE, "the sale", || {
-                    let (mut inv, sale) = (inv.clone(), sale.clone());
-                    async move { inv.decrement(sale).await }
-                })
-                .await
-                .map(|r| r.into_inner().levels)
-                .map_err(|s| s.code())
+                definite(SETTLE, "the sale", || sale(rpc.clone()))
+                    .await
+                    .map(|r| r.levels)
+                    .map_err(|s| s.code())
             }
         };
         let restock = definite(SETTLE, "the restock", || {
-            let mut inv = apps[1].inventory.clone();
+            let rpc = apps[1].clients();
             let sku = sku.clone();
-            async move {
-                inv.adjust(pb::AdjustRequest {
-                    request_id: format!("restock-{sku}"),
-                    sku,
-                    location: String::new(),
-                    delta: 5,
-                    reason: String::new(),
-                })
-                .await
-            }
+            async move { rpc.adjust(&format!("restock-{sku}"), &sku, "", 5, "").await }
         });
         let (answers, restocked) = tokio::join!(join_all((1..5).map(retry)), restock);
         restocked.unwrap();
@@ -128,21 +116,15 @@ async fn a_stall_then_a_loss_leaves_no_hole_in_the_ledger() {
     }
     let sales = |from: usize, to: usize| {
         join_all((from..to).map(|n| {
-            let inv = app.inventory.clone();
-            let sale = pb::DecrementRequest {
-                request_id: format!("w{n}"),
-                lines: vec![
-                    line(&skus[n % 32], "", 1),
-                    line(&skus[(n * 7 + 3) % 32], "", 1),
-                ],
-            };
+            let (rpc, id) = (app.clients(), format!("w{n}"));
+            let lines = vec![
+                line(&skus[n % 32], "", 1),
+                line(&skus[(n * 7 + 3) % 32], "", 1),
+            ];
             async move {
-                definite(SETTLE, "a sale", || {
-                    let (mut inv, sale) = (inv.clone(), sale.clone());
-                    async move { inv.decrement(sale).await }
-                })
-                .await
-                .unwrap();
+                definite(SETTLE, "a sale", || rpc.decrement(&id, lines.clone()))
+                    .await
+                    .unwrap();
             }
         }))
     };
@@ -155,36 +137,13 @@ async fn a_stall_then_a_loss_leaves_no_hole_in_the_ledger() {
     sales(200, 300).await;
     // Redis comes back empty before the flusher caught up.
     redis.restart().await;
-    eventually(
-        Duration::from_secs(10),
-        "the test's connection to reconnect",
-        || {
-            let mut conn = app.redis.clone();
-            async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
+    reconnected(&app.redis).await;
     sales(300, 350).await;
 
     let pool = app.postgres().await;
     // Versions 1..v of every item once each, deltas summing to the row.
     app.converged(&pool).await;
-    let report = app
-        .admin
-        .clone()
-        .reconcile(pb::ReconcileRequest {
-            all: true,
-            mode: pb::ReconcileMode::Report as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let report = app.reconcile_all(pb::ReconcileMode::Report).await.unwrap();
     assert_eq!(report.checked, 32, "{report:?}");
     assert_eq!(report.ledger_mismatch, 0, "{report:?}");
     assert_eq!(report.in_sync, 32, "{report:?}");

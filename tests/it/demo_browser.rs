@@ -17,8 +17,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::*;
-use crate::http_client::reserve;
+use crate::support::http_api::reserve;
+use crate::support::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 

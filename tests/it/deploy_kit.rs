@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use stockd::pb;
 
-use crate::common::*;
-use crate::process::Stockd;
+use crate::support::process::Stockd;
+use crate::support::*;
 
 const ALERTS: &str = "deploy/prometheus/stockd-alerts.yml";
 const DASHBOARD: &str = "deploy/grafana/stockd-dashboard.json";
@@ -179,10 +179,7 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
 
     let namespace = unique_namespace("deploy-kit");
     let database = namespace.replace('-', "_");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .unwrap();
+    let metrics_port = free_port();
     let mut stockd = Stockd::start_with(
         &namespace,
         &postgres_url(&database),
@@ -193,33 +190,20 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
             format!("127.0.0.1:{metrics_port}"),
             // The export series exist only with an exporter on.
             "--nats-url".into(),
-            crate::export::nats_url(),
+            crate::support::brokers::nats_url(),
         ],
     )
     .await;
 
     // Series that exist only once something happened: a request (counts
     // and latencies), a change (a flush), a full reconcile.
-    let mut admin = pb::admin_client::AdminClient::new(stockd.channel());
-    admin
-        .set_stock(pb::SetStockRequest {
-            request_id: "kit-seed".into(),
-            sku: "kit".into(),
-            location: String::new(),
-            available: 5,
-            expected_version: None,
-        })
-        .await
-        .unwrap();
+    let rpc = stockd.clients();
+    rpc.set("kit-seed", "kit", "", 5).await.unwrap();
     // The reconcile pages through Postgres: let the flusher write the item.
     eventually(Duration::from_secs(20), "the seed to be flushed", || {
-        let mut admin = admin.clone();
+        let rpc = rpc.clone();
         async move {
-            let status = admin
-                .flush_status(pb::FlushStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
+            let status = rpc.flush_status().await.ok()?;
             status
                 .partitions
                 .iter()
@@ -228,14 +212,10 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
         }
     })
     .await;
-    let report = admin
-        .reconcile(pb::ReconcileRequest {
-            all: true,
-            ..Default::default()
-        })
+    let report = rpc
+        .reconcile_all(pb::ReconcileMode::Unspecified)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(report.checked, 1, "{report:?}");
 
     // Gauges and flush histograms come from background tasks: poll.
@@ -263,7 +243,7 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
     );
 
     assert_eq!(stockd.terminate().await.code(), Some(0));
-    crate::export::Jet::connect(&namespace).await.delete().await;
+    crate::support::brokers::delete_nats_stream(&namespace).await;
     delete_namespace(&mut shared_redis().await, &namespace).await;
     drop_database(&database).await;
 }

@@ -3,9 +3,7 @@
 
 use std::collections::HashMap;
 
-use stockd::pb;
-
-use crate::common::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn events_carry_the_contract_fields_and_versions_without_gaps() {
@@ -14,46 +12,16 @@ async fn events_carry_the_contract_fields_and_versions_without_gaps() {
     let (a, b) = (&skus[0], &skus[1]);
     app.seed(a, "", 10).await;
     app.seed(b, "paris", 10).await;
-    let mut inv = app.inventory.clone();
-    inv.reserve(pb::ReserveRequest {
-        reservation_id: "r1".into(),
-        lines: vec![line(a, "", 2), line(b, "paris", 1)],
-        ttl_seconds: 60,
-    })
-    .await
-    .unwrap();
-    inv.commit(pb::CommitRequest {
-        reservation_id: "r1".into(),
-    })
-    .await
-    .unwrap();
-    inv.reserve(pb::ReserveRequest {
-        reservation_id: "r2".into(),
-        lines: vec![line(a, "", 1)],
-        ttl_seconds: 60,
-    })
-    .await
-    .unwrap();
-    inv.release(pb::ReleaseRequest {
-        reservation_id: "r2".into(),
-    })
-    .await
-    .unwrap();
-    inv.decrement(pb::DecrementRequest {
-        request_id: "d1".into(),
-        lines: vec![line(b, "paris", 3)],
-    })
-    .await
-    .unwrap();
-    inv.adjust(pb::AdjustRequest {
-        request_id: "a1".into(),
-        sku: a.clone(),
-        location: String::new(),
-        delta: -1,
-        reason: "shrinkage".into(),
-    })
-    .await
-    .unwrap();
+    app.reserve("r1", vec![line(a, "", 2), line(b, "paris", 1)], 60)
+        .await
+        .unwrap();
+    app.commit("r1").await.unwrap();
+    app.reserve("r2", vec![line(a, "", 1)], 60).await.unwrap();
+    app.release("r2").await.unwrap();
+    app.decrement("d1", vec![line(b, "paris", 3)])
+        .await
+        .unwrap();
+    app.adjust("a1", a, "", -1, "shrinkage").await.unwrap();
 
     let events = app.events().await;
     let fields = [

@@ -5,9 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::future::join_all;
-use stockd::pb;
 
-use crate::common::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_expire_each_hold_exactly_once() {
@@ -25,25 +24,16 @@ async fn two_instances_expire_each_hold_exactly_once() {
     // 40 holds of one second, half through each instance, some spanning
     // two partitions.
     let holds = (0..40).map(|i| {
-        let mut client = if i % 2 == 0 {
-            first.inventory.clone()
+        let rpc = if i % 2 == 0 {
+            first.clients()
         } else {
-            second.inventory.clone()
+            second.clients()
         };
         let mut lines = vec![line(&skus[i % 4], "", 1)];
         if i % 3 == 0 {
             lines.push(line(&skus[(i + 1) % 4], "", 2));
         }
-        async move {
-            client
-                .reserve(pb::ReserveRequest {
-                    reservation_id: format!("hold-{i}"),
-                    lines,
-                    ttl_seconds: 1,
-                })
-                .await
-                .unwrap()
-        }
+        async move { rpc.reserve(&format!("hold-{i}"), lines, 1).await.unwrap() }
     });
     join_all(holds).await;
 
@@ -93,13 +83,7 @@ async fn expiring_a_hold_that_is_not_due_changes_nothing() {
     // query and its expire call: the script must judge "due" itself.
     let app = spawn_app().await;
     app.seed("fresh", "", 3).await;
-    app.inventory
-        .clone()
-        .reserve(pb::ReserveRequest {
-            reservation_id: "fresh-hold".into(),
-            lines: vec![line("fresh", "", 1)],
-            ttl_seconds: 600,
-        })
+    app.reserve("fresh-hold", vec![line("fresh", "", 1)], 600)
         .await
         .unwrap();
     let engine = stockd::engine::Engine::new(
@@ -142,13 +126,10 @@ async fn a_corrupt_reservation_is_dead_lettered_and_the_others_expire_on_time() 
     for sku in skus.iter().chain([&sibling]) {
         app.seed(sku, "", 10).await;
     }
-    let mut inv = app.inventory.clone();
-    let hold = |id: &str, sku: &str, qty: i64| pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines: vec![line(sku, "", qty)],
-        ttl_seconds: 2,
-    };
-    inv.reserve(hold("broken", &skus[0], 2)).await.unwrap();
+    // Holds of two seconds.
+    app.reserve("broken", vec![line(&skus[0], "", 2)], 2)
+        .await
+        .unwrap();
     // Its item no longer holds the units it reserved: expiring it cannot
     // be done (the script answers `corrupt`).
     let () = redis::cmd("HSET")
@@ -160,11 +141,10 @@ async fn a_corrupt_reservation_is_dead_lettered_and_the_others_expire_on_time() 
         .unwrap();
     let mut expiries = HashMap::new();
     for (i, sku) in skus.iter().skip(1).chain([&sibling]).enumerate() {
-        let held = inv
-            .reserve(hold(&format!("fine-{i}"), sku, 3))
+        let held = app
+            .reserve(&format!("fine-{i}"), vec![line(sku, "", 3)], 2)
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         expiries.insert(sku.clone(), held.expires_at_ms);
     }
     for (sku, expires_at_ms) in &expiries {

@@ -24,24 +24,13 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use rand::Rng;
 use stockd::export;
-use stockd::pb;
 use tonic::Code;
 
-use crate::common::*;
-use crate::crash::{background_load, seed};
-use crate::process::Stockd;
-use crate::proxy::FaultProxy;
-
-/// The test NATS server (`STOCKD_TEST_NATS_URL`).
-pub fn nats_url() -> String {
-    std::env::var("STOCKD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
-
-/// The test RabbitMQ (`STOCKD_TEST_AMQP_URL`).
-pub fn amqp_url() -> String {
-    std::env::var("STOCKD_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+use crate::support::brokers::{amqp_url, nats_url};
+use crate::support::load::background_load;
+use crate::support::process::Stockd;
+use crate::support::proxy::FaultProxy;
+use crate::support::*;
 
 /// `host:port` of a broker URL, for a fault proxy in front of it.
 fn socket_of(url: &str) -> SocketAddr {
@@ -102,13 +91,13 @@ fn seen(namespace: &str, item_key: &str, id: &str, payload: &[u8]) -> Seen {
 }
 
 /// The test's JetStream stream, read whole.
-pub struct Jet {
+struct Jet {
     js: jetstream::Context,
     namespace: String,
 }
 
 impl Jet {
-    pub async fn connect(namespace: &str) -> Self {
+    async fn connect(namespace: &str) -> Self {
         let client = async_nats::connect(nats_url())
             .await
             .expect("the test NATS");
@@ -150,7 +139,7 @@ impl Jet {
         out
     }
 
-    pub async fn delete(self) {
+    async fn delete(self) {
         let _ = self.js.delete_stream(self.stream()).await;
     }
 }
@@ -347,9 +336,19 @@ async fn scrape(addr: &str) -> String {
     }
 }
 
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+/// A free local address for `--metrics-addr`.
+fn metrics_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// (published, duplicates) of the NATS export, as the instance whose
+/// metrics are at `addr` counted them.
+async fn nats_export_counts(addr: &str) -> (u64, u64) {
+    let page = scrape(addr).await;
+    (
+        counter_in(&page, "stockd_export_published_total", "nats"),
+        counter_in(&page, "stockd_export_duplicates_total", "nats"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -361,29 +360,23 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
     let skus: Vec<String> = (0..10).map(|i| format!("exp.sku*{i}")).collect();
     let jet = Jet::connect(&namespace).await;
     let mut rabbit = Rabbit::bind(&namespace).await;
-    let args = |metrics: &str| {
-        vec![
+    let exporter = async |failpoint: Option<&str>, metrics: &str| {
+        let args = [
             "--nats-url".to_owned(),
             nats_url(),
             "--amqp-url".into(),
             amqp_url(),
             "--metrics-addr".into(),
             metrics.to_owned(),
-        ]
+        ];
+        Stockd::start_failing(&namespace, &database_url, "exporter", failpoint, &args).await
     };
 
     // 1. An instance that dies between JetStream's ack and the XACK: its
     //    restart publishes the batch again, and JetStream drops it.
-    let failing = free_port();
-    let mut first = Stockd::start_failing(
-        &namespace,
-        &database_url,
-        "exporter",
-        Some("export-crash-after-publish:nats"),
-        &args(&failing),
-    )
-    .await;
-    seed(first.channel(), &skus[..1], 10_000).await;
+    let failing = metrics_addr();
+    let mut first = exporter(Some("export-crash-after-publish:nats"), &failing).await;
+    first.clients().seed_each(&skus[..1], 10_000).await;
     assert!(!first.wait_exit(Duration::from_secs(30)).await.success());
 
     // 2. Rounds of load from many clients, each ended by kill -9 at a
@@ -391,15 +384,8 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
     let mut published = 0;
     let mut duplicates = 0;
     for round in 0..4 {
-        let metrics = free_port();
-        let mut stockd = Stockd::start_with(
-            &namespace,
-            &database_url,
-            "exporter",
-            false,
-            &args(&metrics),
-        )
-        .await;
+        let metrics = metrics_addr();
+        let mut stockd = exporter(None, &metrics).await;
         if round == 0 {
             // The replay of the aborted batch, dropped as a duplicate.
             eventually(
@@ -415,39 +401,30 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
                 },
             )
             .await;
-            seed(stockd.channel(), &skus, 10_000).await;
+            stockd.clients().seed_each(&skus, 10_000).await;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let load = background_load(stockd.channel(), skus.clone(), stop.clone());
         let chaos = Duration::from_millis(rand::rng().random_range(200..800));
         tokio::time::sleep(chaos).await;
-        let page = scrape(&metrics).await;
-        published += counter_in(&page, "stockd_export_published_total", "nats");
-        duplicates += counter_in(&page, "stockd_export_duplicates_total", "nats");
+        let (p, d) = nats_export_counts(&metrics).await;
+        (published, duplicates) = (published + p, duplicates + d);
         stockd.kill9();
         stop.store(true, Ordering::Relaxed);
         load.await.unwrap();
     }
 
     // 3. A last instance replays what the killed ones left pending.
-    let metrics = free_port();
-    let mut stockd = Stockd::start_with(
-        &namespace,
-        &database_url,
-        "exporter",
-        false,
-        &args(&metrics),
-    )
-    .await;
+    let metrics = metrics_addr();
+    let mut stockd = exporter(None, &metrics).await;
     let levels = levels_in_redis(&mut redis.clone(), &namespace).await;
     let changes: i64 = levels.values().map(|(_, _, v)| v).sum();
     assert!(changes > 50, "the load made changes: {changes}");
     let in_jetstream = jet.wait_all(Duration::from_secs(60), &levels).await;
     rabbit.receive_all(Duration::from_secs(60), &levels).await;
     let rabbit_duplicates = check_order(&rabbit.received, &levels, false).unwrap();
-    let page = scrape(&metrics).await;
-    published += counter_in(&page, "stockd_export_published_total", "nats");
-    duplicates += counter_in(&page, "stockd_export_duplicates_total", "nats");
+    let (p, d) = nats_export_counts(&metrics).await;
+    (published, duplicates) = (published + p, duplicates + d);
     eprintln!(
         "export across kill -9: {changes} changes; JetStream holds {in_jetstream}, \
          {published} acks seen by live instances of which {duplicates} duplicates dropped; \
@@ -470,13 +447,7 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
 /// The export's state per exporter: (backlog, oldest lag ms) summed over
 /// partitions, and the flusher's pending entries.
 async fn export_status(app: &TestApp, exporter: &str) -> (u64, i64, u64) {
-    let status = app
-        .admin
-        .clone()
-        .flush_status(pb::FlushStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = app.flush_status().await.unwrap();
     let mut out = (0, 0, 0);
     for p in status.partitions {
         out.2 += p.pending;
@@ -489,14 +460,7 @@ async fn export_status(app: &TestApp, exporter: &str) -> (u64, i64, u64) {
 }
 
 async fn decrement(app: &TestApp, id: &str, sku: &str) -> Result<(), tonic::Status> {
-    app.inventory
-        .clone()
-        .decrement(pb::DecrementRequest {
-            request_id: id.to_owned(),
-            lines: vec![line(sku, "", 1)],
-        })
-        .await
-        .map(drop)
+    app.decrement(id, vec![line(sku, "", 1)]).await.map(drop)
 }
 
 /// A broker under test, with what a consumer of it received.
@@ -692,17 +656,7 @@ async fn subjects_and_routing_keys_of_odd_names_are_distinct_and_decodable() {
         }
     }
     // Whitespace never gets this far: names with it are refused.
-    let refused = app
-        .admin
-        .clone()
-        .set_stock(pb::SetStockRequest {
-            request_id: "space".into(),
-            sku: "a b".into(),
-            location: String::new(),
-            available: 1,
-            expected_version: None,
-        })
-        .await;
+    let refused = app.set("space", "a b", "", 1).await;
     assert_eq!(code_of(refused), Code::InvalidArgument);
 
     let levels = levels_in_redis(&mut app.redis.clone(), &app.namespace).await;

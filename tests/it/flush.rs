@@ -6,122 +6,20 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::future::join_all;
-use rand::{Rng, SeedableRng};
-use stockd::pb;
 use tonic::Code;
 
-use crate::common::*;
-use crate::proxy::FaultProxy;
-use crate::reasons::{reason, retry_delay};
-
-/// Random operations on `skus` from `clients` concurrent clients.
-pub async fn random_load(
-    inventory: &pb::inventory_client::InventoryClient<tonic::transport::Channel>,
-    skus: &[String],
-    clients: usize,
-    ops: usize,
-    seed: u64,
-) {
-    let tasks = (0..clients).map(|c| {
-        let mut client = inventory.clone();
-        let skus = skus.to_vec();
-        async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + c as u64);
-            let mut held: Vec<String> = Vec::new();
-            for i in 0..ops {
-                let id = format!("c{seed}-{c}-{i}");
-                let pick =
-                    |rng: &mut rand::rngs::StdRng| skus[rng.random_range(0..skus.len())].clone();
-                let _ = match rng.random_range(0..6) {
-                    0 | 1 => {
-                        let a = pick(&mut rng);
-                        let b = pick(&mut rng);
-                        let mut lines = vec![line(&a, "", rng.random_range(1..3))];
-                        if b != a {
-                            lines.push(line(&b, "", 1));
-                        }
-                        let r = client
-                            .reserve(pb::ReserveRequest {
-                                reservation_id: id.clone(),
-                                lines,
-                                ttl_seconds: 600,
-                            })
-                            .await;
-                        if r.is_ok() {
-                            held.push(id);
-                        }
-                        Ok(())
-                    }
-                    2 if !held.is_empty() => {
-                        let rid = held.swap_remove(rng.random_range(0..held.len()));
-                        client
-                            .commit(pb::CommitRequest {
-                                reservation_id: rid,
-                            })
-                            .await
-                            .map(drop)
-                    }
-                    3 if !held.is_empty() => {
-                        let rid = held.swap_remove(rng.random_range(0..held.len()));
-                        client
-                            .release(pb::ReleaseRequest {
-                                reservation_id: rid,
-                            })
-                            .await
-                            .map(drop)
-                    }
-                    4 => client
-                        .decrement(pb::DecrementRequest {
-                            request_id: id,
-                            lines: vec![line(&pick(&mut rng), "", 1)],
-                        })
-                        .await
-                        .map(drop),
-                    _ => client
-                        .adjust(pb::AdjustRequest {
-                            request_id: id,
-                            sku: pick(&mut rng),
-                            location: String::new(),
-                            delta: rng.random_range(1..4),
-                            reason: "restock".into(),
-                        })
-                        .await
-                        .map(drop),
-                };
-            }
-        }
-    });
-    join_all(tasks).await;
-}
-
-pub async fn seed_catalogue(
-    app: &TestApp,
-    prefix: &str,
-    count: usize,
-    available: i64,
-) -> Vec<String> {
-    let skus: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
-    for sku in &skus {
-        app.seed(sku, "", available).await;
-    }
-    skus
-}
+use crate::support::load::{random_load, seed_catalogue};
+use crate::support::proxy::FaultProxy;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_load_from_many_clients_converges_in_postgres() {
     let app = spawn_app().await;
     let skus = seed_catalogue(&app, "load", 24, 40).await;
-    random_load(&app.inventory, &skus, 16, 40, 1).await;
+    random_load(&app.clients(), &skus, 16, 40, 1).await;
 
     let pool = app.postgres().await;
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &pool,
-        Duration::from_secs(30),
-    )
-    .await;
+    app.converged_within(&pool, Duration::from_secs(30)).await;
 
     // Reservation rows: every reserved id of the ledger has a row per
     // partition, and its state follows the last event.
@@ -154,13 +52,7 @@ async fn random_load_from_many_clients_converges_in_postgres() {
     pool.close().await;
 
     // FlushStatus agrees: nothing pending, checkpoints set where events were.
-    let status = app
-        .admin
-        .clone()
-        .flush_status(pb::FlushStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = app.flush_status().await.unwrap();
     assert_eq!(status.partitions.len(), 16);
     for p in &status.partitions {
         assert_eq!(p.pending, 0, "partition {}", p.partition);
@@ -188,12 +80,7 @@ async fn a_malformed_entry_is_dead_lettered_and_the_partition_keeps_flushing() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    app.inventory
-        .clone()
-        .decrement(pb::DecrementRequest {
-            request_id: "after".into(),
-            lines: vec![line("good", "", 3)],
-        })
+    app.decrement("after", vec![line("good", "", 3)])
         .await
         .unwrap();
 
@@ -214,13 +101,7 @@ async fn a_malformed_entry_is_dead_lettered_and_the_partition_keeps_flushing() {
         dead[0].1
     );
     assert_eq!(dead[0].1["f.op"], "steal");
-    let status = app
-        .admin
-        .clone()
-        .flush_status(pb::FlushStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = app.flush_status().await.unwrap();
     let p = &status.partitions[partition.0 as usize];
     assert_eq!((p.dead_letters, p.pending), (1, 0));
     pool.close().await;
@@ -242,14 +123,10 @@ async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
     .await;
     let skus = seed_catalogue(&app, "cut", 1, 1000).await;
     let sku = &skus[0];
-    let mut inv = app.inventory.clone();
-    inv.reserve(pb::ReserveRequest {
-        reservation_id: "held-before".into(),
-        lines: vec![line(sku, "", 1)],
-        ttl_seconds: 600,
-    })
-    .await
-    .unwrap();
+    let rpc = app.clients();
+    app.reserve("held-before", vec![line(sku, "", 1)], 600)
+        .await
+        .unwrap();
     let pool = sqlx::PgPool::connect(&postgres_url(&app.database))
         .await
         .unwrap();
@@ -258,37 +135,22 @@ async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
     proxy.cut();
     // Checkout keeps answering while Postgres is away...
     for i in 0..40 {
-        inv.decrement(pb::DecrementRequest {
-            request_id: format!("d{i}"),
-            lines: vec![line(sku, "", 1)],
-        })
-        .await
-        .unwrap();
+        app.decrement(&format!("d{i}"), vec![line(sku, "", 1)])
+            .await
+            .unwrap();
     }
     // ...and the backlog shows in FlushStatus (answered without Postgres).
-    let status = app
-        .admin
-        .clone()
-        .flush_status(pb::FlushStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = app.flush_status().await.unwrap();
     let p = &status.partitions[app.keys.partition_of(sku).0 as usize];
     assert!(p.pending >= 40, "backlog {p:?}");
 
     // Past the limit, new demand on the partition is refused and changes nothing.
     let refused = eventually(Duration::from_secs(10), "the backlog gate to close", || {
-        let mut inv = inv.clone();
+        let rpc = rpc.clone();
         let sku = sku.clone();
         async move {
             let id = format!("gate-{}", unique_namespace("g"));
-            match inv
-                .decrement(pb::DecrementRequest {
-                    request_id: id.clone(),
-                    lines: vec![line(&sku, "", 1)],
-                })
-                .await
-            {
+            match rpc.decrement(&id, vec![line(&sku, "", 1)]).await {
                 Err(s) if s.code() == Code::Unavailable => {
                     assert_eq!(reason(&s), "BACKLOG");
                     assert!(retry_delay(&s).is_some(), "worth retrying: {s:?}");
@@ -302,13 +164,7 @@ async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
     .await;
     let before = app.snapshot().await;
     assert_eq!(
-        code_of(
-            inv.decrement(pb::DecrementRequest {
-                request_id: refused,
-                lines: vec![line(sku, "", 1)]
-            })
-            .await
-        ),
+        code_of(app.decrement(&refused, vec![line(sku, "", 1)]).await),
         Code::Unavailable
     );
     assert_eq!(
@@ -317,34 +173,19 @@ async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
         "a refused write changes nothing"
     );
     // Holds can still be finished: that is bounded by what is held.
-    inv.commit(pb::CommitRequest {
-        reservation_id: "held-before".into(),
-    })
-    .await
-    .unwrap();
+    app.commit("held-before").await.unwrap();
 
     proxy.restore();
     eventually(Duration::from_secs(30), "the gate to open again", || {
-        let mut inv = inv.clone();
+        let rpc = rpc.clone();
         let sku = sku.clone();
         async move {
             let id = format!("after-{}", unique_namespace("a"));
-            inv.decrement(pb::DecrementRequest {
-                request_id: id,
-                lines: vec![line(&sku, "", 1)],
-            })
-            .await
-            .ok()
+            rpc.decrement(&id, vec![line(&sku, "", 1)]).await.ok()
         }
     })
     .await;
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &pool,
-        Duration::from_secs(30),
-    )
-    .await;
+    app.converged_within(&pool, Duration::from_secs(30)).await;
     pool.close().await;
     app.stop().await;
 }
@@ -372,15 +213,12 @@ async fn flusher_consumers(app: &TestApp, stream: &str) -> Vec<(String, i64)> {
 /// first; the instance's own consumer stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_consumers_are_removed_once_they_own_nothing() {
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--stale-consumer-idle-secs".into(),
-            "1".into(),
-            "--flush-claim-idle-ms".into(),
-            "300".into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--stale-consumer-idle-secs",
+        "1",
+        "--flush-claim-idle-ms",
+        "300",
+    ]))
     .await;
     app.seed("stale", "", 7).await;
     let pool = app.postgres().await;

@@ -5,8 +5,8 @@
 
 use serde_json::{Value, json};
 
-use crate::common::*;
-use crate::http_client::*;
+use crate::support::http_api::*;
+use crate::support::*;
 
 const CHANGED: &str = "eventId sku location available reserved version op availability";
 
@@ -147,15 +147,12 @@ async fn a_websocket_subscription_receives_changes_in_version_order_and_resumes(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn websockets_authenticate_in_connection_init_and_limit_subscriptions() {
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--client-token".into(),
-            "s3cret".into(),
-            "--http-max-subscriptions".into(),
-            "2".into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--client-token",
+        "s3cret",
+        "--http-max-subscriptions",
+        "2",
+    ]))
     .await;
     let http = app.http_addr;
     app.seed("L", "", 5).await;

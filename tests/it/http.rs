@@ -4,15 +4,8 @@
 
 use serde_json::json;
 
-use crate::common::*;
-use crate::http_client::*;
-
-fn options(extra: &[&str]) -> Options {
-    Options {
-        extra_args: extra.iter().map(|s| s.to_string()).collect(),
-        ..Options::default()
-    }
-}
+use crate::support::http_api::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn json_reads_answer_levels_and_clear_errors_that_change_nothing() {
@@ -104,7 +97,7 @@ async fn json_reads_answer_levels_and_clear_errors_that_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_client_token_is_required_when_configured() {
-    let app = spawn_app_with(options(&["--client-token", "s3cret"])).await;
+    let app = spawn_app_with(Options::with_args(&["--client-token", "s3cret"])).await;
     let http = app.http_addr;
     app.seed("A", "", 10).await;
     for token in [None, Some("wrong")] {
@@ -133,7 +126,7 @@ async fn the_client_token_is_required_when_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn public_mode_shows_buckets_and_never_quantities() {
-    let app = spawn_app_with(options(&[
+    let app = spawn_app_with(Options::with_args(&[
         "--client-token",
         "s3cret",
         "--http-public",
@@ -322,7 +315,7 @@ async fn sse_sends_changes_in_order_and_resumes_exactly_after_last_event_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscriptions_name_a_bounded_number_of_skus() {
-    let app = spawn_app_with(options(&["--http-max-skus", "3"])).await;
+    let app = spawn_app_with(Options::with_args(&["--http-max-skus", "3"])).await;
     let refused = Sse::open(app.http_addr, &["a", "b", "c", "d"], None, None)
         .await
         .err()
@@ -407,7 +400,7 @@ async fn read_to_end_dechunked((mut stream, head): (tokio::net::TcpStream, Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_sse_subscriber_is_cut_with_the_id_to_resume_from() {
-    let app = spawn_app_with(options(&["--watch-buffer", "300"])).await;
+    let app = spawn_app_with(Options::with_args(&["--watch-buffer", "300"])).await;
     let http = app.http_addr;
     // One SKU at 100 locations: every event in one partition, so resuming
     // is exact. 20,000 events (~7 MB of SSE) are more than the socket
@@ -418,17 +411,9 @@ async fn a_slow_sse_subscriber_is_cut_with_the_id_to_resume_from() {
     }
     let stalled = stalled_sse(http, "slow").await;
     let lines: Vec<stockd::pb::Line> = locations.iter().map(|l| line("slow", l, 1)).collect();
-    let mut inventory = app.inventory.clone();
     for i in 0..100 {
         let id = format!("slow-{i}");
-        inventory
-            .reserve(stockd::pb::ReserveRequest {
-                reservation_id: id.clone(),
-                lines: lines.clone(),
-                ttl_seconds: 600,
-            })
-            .await
-            .unwrap();
+        app.reserve(&id, lines.clone(), 600).await.unwrap();
         release(&app, &id).await;
     }
     // Every change after the seeds, as the stream holds them (read in

@@ -6,20 +6,11 @@ use std::time::Duration;
 
 use stockd::app::{Application, StartError};
 use stockd::meta::MetaError;
-use stockd::pb;
 use stockd::store::StoreError;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::common::*;
-
-fn reserve(id: &str, lines: Vec<pb::Line>, ttl: u32) -> pb::ReserveRequest {
-    pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines,
-        ttl_seconds: ttl,
-    }
-}
+use crate::support::*;
 
 #[tokio::test]
 async fn carts_across_partitions_are_all_or_nothing() {
@@ -28,21 +19,18 @@ async fn carts_across_partitions_are_all_or_nothing() {
     app.seed(&skus[0], "", 10).await;
     app.seed(&skus[1], "", 2).await;
     app.seed(&skus[2], "berlin", 10).await;
-    let mut inv = app.inventory.clone();
     let before = app.stock_and_streams().await;
+    // One line short of stock.
+    let cart_1 = || {
+        let lines = vec![
+            line(&skus[0], "", 1),
+            line(&skus[1], "", 5),
+            line(&skus[2], "berlin", 1),
+        ];
+        app.reserve("cart-1", lines, 60)
+    };
 
-    let status = inv
-        .reserve(reserve(
-            "cart-1",
-            vec![
-                line(&skus[0], "", 1),
-                line(&skus[1], "", 5),
-                line(&skus[2], "berlin", 1),
-            ],
-            60,
-        ))
-        .await
-        .unwrap_err();
+    let status = cart_1().await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     let failure = status
         .get_details_precondition_failure()
@@ -68,18 +56,7 @@ async fn carts_across_partitions_are_all_or_nothing() {
     // One outcome per id: the refusal is the answer of cart-1 from now on,
     // to a late copy of the request as to a retry; another cart under the
     // same id is another request.
-    let again = inv
-        .reserve(reserve(
-            "cart-1",
-            vec![
-                line(&skus[0], "", 1),
-                line(&skus[1], "", 5),
-                line(&skus[2], "berlin", 1),
-            ],
-            60,
-        ))
-        .await
-        .unwrap_err();
+    let again = cart_1().await.unwrap_err();
     assert_eq!(again.code(), Code::FailedPrecondition);
     assert_eq!(
         format!("{:?}", again.get_details_precondition_failure()),
@@ -91,8 +68,8 @@ async fn carts_across_partitions_are_all_or_nothing() {
     // that coordinated cart-1: see the idempotency tests).
     let home = app.keys.partition_of("cart-1");
     if !redis_cluster() || app.keys.partition_of(&skus[0]) == home {
-        let other = inv
-            .reserve(reserve("cart-1", vec![line(&skus[0], "", 1)], 60))
+        let other = app
+            .reserve("cart-1", vec![line(&skus[0], "", 1)], 60)
             .await
             .unwrap_err();
         assert_eq!(other.code(), Code::AlreadyExists);
@@ -101,8 +78,8 @@ async fn carts_across_partitions_are_all_or_nothing() {
 
     // The same cart fits, under a new id, once the short line asks for what
     // is there.
-    let ok = inv
-        .reserve(reserve(
+    let ok = app
+        .reserve(
             "cart-2",
             vec![
                 line(&skus[0], "", 1),
@@ -110,10 +87,9 @@ async fn carts_across_partitions_are_all_or_nothing() {
                 line(&skus[2], "berlin", 1),
             ],
             60,
-        ))
+        )
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let summary: Vec<_> = ok
         .levels
         .iter()
@@ -121,13 +97,7 @@ async fn carts_across_partitions_are_all_or_nothing() {
         .collect();
     assert_eq!(summary, vec![(9, 1, 2), (0, 2, 2), (9, 1, 2)]);
 
-    let committed = inv
-        .commit(pb::CommitRequest {
-            reservation_id: "cart-2".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let committed = app.commit("cart-2").await.unwrap();
     let summary: Vec<_> = committed
         .levels
         .iter()
@@ -141,45 +111,23 @@ async fn carts_across_partitions_are_all_or_nothing() {
 async fn reservation_state_machine() {
     let app = spawn_app().await;
     app.seed("item", "", 10).await;
-    let mut inv = app.inventory.clone();
-    let commit = |id: &str| pb::CommitRequest {
-        reservation_id: id.into(),
-    };
-    let release = |id: &str| pb::ReleaseRequest {
-        reservation_id: id.into(),
-    };
 
-    inv.reserve(reserve("c", vec![line("item", "", 2)], 60))
+    app.reserve("c", vec![line("item", "", 2)], 60)
         .await
         .unwrap();
-    inv.reserve(reserve("r", vec![line("item", "", 3)], 60))
+    app.reserve("r", vec![line("item", "", 3)], 60)
         .await
         .unwrap();
-    inv.commit(commit("c")).await.unwrap();
-    let released = inv.release(release("r")).await.unwrap().into_inner();
+    app.commit("c").await.unwrap();
+    let released = app.release("r").await.unwrap();
     assert!(!released.replayed);
     assert_eq!(released.levels[0].available, 8, "3 units came back");
     let before = app.snapshot().await;
 
-    assert_eq!(
-        code_of(inv.release(release("c")).await),
-        Code::FailedPrecondition
-    );
-    assert_eq!(
-        code_of(inv.commit(commit("r")).await),
-        Code::FailedPrecondition
-    );
-    assert_eq!(
-        code_of(
-            inv.extend(pb::ExtendRequest {
-                reservation_id: "c".into(),
-                ttl_seconds: 60
-            })
-            .await
-        ),
-        Code::FailedPrecondition
-    );
-    let again = inv.release(release("r")).await.unwrap().into_inner();
+    assert_eq!(code_of(app.release("c").await), Code::FailedPrecondition);
+    assert_eq!(code_of(app.commit("r").await), Code::FailedPrecondition);
+    assert_eq!(code_of(app.extend("c", 60).await), Code::FailedPrecondition);
+    let again = app.release("r").await.unwrap();
     assert!(again.replayed);
     assert_eq!(again.levels, released.levels);
     assert_eq!(
@@ -197,18 +145,12 @@ async fn reservation_state_machine() {
 async fn a_lapsed_hold_cannot_be_committed_and_its_release_is_a_replay() {
     // The reaper is slowed down so that the lapsed hold is still "held" in
     // Redis when the client comes back: the scripts judge expiry themselves.
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--reaper-interval-ms".into(), "3600000".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--reaper-interval-ms", "3600000"])).await;
     app.seed("item", "", 5).await;
-    let mut inv = app.inventory.clone();
-    let held = inv
-        .reserve(reserve("late", vec![line("item", "", 2)], 1))
+    let held = app
+        .reserve("late", vec![line("item", "", 2)], 1)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
 
     // Wait until Redis's clock (the one the scripts use) passes the expiry.
     eventually(Duration::from_secs(5), "the hold to lapse", || {
@@ -222,33 +164,13 @@ async fn a_lapsed_hold_cannot_be_committed_and_its_release_is_a_replay() {
     .await;
     let before = app.snapshot().await;
     assert_eq!(
-        code_of(
-            inv.extend(pb::ExtendRequest {
-                reservation_id: "late".into(),
-                ttl_seconds: 60
-            })
-            .await
-        ),
+        code_of(app.extend("late", 60).await),
         Code::FailedPrecondition,
         "a lapsed hold cannot be revived"
     );
-    assert_eq!(
-        code_of(
-            inv.commit(pb::CommitRequest {
-                reservation_id: "late".into()
-            })
-            .await
-        ),
-        Code::FailedPrecondition
-    );
+    assert_eq!(code_of(app.commit("late").await), Code::FailedPrecondition);
     assert_eq!(app.snapshot().await, before);
-    let released = inv
-        .release(pb::ReleaseRequest {
-            reservation_id: "late".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let released = app.release("late").await.unwrap();
     assert!(released.replayed, "release of an expired hold is a replay");
     assert_eq!(
         (released.levels[0].available, released.levels[0].reserved),
@@ -271,24 +193,11 @@ async fn extend_moves_the_expiry_of_every_partition() {
     for sku in &skus {
         app.seed(sku, "", 5).await;
     }
-    let mut inv = app.inventory.clone();
-    let first = inv
-        .reserve(reserve(
-            "e",
-            vec![line(&skus[0], "", 1), line(&skus[1], "", 1)],
-            2,
-        ))
+    let first = app
+        .reserve("e", vec![line(&skus[0], "", 1), line(&skus[1], "", 1)], 2)
         .await
-        .unwrap()
-        .into_inner();
-    let extended = inv
-        .extend(pb::ExtendRequest {
-            reservation_id: "e".into(),
-            ttl_seconds: 3600,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    let extended = app.extend("e", 3600).await.unwrap();
     assert!(extended.expires_at_ms >= first.expires_at_ms + 3_590_000);
     let mut conn = app.redis.clone();
     for sku in &skus {
@@ -333,11 +242,7 @@ async fn a_different_partition_count_refuses_to_start() {
 
 #[tokio::test]
 async fn health_reflection_and_admin_token() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--admin-token".into(), "s3cret".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--admin-token", "s3cret"])).await;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
         .unwrap()
         .connect()
@@ -356,32 +261,22 @@ async fn health_reflection_and_admin_token() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 
-    let request = || pb::SetStockRequest {
-        request_id: "t".into(),
-        sku: "guarded".into(),
-        location: String::new(),
-        available: 1,
-        expected_version: None,
-    };
+    let request = || set_request("t", "guarded", "", 1);
     let mut admin = app.admin.clone();
     assert_eq!(
         code_of(admin.set_stock(request()).await),
         Code::Unauthenticated
     );
-    let mut wrong = tonic::Request::new(request());
-    wrong
-        .metadata_mut()
-        .insert("authorization", "Bearer nope".parse().unwrap());
+    let wrong = with_token("nope", request());
     assert_eq!(code_of(admin.set_stock(wrong).await), Code::Unauthenticated);
     assert!(
         app.level("guarded", "").await.is_none(),
         "refused sets change nothing"
     );
-    let mut right = tonic::Request::new(request());
-    right
-        .metadata_mut()
-        .insert("authorization", "Bearer s3cret".parse().unwrap());
-    admin.set_stock(right).await.unwrap();
+    admin
+        .set_stock(with_token("s3cret", request()))
+        .await
+        .unwrap();
     assert_eq!(app.level("guarded", "").await.unwrap().available, 1);
     app.stop().await;
 }

@@ -1,12 +1,13 @@
 //! Integration tests: a real stockd (in-process, port 0) against the real
 //! Redis, one namespace per test so that tests run in parallel. One test
-//! binary for all of them keeps link time down.
+//! binary for all of them keeps link time down. What the tests share (the
+//! test server, typed rpc calls, polling, servers a test may break) is in
+//! `support/`, described in support/mod.rs.
 
 mod auth;
 mod chaos;
 mod cli;
 mod cluster;
-mod common;
 mod concurrency;
 mod crash;
 mod definite;
@@ -19,19 +20,16 @@ mod faults;
 mod flush;
 mod graphql;
 mod http;
-mod http_client;
 mod idempotency;
 mod lifecycle;
 mod model;
 mod operability;
-mod own_cluster;
-mod process;
-mod proxy;
 mod reasons;
 mod reconcile;
 mod redis_loss;
 mod redis_settings;
 mod shutdown;
+mod support;
 mod validation;
 mod warming;
 mod watch;

@@ -11,7 +11,7 @@ use stockd::engine::{Changed, Engine, EngineSettings};
 use stockd::error::{Error, Shortage};
 use stockd::keys::Keyspace;
 
-use crate::common::{
+use crate::support::{
     delete_namespace, establish_markers, redis_cluster, shared_redis, unique_namespace,
 };
 

@@ -1,7 +1,8 @@
-//! Operability and security: metrics, tokens, TLS and mutual TLS, request
-//! size and concurrency limits, least-privilege Redis and Postgres users, and
-//! secrets kept out of logs.
+//! Operability and security: metrics, TLS and mutual TLS, request size and
+//! concurrency limits, least-privilege Redis and Postgres users, and secrets
+//! kept out of logs (the tokens: tests/it/auth.rs).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -11,39 +12,13 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
 use stockd::pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::common::*;
-use crate::faults::OwnRedis;
-use crate::faults::free_port;
-use crate::process::Stockd;
-use crate::reasons::{reason, retry_delay};
-
-pub(crate) async fn scrape(port: u16) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
-}
-
-/// The value of the first sample of `name` whose labels contain all of `labels`.
-pub(crate) fn sample(scrape: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| labels.iter().all(|label| l.contains(label)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
+use crate::support::metrics::{sample, scrape};
+use crate::support::own_redis::OwnRedis;
+use crate::support::process::Stockd;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_are_exported_and_move_after_traffic() {
@@ -63,33 +38,14 @@ async fn metrics_are_exported_and_move_after_traffic() {
         ],
     )
     .await;
-    let channel = stockd.channel();
-    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
-    let mut inv = pb::inventory_client::InventoryClient::new(channel);
-    admin
-        .set_stock(pb::SetStockRequest {
-            request_id: "s".into(),
-            sku: "m".into(),
-            location: String::new(),
-            available: 5,
-            expected_version: None,
-        })
-        .await
-        .unwrap();
-    let hold = |id: &str, qty: i64, ttl: u32| pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines: vec![line("m", "", qty)],
-        ttl_seconds: ttl,
-    };
-    inv.reserve(hold("lapses", 1, 1)).await.unwrap();
-    inv.reserve(hold("sold", 1, 600)).await.unwrap();
-    inv.commit(pb::CommitRequest {
-        reservation_id: "sold".into(),
-    })
-    .await
-    .unwrap();
+    let rpc = stockd.clients();
+    rpc.set("s", "m", "", 5).await.unwrap();
+    let hold = |qty: i64| vec![line("m", "", qty)];
+    rpc.reserve("lapses", hold(1), 1).await.unwrap();
+    rpc.reserve("sold", hold(1), 600).await.unwrap();
+    rpc.commit("sold").await.unwrap();
     assert_eq!(
-        code_of(inv.reserve(hold("too-many", 99, 600)).await),
+        code_of(rpc.reserve("too-many", hold(99), 600).await),
         Code::FailedPrecondition
     );
 
@@ -105,14 +61,10 @@ async fn metrics_are_exported_and_move_after_traffic() {
     )
     .await;
     // Once flushed, a reconcile finds the item in sync.
-    let report = admin
-        .reconcile(pb::ReconcileRequest {
-            all: true,
-            ..Default::default()
-        })
+    let report = rpc
+        .reconcile_all(pb::ReconcileMode::Unspecified)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(report.in_sync, 1, "{report:?}");
     let text = scrape(port).await;
     assert!(
@@ -164,57 +116,6 @@ async fn metrics_are_exported_and_move_after_traffic() {
     drop_database(&database).await;
 }
 
-fn with<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
-#[tokio::test]
-async fn tokens_guard_admin_and_inventory_rpcs() {
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--admin-token".into(),
-            "adm1n".into(),
-            "--client-token".into(),
-            "cl1ent".into(),
-        ],
-        ..Options::default()
-    })
-    .await;
-
-    let get = || pb::GetStockRequest {
-        items: vec![pb::ItemRef {
-            sku: "x".into(),
-            location: String::new(),
-        }],
-    };
-    let mut inv = app.inventory.clone();
-    assert_eq!(code_of(inv.get_stock(get()).await), Code::Unauthenticated);
-    assert_eq!(
-        code_of(inv.get_stock(with("adm1n", get())).await),
-        Code::Unauthenticated,
-        "tokens are per service"
-    );
-    inv.get_stock(with("cl1ent", get())).await.unwrap();
-    let mut admin = app.admin.clone();
-    assert_eq!(
-        code_of(
-            admin
-                .flush_status(with("cl1ent", pb::FlushStatusRequest {}))
-                .await
-        ),
-        Code::Unauthenticated
-    );
-    admin
-        .flush_status(with("adm1n", pb::FlushStatusRequest {}))
-        .await
-        .unwrap();
-    app.stop().await;
-}
-
 /// A certificate authority for the test, and leaf certificates it signs.
 struct TestCa {
     params: CertificateParams,
@@ -251,15 +152,19 @@ fn write(dir: &std::path::Path, name: &str, content: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
-async fn get_stock(channel: Result<Channel, tonic::transport::Error>) -> Result<(), String> {
-    let channel = channel.map_err(|e| e.to_string())?;
-    pb::inventory_client::InventoryClient::new(channel)
-        .get_stock(pb::GetStockRequest {
-            items: vec![pb::ItemRef {
-                sku: "x".into(),
-                location: String::new(),
-            }],
-        })
+/// A GetStock over a new connection to `addr`: plaintext, or TLS with
+/// `tls`; the error says which step failed.
+async fn get_stock(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+    let endpoint = match tls {
+        None => Channel::from_shared(format!("http://{addr}")).unwrap(),
+        Some(tls) => Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap(),
+    };
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    Clients::new(channel)
+        .get(&[("x", "")])
         .await
         .map(drop)
         .map_err(|s| s.to_string())
@@ -297,51 +202,15 @@ async fn tls_and_mutual_tls_refuse_plaintext_and_untrusted_clients() {
         ..Options::default()
     })
     .await;
-    let https = || Channel::from_shared(format!("https://{}", app.addr)).unwrap();
 
     // mutual TLS: a trusted client certificate is let in...
-    get_stock(
-        https()
-            .tls_config(server_tls(Some((&client_cert, &client_key))))
-            .unwrap()
-            .connect()
-            .await,
-    )
-    .await
-    .unwrap();
+    let trusted = server_tls(Some((&client_cert, &client_key)));
+    get_stock(app.addr, Some(trusted)).await.unwrap();
     // ...plaintext, no certificate, or one from another CA are not.
-    assert!(
-        get_stock(
-            Channel::from_shared(format!("http://{}", app.addr))
-                .unwrap()
-                .connect()
-                .await
-        )
-        .await
-        .is_err()
-    );
-    assert!(
-        get_stock(
-            https()
-                .tls_config(server_tls(None))
-                .unwrap()
-                .connect()
-                .await
-        )
-        .await
-        .is_err()
-    );
-    assert!(
-        get_stock(
-            https()
-                .tls_config(server_tls(Some((&rogue_cert, &rogue_key))))
-                .unwrap()
-                .connect()
-                .await
-        )
-        .await
-        .is_err()
-    );
+    assert!(get_stock(app.addr, None).await.is_err());
+    assert!(get_stock(app.addr, Some(server_tls(None))).await.is_err());
+    let rogue = server_tls(Some((&rogue_cert, &rogue_key)));
+    assert!(get_stock(app.addr, Some(rogue)).await.is_err());
     // stockctl speaks TLS too.
     let stockctl_run = |extra: &[&str], command: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_stockctl"))
@@ -424,48 +293,18 @@ async fn tls_and_mutual_tls_refuse_plaintext_and_untrusted_clients() {
         ..Options::default()
     })
     .await;
-    let https = || Channel::from_shared(format!("https://{}", app.addr)).unwrap();
-    get_stock(
-        https()
-            .tls_config(server_tls(None))
-            .unwrap()
-            .connect()
-            .await,
-    )
-    .await
-    .unwrap();
-    assert!(
-        get_stock(
-            Channel::from_shared(format!("http://{}", app.addr))
-                .unwrap()
-                .connect()
-                .await
-        )
-        .await
-        .is_err()
-    );
+    get_stock(app.addr, Some(server_tls(None))).await.unwrap();
+    assert!(get_stock(app.addr, None).await.is_err());
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_requests_and_floods_are_refused_fast() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--max-concurrent-requests".into(), "2".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--max-concurrent-requests", "2"])).await;
     app.seed("limit", "", 1_000_000).await;
     let before = app.level("limit", "").await.unwrap();
     let status = app
-        .inventory
-        .clone()
-        .adjust(pb::AdjustRequest {
-            request_id: "big".into(),
-            sku: "limit".into(),
-            location: String::new(),
-            delta: 1,
-            reason: "x".repeat(300 * 1024),
-        })
+        .adjust("big", "limit", "", 1, &"x".repeat(300 * 1024))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -478,14 +317,10 @@ async fn oversized_requests_and_floods_are_refused_fast() {
     // A flood far beyond the limit: some are refused at once, none queue
     // forever, none fail otherwise.
     let flood = (0..400).map(|i| {
-        let mut inv = app.inventory.clone();
+        let rpc = app.clients();
         async move {
-            inv.reserve(pb::ReserveRequest {
-                reservation_id: format!("f{i}"),
-                lines: vec![line("limit", "", 1)],
-                ttl_seconds: 600,
-            })
-            .await
+            rpc.reserve(&format!("f{i}"), vec![line("limit", "", 1)], 600)
+                .await
         }
     });
     let results = join_all(flood).await;
@@ -510,19 +345,11 @@ async fn oversized_requests_and_floods_are_refused_fast() {
     );
 
     // A well-behaved client backs off on RESOURCE_EXHAUSTED and gets through.
-    let mut inv = app.inventory.clone();
     let mut backoff = POLL_INTERVAL;
     let mut attempts = 0;
     loop {
         attempts += 1;
-        match inv
-            .reserve(pb::ReserveRequest {
-                reservation_id: "polite".into(),
-                lines: vec![line("limit", "", 1)],
-                ttl_seconds: 600,
-            })
-            .await
-        {
+        match app.reserve("polite", vec![line("limit", "", 1)], 600).await {
             Ok(_) => break,
             Err(s) if s.code() == Code::ResourceExhausted && attempts < 50 => {
                 tokio::time::sleep(backoff).await;
@@ -561,49 +388,25 @@ async fn stockd_runs_as_a_restricted_redis_user() {
     .await;
     // The full path: stock, holds, expiry, flush, warming, reconcile, status.
     app.seed("acl", "", 10).await;
-    let mut inv = app.inventory.clone();
-    let hold = |id: &str, ttl: u32| pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines: vec![line("acl", "", 1)],
-        ttl_seconds: ttl,
-    };
-    inv.reserve(hold("a", 600)).await.unwrap();
-    inv.commit(pb::CommitRequest {
-        reservation_id: "a".into(),
-    })
-    .await
-    .unwrap();
-    inv.reserve(hold("b", 1)).await.unwrap();
-    inv.decrement(pb::DecrementRequest {
-        request_id: "d".into(),
-        lines: vec![line("acl", "", 2)],
-    })
-    .await
-    .unwrap();
+    app.reserve("a", vec![line("acl", "", 1)], 600)
+        .await
+        .unwrap();
+    app.commit("a").await.unwrap();
+    app.reserve("b", vec![line("acl", "", 1)], 1).await.unwrap();
+    app.decrement("d", vec![line("acl", "", 2)]).await.unwrap();
     eventually(Duration::from_secs(15), "the hold to expire", || async {
         (app.level("acl", "").await.unwrap().reserved == 0).then_some(())
     })
     .await;
     let pool = app.postgres().await;
     app.converged(&pool).await;
-    let mut admin = app.admin.clone();
-    admin
-        .preload(pb::PreloadRequest {
-            all: true,
-            ..Default::default()
-        })
+    app.preload_all().await.unwrap();
+    let report = app
+        .reconcile_all(pb::ReconcileMode::Unspecified)
         .await
         .unwrap();
-    let report = admin
-        .reconcile(pb::ReconcileRequest {
-            all: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
     assert_eq!((report.checked, report.in_sync), (1, 1));
-    admin.flush_status(pb::FlushStatusRequest {}).await.unwrap();
+    app.flush_status().await.unwrap();
 
     // What the user may not do.
     let mut user = redis::Client::open(restricted.as_str())
@@ -659,41 +462,15 @@ async fn stockd_runs_as_a_postgres_role_without_ddl_rights() {
         ..Options::default()
     })
     .await;
-    let mut inv = app.inventory.clone();
-    inv.reserve(pb::ReserveRequest {
-        reservation_id: "r".into(),
-        lines: vec![line("pg", "", 2)],
-        ttl_seconds: 600,
-    })
-    .await
-    .unwrap();
-    inv.release(pb::ReleaseRequest {
-        reservation_id: "r".into(),
-    })
-    .await
-    .unwrap();
-    assert_converged(
-        &mut app.redis.clone(),
-        &app.namespace,
-        &owner,
-        Duration::from_secs(20),
-    )
-    .await;
-    let mut admin = app.admin.clone();
-    admin
-        .reconcile(pb::ReconcileRequest {
-            all: true,
-            ..Default::default()
-        })
+    app.reserve("r", vec![line("pg", "", 2)], 600)
         .await
         .unwrap();
-    admin
-        .preload(pb::PreloadRequest {
-            all: true,
-            ..Default::default()
-        })
+    app.release("r").await.unwrap();
+    app.converged(&owner).await;
+    app.reconcile_all(pb::ReconcileMode::Unspecified)
         .await
         .unwrap();
+    app.preload_all().await.unwrap();
     let denied = sqlx::query("DELETE FROM stock")
         .execute(
             &sqlx::PgPool::connect(&format!("postgres://{role}@127.0.0.1:5432/{database}"))
@@ -802,18 +579,8 @@ async fn request_metrics_name_known_rpcs_and_count_final_statuses() {
     )
     .await;
     let channel = stockd.channel();
-    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
-    let mut inv = pb::inventory_client::InventoryClient::new(channel.clone());
-    admin
-        .set_stock(pb::SetStockRequest {
-            request_id: "s".into(),
-            sku: "w".into(),
-            location: String::new(),
-            available: 1_000,
-            expected_version: None,
-        })
-        .await
-        .unwrap();
+    let rpc = Clients::new(channel.clone());
+    rpc.set("s", "w", "", 1_000).await.unwrap();
 
     // Unknown paths: UNIMPLEMENTED, counted in the one series that was
     // there from the start.
@@ -848,33 +615,12 @@ async fn request_metrics_name_known_rpcs_and_count_final_statuses() {
 
     // A Watch whose client reads nothing is cut: counted as
     // RESOURCE_EXHAUSTED, its final status, not as its OK headers.
-    let slow_channel = tonic::transport::Endpoint::from_shared(format!("http://{}", stockd.addr))
-        .unwrap()
-        .initial_stream_window_size(4096)
-        .initial_connection_window_size(4096)
-        .connect()
-        .await
-        .unwrap();
-    let mut slow = pb::inventory_client::InventoryClient::new(slow_channel)
-        .watch(pb::WatchRequest {
-            skus: vec!["w".into()],
-            from_event_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let slow_client = Clients::small_window(stockd.addr).await;
+    let mut slow = slow_client.watch(&["w"], "").await.unwrap();
     for i in 0..150 {
         let id = format!("w-{i}");
-        inv.reserve(pb::ReserveRequest {
-            reservation_id: id.clone(),
-            lines: vec![line("w", "", 1)],
-            ttl_seconds: 600,
-        })
-        .await
-        .unwrap();
-        inv.release(pb::ReleaseRequest { reservation_id: id })
-            .await
-            .unwrap();
+        rpc.reserve(&id, vec![line("w", "", 1)], 600).await.unwrap();
+        rpc.release(&id).await.unwrap();
     }
     let status = loop {
         match tokio::time::timeout(Duration::from_secs(20), slow.message()).await {

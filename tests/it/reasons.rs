@@ -5,28 +5,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use stockd::pb;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use crate::common::*;
-
-/// The status's ErrorInfo reason, after checking its domain.
-pub fn reason(status: &Status) -> String {
-    let info = status
-        .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.domain, "stockd.v1", "{status:?}");
-    info.reason
-}
+use crate::support::*;
 
 fn metadata(status: &Status) -> HashMap<String, String> {
     status.get_details_error_info().unwrap().metadata
-}
-
-/// The RetryInfo delay of a refusal worth retrying.
-pub fn retry_delay(status: &Status) -> Option<Duration> {
-    status.get_details_retry_info()?.retry_delay
 }
 
 /// Checks code, reason, and that no retry is advised.
@@ -38,24 +23,13 @@ fn refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, expected: 
     status
 }
 
-fn reserve(id: &str, lines: Vec<pb::Line>, ttl_seconds: u32) -> pb::ReserveRequest {
-    pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines,
-        ttl_seconds,
-    }
-}
-
 #[tokio::test]
 async fn refusals_name_their_reason() {
     let app = spawn_app().await;
     app.seed("mug", "", 2).await;
-    let mut inv = app.inventory.clone();
-    let mut admin = app.admin.clone();
 
     let status = refused(
-        inv.reserve(reserve("r0", vec![line("mug", "", 0)], 0))
-            .await,
+        app.reserve("r0", vec![line("mug", "", 0)], 0).await,
         Code::InvalidArgument,
         "INVALID_ARGUMENT",
     );
@@ -63,11 +37,7 @@ async fn refusals_name_their_reason() {
     assert!(status.get_details_bad_request().is_some(), "{status:?}");
 
     let status = refused(
-        inv.decrement(pb::DecrementRequest {
-            request_id: "d0".into(),
-            lines: vec![line("mug", "", 3)],
-        })
-        .await,
+        app.decrement("d0", vec![line("mug", "", 3)]).await,
         Code::FailedPrecondition,
         "OUT_OF_STOCK",
     );
@@ -79,8 +49,7 @@ async fn refusals_name_their_reason() {
     assert_eq!(violations[0].subject, "default/mug");
 
     let status = refused(
-        inv.reserve(reserve("r1", vec![line("nope", "berlin", 1)], 0))
-            .await,
+        app.reserve("r1", vec![line("nope", "berlin", 1)], 0).await,
         Code::NotFound,
         "ITEM_NOT_FOUND",
     );
@@ -91,83 +60,51 @@ async fn refusals_name_their_reason() {
     );
 
     let status = refused(
-        inv.commit(pb::CommitRequest {
-            reservation_id: "never".into(),
-        })
-        .await,
+        app.commit("never").await,
         Code::NotFound,
         "RESERVATION_NOT_FOUND",
     );
     assert_eq!(metadata(&status)["reservation_id"], "never");
 
     // Committed: neither released nor extended.
-    inv.reserve(reserve("sold", vec![line("mug", "", 1)], 0))
+    app.reserve("sold", vec![line("mug", "", 1)], 0)
         .await
         .unwrap();
-    inv.commit(pb::CommitRequest {
-        reservation_id: "sold".into(),
-    })
-    .await
-    .unwrap();
+    app.commit("sold").await.unwrap();
     let status = refused(
-        inv.release(pb::ReleaseRequest {
-            reservation_id: "sold".into(),
-        })
-        .await,
+        app.release("sold").await,
         Code::FailedPrecondition,
         "RESERVATION_COMMITTED",
     );
     assert_eq!(metadata(&status)["reservation_id"], "sold");
     refused(
-        inv.extend(pb::ExtendRequest {
-            reservation_id: "sold".into(),
-            ttl_seconds: 60,
-        })
-        .await,
+        app.extend("sold", 60).await,
         Code::FailedPrecondition,
         "RESERVATION_COMMITTED",
     );
 
     // Released: not committed.
-    inv.reserve(reserve("back", vec![line("mug", "", 1)], 0))
+    app.reserve("back", vec![line("mug", "", 1)], 0)
         .await
         .unwrap();
-    inv.release(pb::ReleaseRequest {
-        reservation_id: "back".into(),
-    })
-    .await
-    .unwrap();
+    app.release("back").await.unwrap();
     refused(
-        inv.commit(pb::CommitRequest {
-            reservation_id: "back".into(),
-        })
-        .await,
+        app.commit("back").await,
         Code::FailedPrecondition,
         "RESERVATION_RELEASED",
     );
 
     // The same id with another payload.
-    let decrement = |quantity| pb::DecrementRequest {
-        request_id: "once".into(),
-        lines: vec![line("mug", "", quantity)],
-    };
-    inv.decrement(decrement(1)).await.unwrap();
+    let decrement = |quantity| app.decrement("once", vec![line("mug", "", quantity)]);
+    decrement(1).await.unwrap();
     refused(
-        inv.decrement(decrement(2)).await,
+        decrement(2).await,
         Code::AlreadyExists,
         "IDEMPOTENCY_KEY_REUSED",
     );
 
     let status = refused(
-        admin
-            .set_stock(pb::SetStockRequest {
-                request_id: "cas".into(),
-                sku: "mug".into(),
-                location: String::new(),
-                available: 5,
-                expected_version: Some(99),
-            })
-            .await,
+        app.set_if_version("cas", "mug", "", 5, 99).await,
         Code::Aborted,
         "VERSION_MISMATCH",
     );
@@ -177,9 +114,7 @@ async fn refusals_name_their_reason() {
     assert_eq!(m["current_version"], current.to_string());
 
     refused(
-        admin
-            .remove_webhook(pb::RemoveWebhookRequest { id: 999_999 })
-            .await,
+        app.remove_webhook(999_999).await,
         Code::NotFound,
         "NOT_FOUND",
     );
@@ -190,8 +125,7 @@ async fn refusals_name_their_reason() {
 async fn an_expired_reservation_says_so() {
     let app = spawn_app().await;
     app.seed("tea", "", 1).await;
-    let mut inv = app.inventory.clone();
-    inv.reserve(reserve("brief", vec![line("tea", "", 1)], 1))
+    app.reserve("brief", vec![line("tea", "", 1)], 1)
         .await
         .unwrap();
     eventually(
@@ -204,10 +138,7 @@ async fn an_expired_reservation_says_so() {
     )
     .await;
     let status = refused(
-        inv.commit(pb::CommitRequest {
-            reservation_id: "brief".into(),
-        })
-        .await,
+        app.commit("brief").await,
         Code::FailedPrecondition,
         "RESERVATION_EXPIRED",
     );
@@ -217,16 +148,9 @@ async fn an_expired_reservation_says_so() {
 
 #[tokio::test]
 async fn a_missing_token_is_unauthenticated() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--admin-token".into(), "adm1n".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--admin-token", "adm1n"])).await;
     refused(
-        app.admin
-            .clone()
-            .flush_status(pb::FlushStatusRequest {})
-            .await,
+        app.flush_status().await,
         Code::Unauthenticated,
         "UNAUTHENTICATED",
     );

@@ -10,15 +10,7 @@ use sqlx::Connection;
 use stockd::pb;
 use tonic::Code;
 
-use crate::common::*;
-
-fn reconcile(mode: pb::ReconcileMode) -> pb::ReconcileRequest {
-    pb::ReconcileRequest {
-        all: true,
-        mode: mode as i32,
-        ..Default::default()
-    }
-}
+use crate::support::*;
 
 fn counts(r: &pb::ReconcileResponse) -> [u64; 8] {
     [
@@ -35,11 +27,7 @@ fn counts(r: &pb::ReconcileResponse) -> [u64; 8] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_class_is_planted_counted_and_repaired() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--database-max-connections".into(), "24".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--database-max-connections", "24"])).await;
     for sku in [
         "ok-1",
         "ok-2",
@@ -53,16 +41,7 @@ async fn every_class_is_planted_counted_and_repaired() {
     ] {
         app.seed(sku, "", 10).await;
     }
-    let mut inv = app.inventory.clone();
-    inv.adjust(pb::AdjustRequest {
-        request_id: "a".into(),
-        sku: "stale".into(),
-        location: String::new(),
-        delta: 5,
-        reason: String::new(),
-    })
-    .await
-    .unwrap();
+    app.adjust("a", "stale", "", 5, "").await.unwrap();
     let pool = app.postgres().await;
     app.converged(&pool).await;
 
@@ -109,22 +88,14 @@ async fn every_class_is_planted_counted_and_repaired() {
         .execute(&mut blocker)
         .await
         .unwrap();
-    inv.decrement(pb::DecrementRequest {
-        request_id: "d".into(),
-        lines: vec![line("pending", "", 1)],
-    })
-    .await
-    .unwrap();
+    app.decrement("d", vec![line("pending", "", 1)])
+        .await
+        .unwrap();
     app.seed("pending-new", "", 6).await;
 
     let redis_before = app.snapshot().await;
     let postgres_before = levels_in_postgres(&pool).await;
-    let mut admin = app.admin.clone();
-    let report = admin
-        .reconcile(reconcile(pb::ReconcileMode::Report))
-        .await
-        .unwrap()
-        .into_inner();
+    let report = app.reconcile_all(pb::ReconcileMode::Report).await.unwrap();
     // checked, in_sync, pending_flush, redis_stale, drift, missing_in_redis, missing_in_postgres, ledger
     assert_eq!(counts(&report), [10, 3, 2, 1, 2, 1, 1, 1], "{report:#?}");
     assert_eq!(report.repaired, 0);
@@ -159,15 +130,14 @@ async fn every_class_is_planted_counted_and_repaired() {
     let mut paged = [0u64; 8];
     let mut cursor = String::new();
     loop {
-        let page = admin
+        let page = app
             .reconcile(pb::ReconcileRequest {
                 page_size: 3,
                 cursor,
-                ..reconcile(pb::ReconcileMode::Report)
+                ..reconcile_all_request(pb::ReconcileMode::Report)
             })
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         for (total, n) in paged.iter_mut().zip(counts(&page)) {
             *total += n;
         }
@@ -188,8 +158,8 @@ async fn every_class_is_planted_counted_and_repaired() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let refused = admin
-        .reconcile(reconcile(pb::ReconcileMode::Report))
+    let refused = app
+        .reconcile_all(pb::ReconcileMode::Report)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
@@ -200,11 +170,7 @@ async fn every_class_is_planted_counted_and_repaired() {
         .unwrap();
 
     let pending_before = app.level("pending", "").await.unwrap();
-    let repair = admin
-        .reconcile(reconcile(pb::ReconcileMode::Repair))
-        .await
-        .unwrap()
-        .into_inner();
+    let repair = app.reconcile_all(pb::ReconcileMode::Repair).await.unwrap();
     assert_eq!(
         repair.repaired, 5,
         "stale, gone, two drifts, pg-lost: {repair:#?}"
@@ -242,11 +208,7 @@ async fn every_class_is_planted_counted_and_repaired() {
         },
     )
     .await;
-    let after = admin
-        .reconcile(reconcile(pb::ReconcileMode::Report))
-        .await
-        .unwrap()
-        .into_inner();
+    let after = app.reconcile_all(pb::ReconcileMode::Report).await.unwrap();
     // Zero drift. The version gap planted in Redis stays visible in the
     // ledger audit: those versions never had events.
     assert_eq!(counts(&after), [10, 10, 0, 0, 0, 0, 0, 1], "{after:#?}");
@@ -290,24 +252,20 @@ async fn reconcile_racing_live_reservations_repairs_nothing() {
     let mut successes: HashMap<String, i64> = HashMap::new();
     for round in 0..8 {
         let reserves = (0..60).map(|i| {
-            let mut inv = app.inventory.clone();
+            let rpc = app.clients();
             let sku = skus[i % skus.len()].clone();
             async move {
-                let ok = inv
-                    .reserve(pb::ReserveRequest {
-                        reservation_id: format!("r{round}-{i}"),
-                        lines: vec![line(&sku, "", 1)],
-                        ttl_seconds: 600,
-                    })
+                let ok = rpc
+                    .reserve(&format!("r{round}-{i}"), vec![line(&sku, "", 1)], 600)
                     .await
                     .is_ok();
                 (sku, ok)
             }
         });
-        let mut admin = app.admin.clone();
+        let rpc = app.clients();
         let repair = async move {
-            match admin.reconcile(reconcile(pb::ReconcileMode::Repair)).await {
-                Ok(r) => r.into_inner().repaired,
+            match rpc.reconcile_all(pb::ReconcileMode::Repair).await {
+                Ok(r) => r.repaired,
                 Err(s) => panic!("{s:?}"),
             }
         };
@@ -429,12 +387,7 @@ async fn repair_holds_back_items_whose_ledger_forked() {
     let redis_before = app.snapshot().await;
     let postgres_before = levels_in_postgres(&pool).await;
 
-    let mut admin = app.admin.clone();
-    let repair = admin
-        .reconcile(reconcile(pb::ReconcileMode::Repair))
-        .await
-        .unwrap()
-        .into_inner();
+    let repair = app.reconcile_all(pb::ReconcileMode::Repair).await.unwrap();
     assert_eq!(
         (repair.redis_stale, repair.drift),
         (1, 2),
@@ -477,11 +430,7 @@ async fn repair_holds_back_items_whose_ledger_forked() {
         .execute(&pool)
         .await
         .unwrap();
-    let again = admin
-        .reconcile(reconcile(pb::ReconcileMode::Repair))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = app.reconcile_all(pb::ReconcileMode::Repair).await.unwrap();
     assert_eq!((again.repaired, again.held_back), (2, 0), "{again:#?}");
     pool.close().await;
     app.stop().await;

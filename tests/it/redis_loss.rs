@@ -7,17 +7,14 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use stockd::keys::Keyspace;
-use stockd::pb::admin_client::AdminClient;
-use stockd::pb::inventory_client::InventoryClient;
 use stockd::pb::{self};
 use stockd::redis_conn::RedisConn;
 use tonic::Code;
-use tonic::transport::Channel;
 
-use crate::common::*;
-use crate::faults::{OwnRedis, definite, free_port};
-use crate::operability::{sample, scrape};
-use crate::process::Stockd;
+use crate::support::metrics::{sample, scrape};
+use crate::support::own_redis::OwnRedis;
+use crate::support::process::Stockd;
+use crate::support::*;
 
 /// How long a test waits for a definite answer across a fault.
 const SETTLE: Duration = Duration::from_secs(30);
@@ -35,11 +32,8 @@ fn aliasing_pair(keys: &Keyspace, base: &str) -> [(String, String); 2] {
     ]
 }
 
-fn decrement(id: &str, lines: &[(&str, &str, i64)]) -> pb::DecrementRequest {
-    pb::DecrementRequest {
-        request_id: id.into(),
-        lines: lines.iter().map(|(s, l, q)| line(s, l, *q)).collect(),
-    }
+fn lines_of(lines: &[(&str, &str, i64)]) -> Vec<pb::Line> {
+    lines.iter().map(|(s, l, q)| line(s, l, *q)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,7 +44,6 @@ async fn items_whose_names_once_shared_a_key_stay_apart() {
         let (p_sku, p_loc) = &pair[present];
         let (a_sku, a_loc) = &pair[absent];
         app.seed(p_sku, p_loc, 3).await;
-        let mut inv = app.inventory.clone();
         // In one request, both orders: the absent item is unknown and
         // nothing is taken.
         for (n, lines) in [
@@ -65,17 +58,13 @@ async fn items_whose_names_once_shared_a_key_stay_apart() {
                 .iter()
                 .map(|(s, l)| (s.as_str(), l.as_str(), 1))
                 .collect();
-            let status = inv
-                .decrement(decrement(&format!("both-{present}-{n}"), &lines))
+            let status = app
+                .decrement(&format!("both-{present}-{n}"), lines_of(&lines))
                 .await
                 .unwrap_err();
             assert_eq!(status.code(), Code::NotFound, "{status:?}");
-            let status = inv
-                .reserve(pb::ReserveRequest {
-                    reservation_id: format!("hold-{present}-{n}"),
-                    lines: lines.iter().map(|(s, l, q)| line(s, l, *q)).collect(),
-                    ttl_seconds: 60,
-                })
+            let status = app
+                .reserve(&format!("hold-{present}-{n}"), lines_of(&lines), 60)
                 .await
                 .unwrap_err();
             assert_eq!(status.code(), Code::NotFound, "{status:?}");
@@ -88,16 +77,15 @@ async fn items_whose_names_once_shared_a_key_stay_apart() {
         // In two requests, both orders: only the present one loses a unit.
         for n in 0..2 {
             let absent_first = n == 0;
-            let sale = |sku: &str, loc: &str, tag: &str| {
-                decrement(&format!("one-{present}-{n}-{tag}"), &[(sku, loc, 1)])
-            };
+
             let order = if absent_first {
                 [(a_sku, a_loc, "a"), (p_sku, p_loc, "p")]
             } else {
                 [(p_sku, p_loc, "p"), (a_sku, a_loc, "a")]
             };
             for (sku, loc, tag) in order {
-                let result = inv.decrement(sale(sku, loc, tag)).await;
+                let id = format!("one-{present}-{n}-{tag}");
+                let result = app.decrement(&id, vec![line(sku, loc, 1)]).await;
                 if tag == "a" {
                     assert_eq!(code_of(result), Code::NotFound);
                 } else {
@@ -107,18 +95,7 @@ async fn items_whose_names_once_shared_a_key_stay_apart() {
         }
         let level = app.level(p_sku, p_loc).await.unwrap();
         assert_eq!((level.available, level.reserved), (1, 0), "two sales of 3");
-        let missing = app
-            .inventory
-            .clone()
-            .get_stock(pb::GetStockRequest {
-                items: vec![pb::ItemRef {
-                    sku: a_sku.clone(),
-                    location: a_loc.clone(),
-                }],
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let missing = app.get(&[(a_sku, a_loc)]).await.unwrap();
         assert!(missing.levels.is_empty(), "the absent item stays absent");
         let pool = app.postgres().await;
         app.converged(&pool).await;
@@ -139,8 +116,7 @@ struct Rig {
     namespace: String,
     database: String,
     metrics: u16,
-    inv: InventoryClient<Channel>,
-    admin: AdminClient<Channel>,
+    rpc: Clients,
     conn: RedisConn,
     pool: sqlx::PgPool,
 }
@@ -165,7 +141,7 @@ impl Rig {
             ],
         )
         .await;
-        let channel = stockd.channel();
+        let rpc = stockd.clients();
         let conn = stockd::app::connect_redis(&redis.url(), false, Duration::from_secs(5))
             .await
             .unwrap();
@@ -177,35 +153,22 @@ impl Rig {
             namespace,
             database,
             metrics,
-            inv: InventoryClient::new(channel.clone()),
-            admin: AdminClient::new(channel),
+            rpc,
             conn,
             pool,
         }
     }
 
     async fn set(&self, sku: &str, available: i64) {
-        self.admin
-            .clone()
-            .set_stock(pb::SetStockRequest {
-                request_id: format!("seed-{sku}"),
-                sku: sku.into(),
-                location: String::new(),
-                available,
-                expected_version: None,
-            })
-            .await
-            .unwrap();
+        self.rpc.seed_each(&[sku.to_owned()], available).await;
     }
 
     async fn sell(&self, id: &str, sku: &str, quantity: i64) -> pb::DecrementResponse {
         definite(SETTLE, id, || {
-            let mut inv = self.inv.clone();
-            async move { inv.decrement(decrement(id, &[(sku, "", quantity)])).await }
+            self.rpc.decrement(id, vec![line(sku, "", quantity)])
         })
         .await
         .unwrap()
-        .into_inner()
     }
 
     async fn converged(&self) {
@@ -319,25 +282,16 @@ async fn a_rollback_with_open_holds_keeps_every_hold() {
     let (a, b) = (skus[0].as_str(), skus[1].as_str());
     rig.set(a, 10).await;
     rig.set(b, 10).await;
-    let hold = |id: &str, lines: Vec<pb::Line>| pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines,
-        ttl_seconds: 600,
-    };
-    let mut inv = rig.inv.clone();
-    inv.reserve(hold("h1", vec![line(a, "", 2)])).await.unwrap();
+    let hold = |id: &'static str, lines: Vec<pb::Line>| rig.rpc.reserve(id, lines, 600);
+    hold("h1", vec![line(a, "", 2)]).await.unwrap();
     rig.converged().await;
     redis.save().await;
     let before = rig.rollbacks().await;
 
     // After the snapshot: h1 committed, h2 and h3 held, a sale.
-    inv.commit(pb::CommitRequest {
-        reservation_id: "h1".into(),
-    })
-    .await
-    .unwrap();
-    inv.reserve(hold("h2", vec![line(b, "", 3)])).await.unwrap();
-    inv.reserve(hold("h3", vec![line(a, "", 1), line(b, "", 1)]))
+    rig.rpc.commit("h1").await.unwrap();
+    hold("h2", vec![line(b, "", 3)]).await.unwrap();
+    hold("h3", vec![line(a, "", 1), line(b, "", 1)])
         .await
         .unwrap();
     rig.sell("s1", a, 1).await;
@@ -346,44 +300,17 @@ async fn a_rollback_with_open_holds_keeps_every_hold() {
     reconnected(&rig.conn).await;
 
     // Redis' snapshot still holds h1, and neither h2 nor h3.
-    let again = definite(SETTLE, "commit h1", || {
-        let mut inv = rig.inv.clone();
-        async move {
-            inv.commit(pb::CommitRequest {
-                reservation_id: "h1".into(),
-            })
-            .await
-        }
-    })
-    .await
-    .unwrap()
-    .into_inner();
+    let again = definite(SETTLE, "commit h1", || rig.rpc.commit("h1"))
+        .await
+        .unwrap();
     assert!(again.replayed, "h1 was committed before the rollback");
-    let committed = definite(SETTLE, "commit h2", || {
-        let mut inv = rig.inv.clone();
-        async move {
-            inv.commit(pb::CommitRequest {
-                reservation_id: "h2".into(),
-            })
-            .await
-        }
-    })
-    .await
-    .expect("a hold acknowledged before the rollback is live")
-    .into_inner();
+    let committed = definite(SETTLE, "commit h2", || rig.rpc.commit("h2"))
+        .await
+        .expect("a hold acknowledged before the rollback is live");
     assert!(!committed.replayed);
-    let released = definite(SETTLE, "release h3", || {
-        let mut inv = rig.inv.clone();
-        async move {
-            inv.release(pb::ReleaseRequest {
-                reservation_id: "h3".into(),
-            })
-            .await
-        }
-    })
-    .await
-    .expect("a hold acknowledged before the rollback is live")
-    .into_inner();
+    let released = definite(SETTLE, "release h3", || rig.rpc.release("h3"))
+        .await
+        .expect("a hold acknowledged before the rollback is live");
     assert!(!released.replayed);
 
     let levels = settled_levels(&rig).await;
@@ -410,66 +337,24 @@ async fn a_rollback_with_open_holds_keeps_every_hold() {
     rig.stop().await;
 }
 
-/// Waits until the test's own connection has found the restarted Redis.
-async fn reconnected(conn: &RedisConn) {
-    eventually(
-        Duration::from_secs(10),
-        "the test's connection to reconnect",
-        || {
-            let mut conn = conn.clone();
-            async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_after_a_loss_replay_their_first_outcome() {
     let mut redis = OwnRedis::start().await;
-    let app = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        extra_args: vec!["--epoch-check-ms".into(), "100".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(redis.options(&["--epoch-check-ms", "100"])).await;
     let skus = skus_in_distinct_partitions(&app.keys, "retry", 4);
     for sku in &skus {
         app.seed(sku, "", 10).await;
     }
-    let dec = pb::DecrementRequest {
-        request_id: "dec".into(),
-        lines: vec![line(&skus[0], "", 2)],
-    };
-    let adj = pb::AdjustRequest {
-        request_id: "adj".into(),
-        sku: skus[1].clone(),
-        location: String::new(),
-        delta: 3,
-        reason: "found".into(),
-    };
-    let set = pb::SetStockRequest {
-        request_id: "set".into(),
-        sku: skus[2].clone(),
-        location: String::new(),
-        available: 7,
-        expected_version: None,
-    };
-    let res = pb::ReserveRequest {
-        reservation_id: "res".into(),
-        lines: vec![line(&skus[3], "", 3)],
-        ttl_seconds: 600,
-    };
-    let mut inv = app.inventory.clone();
-    let mut admin = app.admin.clone();
-    let first_dec = inv.decrement(dec.clone()).await.unwrap().into_inner();
-    let first_adj = inv.adjust(adj.clone()).await.unwrap().into_inner();
-    let first_set = admin.set_stock(set.clone()).await.unwrap().into_inner();
-    let first_res = inv.reserve(res.clone()).await.unwrap().into_inner();
+    // Each call with its quantity: the same one is a retry, another one
+    // another payload under the same id.
+    let dec = |quantity| app.decrement("dec", vec![line(&skus[0], "", quantity)]);
+    let adj = |delta| app.adjust("adj", &skus[1], "", delta, "found");
+    let set = |available| app.set("set", &skus[2], "", available);
+    let res = |quantity| app.reserve("res", vec![line(&skus[3], "", quantity)], 600);
+    let first_dec = dec(2).await.unwrap();
+    let first_adj = adj(3).await.unwrap();
+    let first_set = set(7).await.unwrap();
+    let first_res = res(3).await.unwrap();
     let pool = app.postgres().await;
     app.converged(&pool).await;
     let flushed = levels_in_postgres(&pool).await;
@@ -477,22 +362,16 @@ async fn retries_after_a_loss_replay_their_first_outcome() {
     redis.restart().await;
     reconnected(&app.redis).await;
 
-    let again_dec = definite(SETTLE, "decrement", || {
-        let (mut inv, dec) = (inv.clone(), dec.clone());
-        async move { inv.decrement(dec).await }
-    })
-    .await
-    .unwrap()
-    .into_inner();
+    let again_dec = definite(SETTLE, "decrement", || dec(2)).await.unwrap();
     assert!(again_dec.replayed);
     assert_eq!(again_dec.levels, first_dec.levels, "the first outcome");
-    let again_adj = inv.adjust(adj.clone()).await.unwrap().into_inner();
+    let again_adj = adj(3).await.unwrap();
     assert!(again_adj.replayed);
     assert_eq!(again_adj.level, first_adj.level);
-    let again_set = admin.set_stock(set.clone()).await.unwrap().into_inner();
+    let again_set = set(7).await.unwrap();
     assert!(again_set.replayed);
     assert_eq!(again_set.level, first_set.level);
-    let again_res = inv.reserve(res.clone()).await.unwrap().into_inner();
+    let again_res = res(3).await.unwrap();
     assert!(again_res.replayed);
     assert_eq!(
         (again_res.levels, again_res.expires_at_ms),
@@ -505,34 +384,17 @@ async fn retries_after_a_loss_replay_their_first_outcome() {
     );
 
     // The same ids with another payload are refused, and change nothing.
-    let mut other_dec = dec.clone();
-    other_dec.lines[0].quantity = 1;
-    assert_eq!(code_of(inv.decrement(other_dec).await), Code::AlreadyExists);
-    let mut other_adj = adj.clone();
-    other_adj.delta = 4;
-    assert_eq!(code_of(inv.adjust(other_adj).await), Code::AlreadyExists);
-    let mut other_set = set.clone();
-    other_set.available = 9;
-    assert_eq!(
-        code_of(admin.set_stock(other_set).await),
-        Code::AlreadyExists
-    );
-    let mut other_res = res.clone();
-    other_res.lines[0].quantity = 1;
-    assert_eq!(code_of(inv.reserve(other_res).await), Code::AlreadyExists);
+    assert_eq!(code_of(dec(1).await), Code::AlreadyExists);
+    assert_eq!(code_of(adj(4).await), Code::AlreadyExists);
+    assert_eq!(code_of(set(9).await), Code::AlreadyExists);
+    assert_eq!(code_of(res(1).await), Code::AlreadyExists);
     assert_eq!(
         levels_in_redis(&mut app.redis.clone(), &app.namespace).await,
         flushed
     );
 
     // The restored hold is live.
-    let committed = inv
-        .commit(pb::CommitRequest {
-            reservation_id: "res".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let committed = app.commit("res").await.unwrap();
     assert!(!committed.replayed);
     assert_eq!(
         (committed.levels[0].available, committed.levels[0].reserved),
@@ -563,14 +425,13 @@ async fn clients_on_two_instances_right_after_a_loss_find_every_hold() {
         apps[0].seed(sku, "", 100).await;
     }
     // Holds of two lines each, over every partition.
-    let hold = |i: usize| pb::ReserveRequest {
-        reservation_id: format!("h{i}"),
-        lines: vec![line(&skus[i % 8], "", 1), line(&skus[(i + 3) % 8], "", 2)],
-        ttl_seconds: 600,
+    let hold = |rpc: Clients, i: usize| {
+        let lines = vec![line(&skus[i % 8], "", 1), line(&skus[(i + 3) % 8], "", 2)];
+        async move { rpc.reserve(&format!("h{i}"), lines, 600).await }
     };
     let firsts = join_all((0..HOLDS).map(|i| {
-        let mut inv = apps[i % 2].inventory.clone();
-        async move { inv.reserve(hold(i)).await.unwrap().into_inner() }
+        let hold = hold(apps[i % 2].clients(), i);
+        async move { hold.await.unwrap() }
     }))
     .await;
     let pool = apps[0].postgres().await;
@@ -580,36 +441,24 @@ async fn clients_on_two_instances_right_after_a_loss_find_every_hold() {
     // At once, on both instances: even holds are committed, odd ones
     // are asked for again (their first answer was lost) and released.
     let answers = join_all((0..HOLDS).map(|i| {
-        let inv = apps[(i + 1) % 2].inventory.clone();
+        let rpc = apps[(i + 1) % 2].clients();
         let first = firsts[i].clone();
         async move {
             if i % 2 == 0 {
-                let commit = definite(SETTLE, "commit", || {
-                    let mut inv = inv.clone();
-                    let id = format!("h{i}");
-                    async move { inv.commit(pb::CommitRequest { reservation_id: id }).await }
-                })
-                .await;
+                let id = format!("h{i}");
+                let commit = definite(SETTLE, "commit", || rpc.commit(&id)).await;
                 let commit = commit.unwrap_or_else(|s| panic!("commit of live h{i}: {s:?}"));
-                assert!(!commit.into_inner().replayed, "h{i}");
+                assert!(!commit.replayed, "h{i}");
             } else {
-                let again = definite(SETTLE, "reserve again", || {
-                    let mut inv = inv.clone();
-                    async move { inv.reserve(hold(i)).await }
-                })
-                .await
-                .unwrap_or_else(|s| panic!("retry of h{i}: {s:?}"))
-                .into_inner();
+                let again = definite(SETTLE, "reserve again", || hold(rpc.clone(), i))
+                    .await
+                    .unwrap_or_else(|s| panic!("retry of h{i}: {s:?}"));
                 assert!(again.replayed, "a retry of h{i} replays");
                 assert_eq!(again.expires_at_ms, first.expires_at_ms);
-                let release = definite(SETTLE, "release", || {
-                    let mut inv = inv.clone();
-                    let id = format!("h{i}");
-                    async move { inv.release(pb::ReleaseRequest { reservation_id: id }).await }
-                })
-                .await
-                .unwrap_or_else(|s| panic!("release of live h{i}: {s:?}"));
-                assert!(!release.into_inner().replayed, "h{i}");
+                let id = format!("h{i}");
+                let release = definite(SETTLE, "release", || rpc.release(&id)).await;
+                let release = release.unwrap_or_else(|s| panic!("release of live h{i}: {s:?}"));
+                assert!(!release.replayed, "h{i}");
             }
         }
     }))

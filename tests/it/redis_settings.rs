@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use stockd::app::{Application, StartError};
 use stockd::meta::MetaError;
-use stockd::pb;
 use tonic::Code;
 
-use crate::common::*;
-use crate::faults::OwnRedis;
+use crate::support::own_redis::OwnRedis;
+use crate::support::*;
 
 async fn redis_client(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
@@ -123,10 +122,7 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let options = Options {
-        redis_url: Some(redis.url()),
-        ..Options::default()
-    };
+    let options = redis.options(&[]);
     match Application::build(config_for(&options)).await.map(|_| ()) {
         Err(StartError::Meta(MetaError::EvictingPolicy { policy })) => {
             assert_eq!(policy, "allkeys-lru");
@@ -134,7 +130,6 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
         other => panic!("expected an evicting policy refused, got {other:?}"),
     }
     let app = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
         extra_args: vec!["--allow-redis-eviction".into()],
         ..options
     })
@@ -146,11 +141,7 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
 #[tokio::test]
 async fn redis_out_of_memory_answers_unavailable_and_changes_nothing() {
     let redis = OwnRedis::start().await;
-    let app = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(redis.options(&[])).await;
     app.seed("oom", "", 5).await;
     let mut conn = redis_client(&redis.url()).await;
     let () = redis::cmd("CONFIG")
@@ -162,13 +153,7 @@ async fn redis_out_of_memory_answers_unavailable_and_changes_nothing() {
         .unwrap();
     let before = app.stock_and_streams().await;
     let status = app
-        .inventory
-        .clone()
-        .reserve(pb::ReserveRequest {
-            reservation_id: "oom-1".into(),
-            lines: vec![line("oom", "", 1)],
-            ttl_seconds: 60,
-        })
+        .reserve("oom-1", vec![line("oom", "", 1)], 60)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -182,15 +167,11 @@ async fn redis_out_of_memory_answers_unavailable_and_changes_nothing() {
         .unwrap();
     // The retry with the same id goes through once Redis has memory again.
     eventually(Duration::from_secs(10), "the reserve to go through", || {
-        let mut inv = app.inventory.clone();
+        let rpc = app.clients();
         async move {
-            inv.reserve(pb::ReserveRequest {
-                reservation_id: "oom-1".into(),
-                lines: vec![line("oom", "", 1)],
-                ttl_seconds: 60,
-            })
-            .await
-            .ok()
+            rpc.reserve("oom-1", vec![line("oom", "", 1)], 60)
+                .await
+                .ok()
         }
     })
     .await;

@@ -15,9 +15,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::common::*;
-use crate::faults::OwnRedis;
-use crate::process::Stockd;
+use crate::support::own_redis::OwnRedis;
+use crate::support::process::Stockd;
+use crate::support::*;
 
 fn ask(service: &str) -> HealthCheckRequest {
     HealthCheckRequest {
@@ -34,12 +34,9 @@ async fn status_of(channel: Channel, service: &str) -> ServingStatus {
     ServingStatus::try_from(answer.status).unwrap()
 }
 
-fn hold(id: &str, sku: &str) -> pb::ReserveRequest {
-    pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines: vec![line(sku, "", 1)],
-        ttl_seconds: 600,
-    }
+/// A ten-minute hold of one unit of `sku`.
+async fn hold(rpc: &impl Rpc, id: &str, sku: &str) -> Result<pb::ReserveResponse, tonic::Status> {
+    rpc.reserve(id, vec![line(sku, "", 1)], 600).await
 }
 
 /// SIGTERM: NOT_SERVING (overall and per service) at once while stockd
@@ -68,18 +65,8 @@ async fn sigterm_reports_not_serving_drains_and_exits_zero() {
     )
     .await;
     let channel = stockd.channel();
-    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
-    let mut inv = pb::inventory_client::InventoryClient::new(channel.clone());
-    admin
-        .set_stock(pb::SetStockRequest {
-            request_id: "seed".into(),
-            sku: "drained".into(),
-            location: String::new(),
-            available: 1_000,
-            expected_version: None,
-        })
-        .await
-        .unwrap();
+    let rpc = Clients::new(channel.clone());
+    rpc.set("seed", "drained", "", 1_000).await.unwrap();
     let mut watch = HealthClient::new(channel.clone())
         .watch(ask(""))
         .await
@@ -109,13 +96,9 @@ async fn sigterm_reports_not_serving_drains_and_exits_zero() {
     }
     // Draining still serves, on open connections and on new ones.
     for i in 0..5 {
-        inv.reserve(hold(&format!("during-{i}"), "drained"))
-            .await
-            .unwrap();
+        hold(&rpc, &format!("during-{i}"), "drained").await.unwrap();
     }
-    let mut fresh = pb::inventory_client::InventoryClient::new(stockd.channel());
-    fresh
-        .reserve(hold("new-connection", "drained"))
+    hold(&stockd.clients(), "new-connection", "drained")
         .await
         .unwrap();
     assert!(
@@ -135,11 +118,9 @@ async fn sigterm_reports_not_serving_drains_and_exits_zero() {
         .await
         .unwrap();
     let in_flight = join_all((0..20).map(|i| {
-        let mut inv = inv.clone();
+        let rpc = rpc.clone();
         async move {
-            let answer = inv
-                .reserve(hold(&format!("in-flight-{i}"), "drained"))
-                .await;
+            let answer = hold(&rpc, &format!("in-flight-{i}"), "drained").await;
             (answer.map(|_| ()), Instant::now())
         }
     }));
@@ -190,11 +171,7 @@ async fn own_conn(redis: &OwnRedis) -> redis::aio::MultiplexedConnection {
 /// say NOT_SERVING; once restored, SERVING again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overall_health_follows_a_rewarm() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--epoch-check-ms".into(), "50".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--epoch-check-ms", "50"])).await;
     app.seed("rewarmed", "", 3).await;
     app.converged(&app.postgres().await).await;
     let channel = Channel::from_shared(format!("http://{}", app.addr))
@@ -216,7 +193,7 @@ async fn overall_health_follows_a_rewarm() {
         .query_async(&mut app.redis.clone())
         .await
         .unwrap();
-    crate::warming::lose_every_key_but(&app, &[lock.as_str()]).await;
+    lose_every_key_but(&app, &[lock.as_str()]).await;
     for service in ["", "stockd.v1.Inventory", "stockd.v1.Admin"] {
         eventually(
             Duration::from_secs(10),
@@ -252,11 +229,7 @@ async fn overall_health_follows_a_rewarm() {
 /// reconnects and no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_are_recycled_after_their_maximum_age_without_failures() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--max-connection-age-secs".into(), "1".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--max-connection-age-secs", "1"])).await;
     app.seed("aged", "", 5).await;
     // The client counts the connections it opens.
     let opened = Arc::new(AtomicU64::new(0));
@@ -273,12 +246,7 @@ async fn connections_are_recycled_after_their_maximum_age_without_failures() {
     };
     let channel = Channel::from_static("http://stockd.test").connect_with_connector_lazy(connector);
     let mut inv = pb::inventory_client::InventoryClient::new(channel);
-    let get = || pb::GetStockRequest {
-        items: vec![pb::ItemRef {
-            sku: "aged".into(),
-            location: String::new(),
-        }],
-    };
+    let get = || get_request(&[("aged", "")]);
     let started = Instant::now();
     let (mut ok, mut failed, mut resent) = (0u32, Vec::new(), 0u64);
     // Four clients in a loop for 3.5 s: three or four connection lives.
@@ -334,7 +302,7 @@ async fn connections_are_recycled_after_their_maximum_age_without_failures() {
 
 /// Whether a failed call never reached the service because its connection
 /// was going away: tonic surfaces these as transport errors of its own.
-pub fn never_processed(status: &tonic::Status) -> bool {
+fn never_processed(status: &tonic::Status) -> bool {
     let detail = format!("{status:?}");
     match status.code() {
         Code::Cancelled => detail.contains("connection closed"),
@@ -432,7 +400,7 @@ async fn starts_degraded_without_postgres_and_flushes_when_it_returns() {
     first.stop_keep_data().await;
 
     let postgres: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
-    let proxy = crate::proxy::FaultProxy::start(postgres).await;
+    let proxy = crate::support::proxy::FaultProxy::start(postgres).await;
     proxy.cut();
     let app = spawn_app_with(Options {
         namespace,
@@ -440,20 +408,12 @@ async fn starts_degraded_without_postgres_and_flushes_when_it_returns() {
         ..Options::default()
     })
     .await;
-    let mut inv = app.inventory.clone();
-    inv.reserve(hold("while-degraded", "warm")).await.unwrap();
-    inv.commit(pb::CommitRequest {
-        reservation_id: "while-degraded".into(),
-    })
-    .await
-    .unwrap();
+    hold(&app, "while-degraded", "warm").await.unwrap();
+    app.commit("while-degraded").await.unwrap();
     let level = app.level("warm", "").await.unwrap();
     assert_eq!((level.available, level.reserved), (9, 0));
     // An item Redis does not hold needs Postgres: UNAVAILABLE, not a guess.
-    let missing = inv
-        .reserve(hold("needs-postgres", "cold-item"))
-        .await
-        .unwrap_err();
+    let missing = hold(&app, "needs-postgres", "cold-item").await.unwrap_err();
     assert_eq!(missing.code(), Code::Unavailable, "{missing:?}");
     let stored: i64 = sqlx::query_scalar("SELECT available FROM stock WHERE sku = 'warm'")
         .fetch_one(&pool)

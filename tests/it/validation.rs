@@ -4,37 +4,9 @@
 use stockd::pb;
 use tonic::Code;
 
-use crate::common::*;
+use crate::support::*;
 
 type Check = (&'static str, Result<(), tonic::Status>);
-
-fn reserve(id: &str, lines: Vec<pb::Line>, ttl: u32) -> pb::ReserveRequest {
-    pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines,
-        ttl_seconds: ttl,
-    }
-}
-
-fn adjust(sku: &str, delta: i64, reason: &str) -> pb::AdjustRequest {
-    pb::AdjustRequest {
-        request_id: "adj".into(),
-        sku: sku.into(),
-        location: String::new(),
-        delta,
-        reason: reason.into(),
-    }
-}
-
-fn set(id: &str, sku: &str, available: i64, expected: Option<i64>) -> pb::SetStockRequest {
-    pb::SetStockRequest {
-        request_id: id.into(),
-        sku: sku.into(),
-        location: String::new(),
-        available,
-        expected_version: expected,
-    }
-}
 
 /// Each case failed with INVALID_ARGUMENT whose message names its field;
 /// `input` tells the cases of a loop apart.
@@ -58,14 +30,10 @@ fn assert_each_names_its_field(cases: Vec<Check>, input: &str) {
 async fn bad_input_is_invalid_argument_and_changes_nothing() {
     let app = spawn_app().await;
     app.seed("ok", "", 10).await;
-    app.inventory
-        .clone()
-        .reserve(reserve("held", vec![line("ok", "", 1)], 60))
+    app.reserve("held", vec![line("ok", "", 1)], 60)
         .await
         .unwrap();
     let before = app.snapshot().await;
-    let mut inv = app.inventory.clone();
-    let mut admin = app.admin.clone();
     let long = |n: usize| "x".repeat(n);
     let ok = || line("ok", "", 1);
     let many = |n: usize| {
@@ -77,208 +45,115 @@ async fn bad_input_is_invalid_argument_and_changes_nothing() {
     let cases: Vec<Check> = vec![
         (
             "reservation_id",
-            inv.reserve(reserve("", vec![ok()], 0)).await.map(drop),
+            app.reserve("", vec![ok()], 0).await.map(drop),
         ),
         (
             "reservation_id",
-            inv.reserve(reserve(&long(129), vec![ok()], 0))
-                .await
-                .map(drop),
+            app.reserve(&long(129), vec![ok()], 0).await.map(drop),
         ),
         (
             "reservation_id",
-            inv.reserve(reserve("a b", vec![ok()], 0)).await.map(drop),
+            app.reserve("a b", vec![ok()], 0).await.map(drop),
         ),
+        ("lines", app.reserve("r", vec![], 0).await.map(drop)),
+        ("lines", app.reserve("r", many(101), 0).await.map(drop)),
         (
-            "lines",
-            inv.reserve(reserve("r", vec![], 0)).await.map(drop),
-        ),
-        (
-            "lines",
-            inv.reserve(reserve("r", many(101), 0)).await.map(drop),
+            "lines[0].quantity",
+            app.reserve("r", vec![line("ok", "", 0)], 0).await.map(drop),
         ),
         (
             "lines[0].quantity",
-            inv.reserve(reserve("r", vec![line("ok", "", 0)], 0))
+            app.reserve("r", vec![line("ok", "", -1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[0].quantity",
-            inv.reserve(reserve("r", vec![line("ok", "", -1)], 0))
-                .await
-                .map(drop),
-        ),
-        (
-            "lines[0].quantity",
-            inv.reserve(reserve("r", vec![line("ok", "", 1_000_001)], 0))
+            app.reserve("r", vec![line("ok", "", 1_000_001)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[1].sku",
-            inv.reserve(reserve("r", vec![ok(), line("", "", 1)], 0))
+            app.reserve("r", vec![ok(), line("", "", 1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[0].sku",
-            inv.reserve(reserve("r", vec![line(&long(129), "", 1)], 0))
+            app.reserve("r", vec![line(&long(129), "", 1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[0].sku",
-            inv.reserve(reserve("r", vec![line("a\tb", "", 1)], 0))
+            app.reserve("r", vec![line("a\tb", "", 1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[0].location",
-            inv.reserve(reserve("r", vec![line("ok", &long(65), 1)], 0))
+            app.reserve("r", vec![line("ok", &long(65), 1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[0].location",
-            inv.reserve(reserve("r", vec![line("ok", "x\u{1}", 1)], 0))
+            app.reserve("r", vec![line("ok", "x\u{1}", 1)], 0)
                 .await
                 .map(drop),
         ),
         (
             "lines[1]",
-            inv.reserve(reserve("r", vec![ok(), line("ok", "default", 2)], 0))
+            app.reserve("r", vec![ok(), line("ok", "default", 2)], 0)
                 .await
                 .map(drop),
         ),
         (
             "ttl_seconds",
-            inv.reserve(reserve("r", vec![ok()], 86_401))
-                .await
-                .map(drop),
+            app.reserve("r", vec![ok()], 86_401).await.map(drop),
         ),
-        (
-            "reservation_id",
-            inv.commit(pb::CommitRequest {
-                reservation_id: String::new(),
-            })
-            .await
-            .map(drop),
-        ),
-        (
-            "reservation_id",
-            inv.release(pb::ReleaseRequest {
-                reservation_id: " ".into(),
-            })
-            .await
-            .map(drop),
-        ),
-        (
-            "ttl_seconds",
-            inv.extend(pb::ExtendRequest {
-                reservation_id: "held".into(),
-                ttl_seconds: 0,
-            })
-            .await
-            .map(drop),
-        ),
-        (
-            "ttl_seconds",
-            inv.extend(pb::ExtendRequest {
-                reservation_id: "held".into(),
-                ttl_seconds: 86_401,
-            })
-            .await
-            .map(drop),
-        ),
-        (
-            "request_id",
-            inv.decrement(pb::DecrementRequest {
-                request_id: String::new(),
-                lines: vec![ok()],
-            })
-            .await
-            .map(drop),
-        ),
+        ("reservation_id", app.commit("").await.map(drop)),
+        ("reservation_id", app.release(" ").await.map(drop)),
+        ("ttl_seconds", app.extend("held", 0).await.map(drop)),
+        ("ttl_seconds", app.extend("held", 86_401).await.map(drop)),
+        ("request_id", app.decrement("", vec![ok()]).await.map(drop)),
         (
             "lines[0].quantity",
-            inv.decrement(pb::DecrementRequest {
-                request_id: "d".into(),
-                lines: vec![line("ok", "", 0)],
-            })
-            .await
-            .map(drop),
+            app.decrement("d", vec![line("ok", "", 0)]).await.map(drop),
         ),
-        (
-            "lines",
-            inv.decrement(pb::DecrementRequest {
-                request_id: "d".into(),
-                lines: vec![],
-            })
-            .await
-            .map(drop),
-        ),
-        ("delta", inv.adjust(adjust("ok", 0, "")).await.map(drop)),
+        ("lines", app.decrement("d", vec![]).await.map(drop)),
+        ("delta", app.adjust("adj", "ok", "", 0, "").await.map(drop)),
         (
             "delta",
-            inv.adjust(adjust("ok", 1_000_001, "")).await.map(drop),
+            app.adjust("adj", "ok", "", 1_000_001, "").await.map(drop),
         ),
         (
             "delta",
-            inv.adjust(adjust("ok", -1_000_001, "")).await.map(drop),
+            app.adjust("adj", "ok", "", -1_000_001, "").await.map(drop),
         ),
-        ("sku", inv.adjust(adjust("", 1, "")).await.map(drop)),
+        ("sku", app.adjust("adj", "", "", 1, "").await.map(drop)),
         (
             "reason",
-            inv.adjust(adjust("ok", 1, "two\nlines")).await.map(drop),
+            app.adjust("adj", "ok", "", 1, "two\nlines").await.map(drop),
         ),
         (
             "reason",
-            inv.adjust(adjust("ok", 1, &long(257))).await.map(drop),
+            app.adjust("adj", "ok", "", 1, &long(257)).await.map(drop),
         ),
-        (
-            "items",
-            inv.get_stock(pb::GetStockRequest { items: vec![] })
-                .await
-                .map(drop),
-        ),
-        (
-            "items[0].sku",
-            inv.get_stock(pb::GetStockRequest {
-                items: vec![pb::ItemRef {
-                    sku: String::new(),
-                    location: String::new(),
-                }],
-            })
-            .await
-            .map(drop),
-        ),
+        ("items", app.get(&[]).await.map(drop)),
+        ("items[0].sku", app.get(&[("", "")]).await.map(drop)),
+        ("available", app.set("s", "ok", "", -1).await.map(drop)),
         (
             "available",
-            admin.set_stock(set("s", "ok", -1, None)).await.map(drop),
-        ),
-        (
-            "available",
-            admin
-                .set_stock(set("s", "ok", 1_000_000_001, None))
-                .await
-                .map(drop),
+            app.set("s", "ok", "", 1_000_000_001).await.map(drop),
         ),
         (
             "expected_version",
-            admin.set_stock(set("s", "ok", 1, Some(-1))).await.map(drop),
+            app.set_if_version("s", "ok", "", 1, -1).await.map(drop),
         ),
-        (
-            "request_id",
-            admin.set_stock(set("", "ok", 1, None)).await.map(drop),
-        ),
-        (
-            "sku",
-            admin
-                .set_stock(set("s", &long(129), 1, None))
-                .await
-                .map(drop),
-        ),
+        ("request_id", app.set("", "ok", "", 1).await.map(drop)),
+        ("sku", app.set("s", &long(129), "", 1).await.map(drop)),
     ];
     assert_each_names_its_field(cases, "");
     assert_eq!(
@@ -294,78 +169,30 @@ async fn unknown_items_and_reservations_are_not_found_and_change_nothing() {
     let app = spawn_app().await;
     app.seed("known", "", 5).await;
     let before = app.snapshot().await;
-    let mut inv = app.inventory.clone();
 
-    let status = inv
-        .reserve(reserve(
-            "r",
-            vec![line("known", "", 1), line("ghost", "", 1)],
-            0,
-        ))
+    let status = app
+        .reserve("r", vec![line("known", "", 1), line("ghost", "", 1)], 0)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("default/ghost"), "{status:?}");
     assert_eq!(
-        code_of(
-            inv.decrement(pb::DecrementRequest {
-                request_id: "d".into(),
-                lines: vec![line("ghost", "", 1)]
-            })
-            .await
-        ),
+        code_of(app.decrement("d", vec![line("ghost", "", 1)]).await),
         Code::NotFound
     );
     assert_eq!(
-        code_of(inv.adjust(adjust("ghost", 1, "")).await),
+        code_of(app.adjust("adj", "ghost", "", 1, "").await),
         Code::NotFound
     );
-    assert_eq!(
-        code_of(
-            inv.commit(pb::CommitRequest {
-                reservation_id: "nope".into()
-            })
-            .await
-        ),
-        Code::NotFound
-    );
-    assert_eq!(
-        code_of(
-            inv.release(pb::ReleaseRequest {
-                reservation_id: "nope".into()
-            })
-            .await
-        ),
-        Code::NotFound
-    );
-    assert_eq!(
-        code_of(
-            inv.extend(pb::ExtendRequest {
-                reservation_id: "nope".into(),
-                ttl_seconds: 5
-            })
-            .await
-        ),
-        Code::NotFound
-    );
+    assert_eq!(code_of(app.commit("nope").await), Code::NotFound);
+    assert_eq!(code_of(app.release("nope").await), Code::NotFound);
+    assert_eq!(code_of(app.extend("nope", 5).await), Code::NotFound);
     assert_eq!(app.snapshot().await, before);
 
-    let got = inv
-        .get_stock(pb::GetStockRequest {
-            items: vec![
-                pb::ItemRef {
-                    sku: "known".into(),
-                    location: String::new(),
-                },
-                pb::ItemRef {
-                    sku: "ghost".into(),
-                    location: "berlin".into(),
-                },
-            ],
-        })
+    let got = app
+        .get(&[("known", ""), ("ghost", "berlin")])
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(got.levels.len(), 1);
     assert_eq!(got.levels[0].location, "default");
     assert_eq!(
@@ -381,40 +208,28 @@ async fn unknown_items_and_reservations_are_not_found_and_change_nothing() {
 #[tokio::test]
 async fn compare_and_set_mismatch_is_aborted_and_changes_nothing() {
     let app = spawn_app().await;
-    let mut admin = app.admin.clone();
     // expected_version 0: create only if new
-    let created = admin
-        .set_stock(set("c1", "cas", 4, Some(0)))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = app.set_if_version("c1", "cas", "", 4, 0).await.unwrap();
     assert_eq!(created.level.unwrap().version, 1);
     let before = app.stock_and_streams().await;
-    let status = admin
-        .set_stock(set("c2", "cas", 9, Some(0)))
-        .await
-        .unwrap_err();
+    let status = app.set_if_version("c2", "cas", "", 9, 0).await.unwrap_err();
     assert_eq!(status.code(), Code::Aborted);
     assert!(status.message().contains("current 1"), "{status:?}");
     assert_eq!(
-        code_of(admin.set_stock(set("c3", "cas", 9, Some(2))).await),
+        code_of(app.set_if_version("c3", "cas", "", 9, 2).await),
         Code::Aborted
     );
     assert_eq!(app.stock_and_streams().await, before);
-    let level = admin
-        .set_stock(set("c4", "cas", 9, Some(1)))
+    let level = app
+        .set_if_version("c4", "cas", "", 9, 1)
         .await
         .unwrap()
-        .into_inner()
         .level
         .unwrap();
     assert_eq!((level.available, level.version), (9, 2));
     // The mismatch is c2's outcome: a late copy of it replays the refusal
     // (with the version it met) instead of comparing again.
-    let late = admin
-        .set_stock(set("c2", "cas", 9, Some(0)))
-        .await
-        .unwrap_err();
+    let late = app.set_if_version("c2", "cas", "", 9, 0).await.unwrap_err();
     assert_eq!(late.code(), Code::Aborted);
     assert!(late.message().contains("current 1"), "{late:?}");
     app.stop().await;
@@ -427,9 +242,7 @@ async fn compare_and_set_mismatch_is_aborted_and_changes_nothing() {
 async fn identifiers_that_do_not_print_as_themselves_are_refused_and_change_nothing() {
     let app = spawn_app().await;
     app.seed("ok", "", 10).await;
-    let mut inv = app.inventory.clone();
-    let mut admin = app.admin.clone();
-    inv.reserve(reserve("order-1001", vec![line("ok", "", 1)], 60))
+    app.reserve("order-1001", vec![line("ok", "", 1)], 60)
         .await
         .unwrap();
     let before = app.snapshot().await;
@@ -449,103 +262,37 @@ async fn identifiers_that_do_not_print_as_themselves_are_refused_and_change_noth
         let cases: Vec<Check> = vec![
             (
                 "reservation_id",
-                inv.reserve(reserve(bad, vec![line("ok", "", 1)], 0))
-                    .await
-                    .map(drop),
+                app.reserve(bad, vec![line("ok", "", 1)], 0).await.map(drop),
             ),
             (
                 "lines[0].sku",
-                inv.reserve(reserve("r", vec![line(bad, "", 1)], 0))
-                    .await
-                    .map(drop),
+                app.reserve("r", vec![line(bad, "", 1)], 0).await.map(drop),
             ),
             (
                 "lines[0].location",
-                inv.reserve(reserve("r", vec![line("ok", bad, 1)], 0))
+                app.reserve("r", vec![line("ok", bad, 1)], 0)
                     .await
                     .map(drop),
             ),
+            ("reservation_id", app.commit(bad).await.map(drop)),
+            ("reservation_id", app.release(bad).await.map(drop)),
+            ("reservation_id", app.extend(bad, 60).await.map(drop)),
             (
-                "reservation_id",
-                inv.commit(pb::CommitRequest {
-                    reservation_id: bad.into(),
-                })
-                .await
-                .map(drop),
-            ),
-            (
-                "reservation_id",
-                inv.release(pb::ReleaseRequest {
-                    reservation_id: bad.into(),
-                })
-                .await
-                .map(drop),
-            ),
-            (
-                "reservation_id",
-                inv.extend(pb::ExtendRequest {
-                    reservation_id: bad.into(),
-                    ttl_seconds: 60,
-                })
-                .await
-                .map(drop),
+                "request_id",
+                app.decrement(bad, vec![line("ok", "", 1)]).await.map(drop),
             ),
             (
                 "request_id",
-                inv.decrement(pb::DecrementRequest {
-                    request_id: bad.into(),
-                    lines: vec![line("ok", "", 1)],
-                })
-                .await
-                .map(drop),
-            ),
-            (
-                "request_id",
-                inv.adjust(pb::AdjustRequest {
-                    request_id: bad.into(),
-                    ..adjust("ok", 1, "")
-                })
-                .await
-                .map(drop),
+                app.adjust(bad, "ok", "", 1, "").await.map(drop),
             ),
             (
                 "location",
-                inv.adjust(pb::AdjustRequest {
-                    location: bad.into(),
-                    ..adjust("ok", 1, "")
-                })
-                .await
-                .map(drop),
+                app.adjust("adj", "ok", bad, 1, "").await.map(drop),
             ),
-            (
-                "items[0].sku",
-                inv.get_stock(pb::GetStockRequest {
-                    items: vec![pb::ItemRef {
-                        sku: bad.into(),
-                        location: String::new(),
-                    }],
-                })
-                .await
-                .map(drop),
-            ),
-            (
-                "request_id",
-                admin.set_stock(set(bad, "ok", 1, None)).await.map(drop),
-            ),
-            (
-                "sku",
-                admin.set_stock(set("s", bad, 1, None)).await.map(drop),
-            ),
-            (
-                "skus[0]",
-                admin
-                    .preload(pb::PreloadRequest {
-                        skus: vec![bad.into()],
-                        ..Default::default()
-                    })
-                    .await
-                    .map(drop),
-            ),
+            ("items[0].sku", app.get(&[(bad, "")]).await.map(drop)),
+            ("request_id", app.set(bad, "ok", "", 1).await.map(drop)),
+            ("sku", app.set("s", bad, "", 1).await.map(drop)),
+            ("skus[0]", app.preload_skus(&[bad]).await.map(drop)),
         ];
         assert_each_names_its_field(cases, bad);
     }

@@ -14,17 +14,8 @@ use stockd::store::Store;
 use stockd::warmer::{Availability, Warmer};
 use tonic::Code;
 
-use crate::common::*;
-use crate::faults::OwnRedis;
-
-async fn preload(app: &TestApp, request: pb::PreloadRequest) -> pb::PreloadResponse {
-    app.admin
-        .clone()
-        .preload(request)
-        .await
-        .unwrap()
-        .into_inner()
-}
+use crate::support::own_redis::OwnRedis;
+use crate::support::*;
 
 async fn stream_lengths(app: &TestApp) -> Vec<usize> {
     let mut conn = app.redis.clone();
@@ -47,17 +38,7 @@ async fn preload_writes_only_missing_or_older_items_and_no_events() {
         app.seed(sku, "", 10).await;
     }
     app.seed("gone", "berlin", 4).await;
-    app.inventory
-        .clone()
-        .adjust(pb::AdjustRequest {
-            request_id: "a1".into(),
-            sku: "stale".into(),
-            location: String::new(),
-            delta: 5,
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    app.adjust("a1", "stale", "", 5, "").await.unwrap();
     let pool = app.postgres().await;
     app.converged(&pool).await;
 
@@ -82,20 +63,10 @@ async fn preload_writes_only_missing_or_older_items_and_no_events() {
         .unwrap();
     let streams_before = stream_lengths(&app).await;
 
-    let counts = preload(
-        &app,
-        pb::PreloadRequest {
-            skus: vec![
-                "gone".into(),
-                "stale".into(),
-                "ahead".into(),
-                "same".into(),
-                "ghost".into(),
-            ],
-            ..Default::default()
-        },
-    )
-    .await;
+    let counts = app
+        .preload_skus(&["gone", "stale", "ahead", "same", "ghost"])
+        .await
+        .unwrap();
     // gone@default loaded, gone@berlin same, stale loaded, ahead newer, same same
     assert_eq!((counts.loaded, counts.skipped, counts.not_found), (2, 3, 1));
     let redis_levels = levels_in_redis(&mut conn, &app.namespace).await;
@@ -121,16 +92,14 @@ async fn preload_writes_only_missing_or_older_items_and_no_events() {
     let mut cursor = String::new();
     let (mut loaded, mut skipped, mut pages) = (0, 0, 0);
     loop {
-        let page = preload(
-            &app,
-            pb::PreloadRequest {
-                all: true,
+        let page = app
+            .preload(pb::PreloadRequest {
                 page_size: 2,
                 cursor,
-                ..Default::default()
-            },
-        )
-        .await;
+                ..preload_all_request()
+            })
+            .await
+            .unwrap();
         loaded += page.loaded;
         skipped += page.skipped;
         pages += 1;
@@ -142,8 +111,6 @@ async fn preload_writes_only_missing_or_older_items_and_no_events() {
     assert_eq!((loaded, skipped), (0, 5));
     assert_eq!(pages, 3);
     let status = app
-        .admin
-        .clone()
         .preload(pb::PreloadRequest::default())
         .await
         .unwrap_err();
@@ -159,28 +126,16 @@ async fn preload_racing_reservations_never_rolls_redis_back() {
     let mut successes = 0i64;
     for round in 0..12 {
         let reserves = (0..40).map(|i| {
-            let mut inv = app.inventory.clone();
+            let rpc = app.clients();
             async move {
-                inv.reserve(pb::ReserveRequest {
-                    reservation_id: format!("r{round}-{i}"),
-                    lines: vec![line("race", "", 1)],
-                    ttl_seconds: 600,
-                })
-                .await
-                .is_ok()
+                rpc.reserve(&format!("r{round}-{i}"), vec![line("race", "", 1)], 600)
+                    .await
+                    .is_ok()
             }
         });
         let preloads = (0..4).map(|_| {
-            let mut admin = app.admin.clone();
-            async move {
-                admin
-                    .preload(pb::PreloadRequest {
-                        all: true,
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
-            }
+            let rpc = app.clients();
+            async move { rpc.preload_all().await.unwrap() }
         });
         let (ok, _) = tokio::join!(join_all(reserves), join_all(preloads));
         successes += ok.into_iter().filter(|ok| *ok).count() as i64;
@@ -305,65 +260,33 @@ async fn lose_every_key(app: &TestApp) {
     lose_every_key_but(app, &[]).await;
 }
 
-/// As `lose_every_key`, sparing `keep` (a lock a test holds).
-pub async fn lose_every_key_but(app: &TestApp, keep: &[&str]) {
-    let mut keys = namespace_keys(&mut app.redis.clone(), &app.namespace).await;
-    keys.retain(|key| !keep.contains(&key.as_str()));
-    let mut by_tag: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for key in keys {
-        let tag = if redis_cluster() {
-            stockd::redis_conn::hash_tag(&key).to_owned()
-        } else {
-            String::new()
-        };
-        by_tag.entry(tag).or_default().push(key);
-    }
-    for keys in by_tag.values() {
-        let _: i64 = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut app.redis.clone())
-            .await
-            .unwrap();
-    }
-}
-
 /// Three holds (two long, one short) and some sales, all flushed.
 async fn holds_then_drain(app: &TestApp) -> i64 {
     let skus = skus_in_distinct_partitions(&app.keys, "loss", 3);
     for sku in &skus {
         app.seed(sku, "", 20).await;
     }
-    let mut inv = app.inventory.clone();
-    let hold = |id: &str, lines: Vec<pb::Line>, ttl: u32| pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines,
-        ttl_seconds: ttl,
-    };
-    inv.reserve(hold(
+    app.reserve(
         "keep",
         vec![line(&skus[0], "", 2), line(&skus[1], "", 1)],
         600,
-    ))
+    )
     .await
     .unwrap();
-    inv.reserve(hold("give-back", vec![line(&skus[1], "", 3)], 600))
+    app.reserve("give-back", vec![line(&skus[1], "", 3)], 600)
         .await
         .unwrap();
-    let short = inv
-        .reserve(hold(
+    let short = app
+        .reserve(
             "lapse",
             vec![line(&skus[2], "", 4), line(&skus[0], "", 1)],
             4,
-        ))
+        )
         .await
-        .unwrap()
-        .into_inner();
-    inv.decrement(pb::DecrementRequest {
-        request_id: "sale".into(),
-        lines: vec![line(&skus[2], "", 5)],
-    })
-    .await
-    .unwrap();
+        .unwrap();
+    app.decrement("sale", vec![line(&skus[2], "", 5)])
+        .await
+        .unwrap();
     let pool = app.postgres().await;
     app.converged(&pool).await;
     let held: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE state = 'held'")
@@ -390,18 +313,14 @@ async fn assert_recovered(app: &TestApp, lapse_at_ms: i64) {
         async move { (levels_in_redis(&mut conn, &namespace).await == expected).then_some(()) }
     })
     .await;
-    let mut inv = eventually(Duration::from_secs(20), "stockd to serve again", || {
-        let mut inv = app.inventory.clone();
+    let rpc = eventually(Duration::from_secs(20), "stockd to serve again", || {
+        let rpc = app.clients();
         async move {
-            let r = inv
-                .commit(pb::CommitRequest {
-                    reservation_id: "keep".into(),
-                })
-                .await;
+            let r = rpc.commit("keep").await;
             match r {
                 Ok(c) => {
-                    assert!(!c.into_inner().replayed);
-                    Some(inv)
+                    assert!(!c.replayed);
+                    Some(rpc)
                 }
                 Err(s) if s.code() == Code::Unavailable => None,
                 Err(s) => panic!("commit of a restored hold: {s:?}"),
@@ -409,13 +328,7 @@ async fn assert_recovered(app: &TestApp, lapse_at_ms: i64) {
         }
     })
     .await;
-    let released = inv
-        .release(pb::ReleaseRequest {
-            reservation_id: "give-back".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let released = rpc.release("give-back").await.unwrap();
     assert!(!released.replayed);
     // In the ledger rather than the streams: on a slow machine the hold
     // may lapse before the loss, and its event go with the lost streams.
@@ -449,11 +362,7 @@ async fn assert_recovered(app: &TestApp, lapse_at_ms: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleting_every_key_rewarms_stock_and_holds_from_postgres() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--epoch-check-ms".into(), "100".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--epoch-check-ms", "100"])).await;
     let lapse_at = holds_then_drain(&app).await;
     lose_every_key(&app).await;
     assert_recovered(&app, lapse_at).await;
@@ -463,29 +372,11 @@ async fn deleting_every_key_rewarms_stock_and_holds_from_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_without_persistence_rewarms_stock_and_holds() {
     let mut redis = OwnRedis::start().await;
-    let app = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        extra_args: vec!["--epoch-check-ms".into(), "100".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(redis.options(&["--epoch-check-ms", "100"])).await;
     let lapse_at = holds_then_drain(&app).await;
     redis.restart().await;
     // The test's own connection notices the restart on its first command.
-    eventually(
-        Duration::from_secs(10),
-        "the test's connection to reconnect",
-        || {
-            let mut conn = app.redis.clone();
-            async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
+    reconnected(&app.redis).await;
     assert_recovered(&app, lapse_at).await;
     app.stop().await;
 }

@@ -9,10 +9,8 @@ use futures::future::join_all;
 use stockd::pb;
 use tonic::Code;
 use tonic::codec::Streaming;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::common::*;
-use crate::reasons::{reason, retry_delay};
+use crate::support::*;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -25,14 +23,7 @@ async fn try_watch(
     skus: &[&str],
     from: &str,
 ) -> Result<Streaming<pb::StockEvent>, tonic::Status> {
-    app.inventory
-        .clone()
-        .watch(pb::WatchRequest {
-            skus: skus.iter().map(|s| s.to_string()).collect(),
-            from_event_id: from.into(),
-        })
-        .await
-        .map(|r| r.into_inner())
+    app.watch(skus, from).await
 }
 
 /// The next `n` events, or a panic naming what arrived before the deadline.
@@ -50,18 +41,9 @@ async fn take(stream: &mut Streaming<pb::StockEvent>, n: usize) -> Vec<pb::Stock
 }
 
 async fn adjust(app: &TestApp, sku: &str, delta: i64) -> pb::StockLevel {
-    app.inventory
-        .clone()
-        .adjust(pb::AdjustRequest {
-            request_id: unique_namespace("adj"),
-            sku: sku.into(),
-            location: String::new(),
-            delta,
-            reason: "test".into(),
-        })
+    app.adjust(&unique_namespace("adj"), sku, "", delta, "test")
         .await
         .expect("adjust")
-        .into_inner()
         .level
         .unwrap()
 }
@@ -104,28 +86,20 @@ async fn events_arrive_in_version_order_per_item_and_none_is_missed() {
     }
     // Concurrent changes from several clients, lines across partitions.
     let clients = (0..6).map(|c| {
-        let mut inv = app.inventory.clone();
+        let rpc = app.clients();
         let skus = skus.clone();
         async move {
             for i in 0..15 {
                 let id = format!("ord-{c}-{i}");
                 let a = &skus[(c + i) % skus.len()];
                 let b = &skus[(c + i + 1) % skus.len()];
-                inv.reserve(pb::ReserveRequest {
-                    reservation_id: id.clone(),
-                    lines: vec![line(a, "", 1), line(b, "berlin", 2)],
-                    ttl_seconds: 600,
-                })
-                .await
-                .unwrap();
+                rpc.reserve(&id, vec![line(a, "", 1), line(b, "berlin", 2)], 600)
+                    .await
+                    .unwrap();
                 if i % 2 == 0 {
-                    inv.commit(pb::CommitRequest { reservation_id: id })
-                        .await
-                        .unwrap();
+                    rpc.commit(&id).await.unwrap();
                 } else {
-                    inv.release(pb::ReleaseRequest { reservation_id: id })
-                        .await
-                        .unwrap();
+                    rpc.release(&id).await.unwrap();
                 }
             }
         }
@@ -234,17 +208,17 @@ async fn resuming_from_an_id_replays_exactly_the_missed_events() {
             .unwrap();
         let producers: Vec<_> = (0..2)
             .map(|p| {
-                let mut inv = app.inventory.clone();
+                let rpc = app.clients();
                 let skus = skus.clone();
                 tokio::spawn(async move {
                     for i in 0..25 {
-                        inv.adjust(pb::AdjustRequest {
-                            request_id: format!("live-{round}-{p}-{i}"),
-                            sku: skus[(i + p) % 3].clone(),
-                            location: String::new(),
-                            delta: 1,
-                            reason: String::new(),
-                        })
+                        rpc.adjust(
+                            &format!("live-{round}-{p}-{i}"),
+                            &skus[(i + p) % 3],
+                            "",
+                            1,
+                            "",
+                        )
                         .await
                         .unwrap();
                     }
@@ -369,34 +343,16 @@ async fn a_trimmed_resume_id_is_out_of_range_and_bad_requests_are_invalid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_watcher_is_cut_and_can_resume_from_the_id_it_is_given() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--watch-buffer".into(), "1000".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options::with_args(&["--watch-buffer", "1000"])).await;
     let skus = skus_in_one_partition(&app, "slow", 50);
     for sku in &skus {
         app.seed(sku, "", 1_000_000).await;
     }
-    // A client that advertises a small HTTP/2 window and then reads nothing.
-    let slow_channel: Channel = Endpoint::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .initial_stream_window_size(4096)
-        .initial_connection_window_size(4096)
-        .connect()
-        .await
-        .unwrap();
-    let mut slow_client = pb::inventory_client::InventoryClient::new(slow_channel);
-    let mut slow = slow_client
-        .watch(pb::WatchRequest {
-            skus: skus.clone(),
-            from_event_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    // A healthy watcher of the same SKUs alongside keeps everything.
     let refs: Vec<&str> = skus.iter().map(String::as_str).collect();
+    // A client that advertises a small HTTP/2 window and then reads nothing.
+    let slow_client = Clients::small_window(app.addr).await;
+    let mut slow = slow_client.watch(&refs, "").await.unwrap();
+    // A healthy watcher of the same SKUs alongside keeps everything.
     let mut healthy = watch(&app, &refs, "").await;
     let reader = tokio::spawn(async move {
         let mut n = 0usize;
@@ -411,19 +367,10 @@ async fn a_slow_watcher_is_cut_and_can_resume_from_the_id_it_is_given() {
 
     // 40 reservations of 50 lines, each released: 4,000 events.
     let lines: Vec<pb::Line> = skus.iter().map(|s| line(s, "", 1)).collect();
-    let mut inv = app.inventory.clone();
     for i in 0..40 {
         let id = format!("slow-{i}");
-        inv.reserve(pb::ReserveRequest {
-            reservation_id: id.clone(),
-            lines: lines.clone(),
-            ttl_seconds: 600,
-        })
-        .await
-        .unwrap();
-        inv.release(pb::ReleaseRequest { reservation_id: id })
-            .await
-            .unwrap();
+        app.reserve(&id, lines.clone(), 600).await.unwrap();
+        app.release(&id).await.unwrap();
     }
     let healthy_got = tokio::time::timeout(Duration::from_secs(60), reader)
         .await

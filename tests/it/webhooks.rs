@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 
-use crate::common::*;
+use crate::support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const OWN_SECRET: &str = "own-secret-0123456789";
@@ -301,60 +301,35 @@ fn assert_signed(r: &Received, secret: &str) {
     assert_eq!(r.header("content-type"), "application/json");
 }
 
-async fn add_webhook(app: &TestApp, req: pb::AddWebhookRequest) -> pb::AddWebhookResponse {
-    app.admin
-        .clone()
-        .add_webhook(req)
-        .await
-        .expect("add webhook")
-        .into_inner()
-}
-
 async fn decrement(app: &TestApp, sku: &str, quantity: i64) {
-    app.inventory
-        .clone()
-        .decrement(pb::DecrementRequest {
-            request_id: unique_namespace("dec"),
-            lines: vec![line(sku, "", quantity)],
-        })
+    app.decrement(&unique_namespace("dec"), vec![line(sku, "", quantity)])
         .await
         .expect("decrement");
 }
 
 async fn adjust(app: &TestApp, sku: &str, delta: i64) {
-    app.inventory
-        .clone()
-        .adjust(pb::AdjustRequest {
-            request_id: unique_namespace("adj"),
-            sku: sku.into(),
-            location: String::new(),
-            delta,
-            reason: String::new(),
-        })
+    app.adjust(&unique_namespace("adj"), sku, "", delta, "")
         .await
         .expect("adjust");
 }
 
 /// Runs a `stockctl` command line against the app; (exit code, stdout).
 async fn stockctl(app: &TestApp, args: &[&str]) -> (i32, String) {
-    let ran = crate::cli::stockctl(app.addr, args).await;
+    let ran = crate::support::process::stockctl(app.addr, args).await;
     assert!(ran.code == 0, "stockctl {args:?}: {}", ran.stderr);
     (ran.code, ran.stdout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--webhook-secret".into(),
-            SERVER_SECRET.into(),
-            "--webhook-backoff-ms".into(),
-            "20".into(),
-            "--webhook-allow-networks".into(),
-            ALLOW_LOOPBACK.into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-secret",
+        SERVER_SECRET,
+        "--webhook-backoff-ms",
+        "20",
+        "--webhook-allow-networks",
+        ALLOW_LOOPBACK,
+    ]))
     .await;
     let receiver = Receiver::start(&[
         ("/own", Behaviour::FailFirstAttempt),
@@ -362,9 +337,8 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
     ])
     .await;
     // Every kind, own secret, this SKU only.
-    let own = add_webhook(
-        &app,
-        pb::AddWebhookRequest {
+    let own = app
+        .add_webhook(pb::AddWebhookRequest {
             url: receiver.url("/own"),
             events: vec![
                 pb::WebhookEvent::OutOfStock.into(),
@@ -374,21 +348,19 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
             low_stock_threshold: 5,
             skus: vec!["mug".into()],
             secret: OWN_SECRET.into(),
-        },
-    )
-    .await;
+        })
+        .await
+        .expect("add webhook");
     let own_id = own.webhook.as_ref().unwrap().id;
     assert!(own.generated_secret.is_empty());
     // out_of_stock of every SKU, signed with the server-wide secret.
-    let server = add_webhook(
-        &app,
-        pb::AddWebhookRequest {
-            url: receiver.url("/server"),
-            events: vec![pb::WebhookEvent::OutOfStock.into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let server = app
+        .add_webhook(webhook_request(
+            &receiver.url("/server"),
+            &[pb::WebhookEvent::OutOfStock],
+        ))
+        .await
+        .expect("add webhook");
     assert_eq!(
         server.webhook.as_ref().unwrap().secret_source(),
         pb::WebhookSecretSource::Server
@@ -400,19 +372,10 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
     decrement(&app, "mug", 4).await; // v3: 4 -> 0, out_of_stock
     adjust(&app, "mug", 3).await; // v4: 0 -> 3, back_in_stock
     adjust(&app, "mug", 7).await; // v5: 3 -> 10, nothing
-    let mut inv = app.inventory.clone();
-    inv.reserve(pb::ReserveRequest {
-        reservation_id: "hold-all".into(),
-        lines: vec![line("mug", "", 10)],
-        ttl_seconds: 600,
-    })
-    .await
-    .unwrap(); // v6: 10 -> 0, low_stock and out_of_stock
-    inv.release(pb::ReleaseRequest {
-        reservation_id: "hold-all".into(),
-    })
-    .await
-    .unwrap(); // v7: 0 -> 10, back_in_stock
+    app.reserve("hold-all", vec![line("mug", "", 10)], 600)
+        .await
+        .unwrap(); // v6: 10 -> 0, low_stock and out_of_stock
+    app.release("hold-all").await.unwrap(); // v7: 0 -> 10, back_in_stock
     decrement(&app, "other", 1).await; // other v2: out_of_stock (server hook only)
 
     let expected = [
@@ -560,17 +523,14 @@ async fn transitions_arrive_signed_in_order_once_per_idempotency_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works() {
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--webhook-max-attempts".into(),
-            "3".into(),
-            "--webhook-backoff-ms".into(),
-            "20".into(),
-            "--webhook-allow-networks".into(),
-            ALLOW_LOOPBACK.into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-max-attempts",
+        "3",
+        "--webhook-backoff-ms",
+        "20",
+        "--webhook-allow-networks",
+        ALLOW_LOOPBACK,
+    ]))
     .await;
     let receiver =
         Receiver::start(&[("/down", Behaviour::FailWhileSet), ("/up", Behaviour::Ok)]).await;
@@ -591,15 +551,13 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
     let down_id = added["webhook"]["id"].as_u64().unwrap();
     let down_secret = added["generated_secret"].as_str().unwrap().to_owned();
     assert!(down_secret.starts_with("whsec_"), "{added}");
-    let up = add_webhook(
-        &app,
-        pb::AddWebhookRequest {
-            url: receiver.url("/up"),
-            events: vec![pb::WebhookEvent::OutOfStock.into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let up = app
+        .add_webhook(webhook_request(
+            &receiver.url("/up"),
+            &[pb::WebhookEvent::OutOfStock],
+        ))
+        .await
+        .expect("add webhook");
     let up_secret = up.generated_secret.clone();
 
     app.seed("cup", "", 2).await;
@@ -620,19 +578,9 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
 
     // Three attempts of v2, then dead; only then v3 (in order), three
     // attempts, dead.
-    let dead = eventually(DEADLINE, "two dead letters", || {
-        let mut admin = app.admin.clone();
-        async move {
-            let r = admin
-                .list_webhook_dead_letters(pb::ListWebhookDeadLettersRequest {
-                    subscription_id: down_id,
-                    limit: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            (r.dead_letters.len() == 2).then_some(r.dead_letters)
-        }
+    let dead = eventually(DEADLINE, "two dead letters", || async {
+        let r = app.webhook_dead_letters(down_id, 0).await.unwrap();
+        (r.dead_letters.len() == 2).then_some(r.dead_letters)
     })
     .await;
     let down_seen = receiver.seen("/down");
@@ -728,12 +676,7 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
         removed.starts_with(&format!("removed webhook {down_id}")),
         "{removed}"
     );
-    let status = app
-        .admin
-        .clone()
-        .remove_webhook(pb::RemoveWebhookRequest { id: down_id })
-        .await
-        .unwrap_err();
+    let status = app.remove_webhook(down_id).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
     pool.close().await;
     app.stop().await;
@@ -741,17 +684,13 @@ async fn a_failing_receiver_sends_deliveries_to_dead_letters_and_redeliver_works
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscriptions_are_validated() {
-    let app = spawn_app_with(Options {
-        extra_args: vec!["--webhook-allow-networks".into(), ALLOW_LOOPBACK.into()],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-allow-networks",
+        ALLOW_LOOPBACK,
+    ]))
     .await;
     let mut admin = app.admin.clone();
-    let base = pb::AddWebhookRequest {
-        url: "http://127.0.0.1:9/hook".into(),
-        events: vec![pb::WebhookEvent::OutOfStock.into()],
-        ..Default::default()
-    };
+    let base = webhook_request("http://127.0.0.1:9/hook", &[pb::WebhookEvent::OutOfStock]);
     for (req, field) in [
         (
             pb::AddWebhookRequest {
@@ -804,15 +743,12 @@ async fn subscriptions_are_validated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn internal_destinations_are_refused_unless_allowed() {
     // No allowlist: the defaults protect the deployment's own network.
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--webhook-max-attempts".into(),
-            "1".into(),
-            "--webhook-backoff-ms".into(),
-            "20".into(),
-        ],
-        ..Options::default()
-    })
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-max-attempts",
+        "1",
+        "--webhook-backoff-ms",
+        "20",
+    ]))
     .await;
     let receiver = Receiver::start(&[("/literal", Behaviour::Ok), ("/name", Behaviour::Ok)]).await;
     let port = receiver.base.rsplit(':').next().unwrap().to_owned();
@@ -852,11 +788,7 @@ async fn internal_destinations_are_refused_unless_allowed() {
         ),
     ] {
         let status = admin
-            .add_webhook(pb::AddWebhookRequest {
-                url: url.clone(),
-                events: vec![pb::WebhookEvent::OutOfStock.into()],
-                ..Default::default()
-            })
+            .add_webhook(webhook_request(&url, &[pb::WebhookEvent::OutOfStock]))
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{url}");
@@ -967,29 +899,26 @@ async fn https_endpoints_get_standard_webhooks_through_a_private_ca() {
     std::fs::create_dir_all(&dir).unwrap();
     let ca_file = dir.join("receivers-ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
-    let app = spawn_app_with(Options {
-        extra_args: vec![
-            "--webhook-ca-file".into(),
-            ca_file.to_string_lossy().into_owned(),
-            "--webhook-allow-networks".into(),
-            ALLOW_LOOPBACK.into(),
-        ],
-        ..Options::default()
-    })
+    let ca_file = ca_file.to_string_lossy();
+    let app = spawn_app_with(Options::with_args(&[
+        "--webhook-ca-file",
+        &ca_file,
+        "--webhook-allow-networks",
+        ALLOW_LOOPBACK,
+    ]))
     .await;
     let receiver = Receiver::start_tls(&[("/tls", Behaviour::Ok)], tls).await;
     let url = receiver.url("/tls");
     assert!(url.starts_with("https://localhost:"), "{url}");
-    let added = add_webhook(
-        &app,
-        pb::AddWebhookRequest {
+    let added = app
+        .add_webhook(pb::AddWebhookRequest {
             url: url.clone(),
             events: vec![pb::WebhookEvent::OutOfStock.into()],
             secret: STANDARD_SECRET.into(),
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .await
+        .expect("add webhook");
     let id = added.webhook.unwrap().id;
 
     // A SKU with a dot and a non-ASCII letter: the webhook-id may hold

@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tower::ServiceExt;
 
-use crate::common::*;
+use crate::support::*;
 
 /// A gRPC frame: uncompressed flag, big-endian length, then `message`.
 fn frame(announced_len: u32, message: &[u8]) -> Bytes {

@@ -10,16 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use stockd::pb;
-use stockd::pb::admin_client::AdminClient;
-use stockd::pb::inventory_client::InventoryClient;
 use tonic::Code;
-use tonic::transport::Channel;
 
-use crate::common::*;
-use crate::faults::{ambiguous, definite};
-use crate::process::Stockd;
-use crate::proxy::FaultProxy;
+use crate::support::process::Stockd;
+use crate::support::proxy::FaultProxy;
+use crate::support::*;
 
 /// Short Postgres timeouts, so that the bound is seconds, not a minute.
 fn short_timeouts() -> Vec<String> {
@@ -37,22 +32,6 @@ fn short_timeouts() -> Vec<String> {
     .to_vec()
 }
 
-async fn seed(channel: Channel, skus: &[String], available: i64) {
-    let mut admin = AdminClient::new(channel);
-    for sku in skus {
-        admin
-            .set_stock(pb::SetStockRequest {
-                request_id: format!("seed-{sku}"),
-                sku: sku.clone(),
-                location: String::new(),
-                available,
-                expected_version: None,
-            })
-            .await
-            .unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_of_killed_instances_that_postgres_never_saw_close_end_in_time() {
     let proxy = FaultProxy::start_keeping_upstream("127.0.0.1:5432".parse().unwrap()).await;
@@ -63,7 +42,7 @@ async fn sessions_of_killed_instances_that_postgres_never_saw_close_end_in_time(
     args.extend(["--flush-batch".into(), "20".into()]);
     let mut stockd = Stockd::start_with(&namespace, &via_proxy, "zombie", false, &args).await;
     let skus: Vec<String> = (0..8).map(|i| format!("z-{i}")).collect();
-    seed(stockd.channel(), &skus, 100_000).await;
+    stockd.clients().seed_each(&skus, 100_000).await;
 
     let channel = Arc::new(std::sync::RwLock::new(stockd.channel()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -77,14 +56,11 @@ async fn sessions_of_killed_instances_that_postgres_never_saw_close_end_in_time(
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let sku = skus[(n * 3 + c) % skus.len()].clone();
-                    let sale = pb::DecrementRequest {
-                        request_id: format!("z{c}-{n}"),
-                        lines: vec![line(&sku, "", 1)],
-                    };
+                    let id = format!("z{c}-{n}");
                     definite(Duration::from_secs(60), "a sale", || {
-                        let mut inv = InventoryClient::new(channel.read().unwrap().clone());
-                        let sale = sale.clone();
-                        async move { inv.decrement(sale).await }
+                        let rpc = Clients::new(channel.read().unwrap().clone());
+                        let (id, lines) = (id.clone(), vec![line(&sku, "", 1)]);
+                        async move { rpc.decrement(&id, lines).await }
                     })
                     .await
                     .unwrap();
@@ -169,7 +145,7 @@ async fn a_long_table_lock_fails_requests_in_time_and_does_not_hold_up_sigterm()
         &short_timeouts(),
     )
     .await;
-    seed(stockd.channel(), &["hot".to_owned()], 1_000).await;
+    stockd.clients().seed_each(&["hot".to_owned()], 1_000).await;
     let pool = sqlx::PgPool::connect(&postgres_url(&database))
         .await
         .unwrap();
@@ -198,20 +174,15 @@ async fn a_long_table_lock_fails_requests_in_time_and_does_not_hold_up_sigterm()
         .await
         .unwrap();
     let locked_at = Instant::now();
-    let mut inv = InventoryClient::new(stockd.channel());
+    let rpc = stockd.clients();
 
     // More cold reads at once than the pool has connections: each
     // answers within its deadline, retryable.
     let reads = (0..20).map(|i| {
-        let mut inv = inv.clone();
+        let mut inv = rpc.inventory.clone();
         async move {
             let started = Instant::now();
-            let mut request = tonic::Request::new(pb::GetStockRequest {
-                items: vec![pb::ItemRef {
-                    sku: format!("cold-{i}"),
-                    location: String::new(),
-                }],
-            });
+            let mut request = tonic::Request::new(get_request(&[(&format!("cold-{i}"), "")]));
             request.set_timeout(Duration::from_secs(10));
             let answer = inv.get_stock(request).await;
             (started.elapsed(), answer)
@@ -227,32 +198,19 @@ async fn a_long_table_lock_fails_requests_in_time_and_does_not_hold_up_sigterm()
     }
     // What Redis holds is served meanwhile.
     let started = Instant::now();
-    inv.decrement(pb::DecrementRequest {
-        request_id: "sale-under-lock".into(),
-        lines: vec![line("hot", "", 1)],
-    })
-    .await
-    .unwrap();
+    rpc.decrement("sale-under-lock", vec![line("hot", "", 1)])
+        .await
+        .unwrap();
     assert!(started.elapsed() < Duration::from_secs(2));
     // The pool is not exhausted: once the lock is gone, a cold read works.
     let held = locked_at.elapsed();
     locker.rollback().await.unwrap();
     assert!(held < Duration::from_secs(30), "the lock was held {held:?}");
     let level = definite(Duration::from_secs(10), "a cold read", || {
-        let mut inv = inv.clone();
-        async move {
-            inv.get_stock(pb::GetStockRequest {
-                items: vec![pb::ItemRef {
-                    sku: "cold-0".into(),
-                    location: String::new(),
-                }],
-            })
-            .await
-        }
+        rpc.get(&[("cold-0", "")])
     })
     .await
-    .unwrap()
-    .into_inner();
+    .unwrap();
     assert_eq!(level.levels[0].available, 5);
 
     // SIGTERM with the table locked again and a flush waiting on it.
@@ -261,12 +219,9 @@ async fn a_long_table_lock_fails_requests_in_time_and_does_not_hold_up_sigterm()
         .execute(&mut *locker)
         .await
         .unwrap();
-    inv.decrement(pb::DecrementRequest {
-        request_id: "sale-before-stop".into(),
-        lines: vec![line("hot", "", 1)],
-    })
-    .await
-    .unwrap();
+    rpc.decrement("sale-before-stop", vec![line("hot", "", 1)])
+        .await
+        .unwrap();
     let stopping = Instant::now();
     stockd.terminate().await;
     let took = stopping.elapsed();

@@ -1,16 +1,16 @@
-//! `spawn_app()`: a real stockd on port 0 with its own key namespace, gRPC
-//! clients for it, and helpers to look at Redis directly.
+//! `spawn_app()`: a real stockd in process on port 0, with a key namespace
+//! and a Postgres database of the test's own, gRPC clients for it (see
+//! [`super::Rpc`] for the typed calls), and what it holds in Redis. Stopped
+//! with `stop` (or dropped after a failure), it leaves nothing behind.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use stockd::app::{self, Application, StartError};
 use stockd::config::Config;
 use stockd::keys::Keyspace;
-use stockd::markers::Markers;
 use stockd::pb::admin_client::AdminClient;
 use stockd::pb::inventory_client::InventoryClient;
 use stockd::pb::{self};
@@ -19,53 +19,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-/// The Postgres server the tests use; each test gets its own database on it.
-pub fn postgres_url(database: &str) -> String {
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let (server, _) = base
-        .rsplit_once('/')
-        .expect("DATABASE_URL ends in /<database>");
-    format!("{server}/{database}")
-}
+use super::{
+    POLL_INTERVAL, Rpc, assert_converged, delete_namespace, drop_database, postgres_url,
+    redis_cluster, redis_url, snapshot, unique_namespace,
+};
 
-/// Pause between two looks at a state a test waits for (always under a deadline).
-pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
-
-/// The shared test Redis: `STOCKD_TEST_REDIS_URL`, a comma-separated list
-/// of seed nodes when `STOCKD_TEST_REDIS_CLUSTER` says the suite runs on a
-/// Redis Cluster.
-pub fn redis_url() -> String {
-    std::env::var("STOCKD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// Whether the shared test Redis is a cluster (`STOCKD_TEST_REDIS_CLUSTER=1`).
-pub fn redis_cluster() -> bool {
-    std::env::var("STOCKD_TEST_REDIS_CLUSTER").is_ok_and(|v| v == "1" || v == "true")
-}
-
-/// A connection to the shared test Redis (cluster or not).
-pub async fn shared_redis() -> RedisConn {
-    stockd::app::connect_redis(&redis_url(), redis_cluster(), Duration::from_secs(5))
-        .await
-        .expect("the test Redis")
-}
-
-/// A namespace no other test (or earlier run) uses.
-pub fn unique_namespace(tag: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "test-{tag}-{}-{nanos:x}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
+/// A stockd of the test's own, serving in this process.
 pub struct TestApp {
+    /// gRPC.
     pub addr: SocketAddr,
     /// The HTTP API (on port 0 like gRPC).
     pub http_addr: SocketAddr,
@@ -115,10 +76,13 @@ impl Default for Options {
     }
 }
 
+/// A stockd on the shared test Redis and Postgres, with the defaults.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(Options::default()).await
 }
 
+/// The configuration a test server starts with: ports 0, the test's
+/// namespace and database, short intervals, then `extra_args`.
 pub fn config_for(options: &Options) -> Config {
     let mut args = vec![
         "stockd".to_owned(),
@@ -152,6 +116,14 @@ pub fn config_for(options: &Options) -> Config {
 }
 
 impl Options {
+    /// The defaults, plus these command-line arguments.
+    pub fn with_args(args: &[&str]) -> Self {
+        Self {
+            extra_args: args.iter().map(|arg| arg.to_string()).collect(),
+            ..Self::default()
+        }
+    }
+
     /// Whether the server's Redis is a cluster.
     pub fn cluster(&self) -> bool {
         match self.redis_url {
@@ -177,6 +149,8 @@ fn init_test_logs() {
         .try_init();
 }
 
+/// A stockd started with `options`, serving once its health service
+/// answers.
 pub async fn spawn_app_with(options: Options) -> TestApp {
     init_test_logs();
     let config = config_for(&options);
@@ -295,13 +269,12 @@ impl TestApp {
     /// Waits (20 s at most) until Postgres holds what this app's Redis
     /// holds; panics with the difference otherwise.
     pub async fn converged(&self, pool: &sqlx::PgPool) {
-        assert_converged(
-            &mut self.redis.clone(),
-            &self.namespace,
-            pool,
-            Duration::from_secs(20),
-        )
-        .await;
+        self.converged_within(pool, Duration::from_secs(20)).await;
+    }
+
+    /// As [`Self::converged`], for a flush that may take longer.
+    pub async fn converged_within(&self, pool: &sqlx::PgPool, deadline: Duration) {
+        assert_converged(&mut self.redis.clone(), &self.namespace, pool, deadline).await;
     }
 
     /// Stops the server and drops the database; the keys stay, on a Redis
@@ -325,36 +298,17 @@ impl TestApp {
 
     /// SetStock through the API: the item exists afterwards with `available`.
     pub async fn seed(&self, sku: &str, location: &str, available: i64) -> pb::StockLevel {
-        self.admin
-            .clone()
-            .set_stock(pb::SetStockRequest {
-                request_id: format!("seed-{sku}-{location}-{}", unique_namespace("s")),
-                sku: sku.into(),
-                location: location.into(),
-                available,
-                expected_version: None,
-            })
+        let id = format!("seed-{sku}-{location}-{}", unique_namespace("s"));
+        self.set(&id, sku, location, available)
             .await
             .expect("seed")
-            .into_inner()
             .level
             .unwrap()
     }
 
     pub async fn level(&self, sku: &str, location: &str) -> Option<pb::StockLevel> {
-        let resp = self
-            .inventory
-            .clone()
-            .get_stock(pb::GetStockRequest {
-                items: vec![pb::ItemRef {
-                    sku: sku.into(),
-                    location: location.into(),
-                }],
-            })
-            .await
-            .expect("get_stock")
-            .into_inner();
-        resp.levels.into_iter().next()
+        let answer = self.get(&[(sku, location)]).await.expect("get_stock");
+        answer.levels.into_iter().next()
     }
 
     /// Everything the namespace holds in Redis, as text, for "this changed
@@ -414,268 +368,4 @@ impl Event {
     pub fn int(&self, field: &str) -> i64 {
         self.get(field).parse().unwrap()
     }
-}
-
-pub async fn namespace_keys(conn: &mut RedisConn, namespace: &str) -> Vec<String> {
-    let pattern = stockd::keys::Keyspace::new(namespace, 1).pattern("*");
-    let mut keys = Vec::new();
-    let mut at = Some(stockd::redis_conn::ScanCursor::default());
-    while let Some(cursor) = at {
-        let (batch, next) = conn.scan_step(cursor, &pattern, 1000).await.unwrap();
-        keys.extend(batch);
-        at = next;
-    }
-    keys.sort();
-    keys
-}
-
-/// Everything a namespace holds in Redis, but the partition markers (the
-/// flusher moves their flushed id forward whenever it writes a batch).
-pub async fn snapshot(conn: &mut RedisConn, namespace: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for key in namespace_keys(conn, namespace).await {
-        if key.ends_with(":marker") {
-            continue;
-        }
-        let kind: String = redis::cmd("TYPE")
-            .arg(&key)
-            .query_async(conn)
-            .await
-            .unwrap();
-        let value = match kind.as_str() {
-            "hash" => {
-                let v: BTreeMap<String, String> = redis::cmd("HGETALL")
-                    .arg(&key)
-                    .query_async(conn)
-                    .await
-                    .unwrap();
-                format!("{v:?}")
-            }
-            "string" => {
-                let v: String = redis::cmd("GET").arg(&key).query_async(conn).await.unwrap();
-                v
-            }
-            "zset" => {
-                let v: Vec<(String, String)> = redis::cmd("ZRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(-1)
-                    .arg("WITHSCORES")
-                    .query_async(conn)
-                    .await
-                    .unwrap();
-                format!("{v:?}")
-            }
-            "stream" => {
-                let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg("-")
-                    .arg("+")
-                    .query_async(conn)
-                    .await
-                    .unwrap();
-                format!("{v:?}")
-            }
-            other => format!("<{other}>"),
-        };
-        out.insert(key, value);
-    }
-    out
-}
-
-pub async fn drop_database(name: &str) {
-    let pool = sqlx::PgPool::connect(&postgres_url("postgres"))
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
-}
-
-pub async fn delete_namespace(conn: &mut RedisConn, namespace: &str) {
-    stockd::keys::delete_namespace(conn, &stockd::keys::Keyspace::new(namespace, 1))
-        .await
-        .unwrap();
-}
-
-/// Establishes every partition marker of `keys` (what a warm stockd does),
-/// for tests that drive an engine without a server.
-pub async fn establish_markers(conn: &mut RedisConn, keys: &Keyspace) -> Markers {
-    let markers = Markers::new(keys.clone());
-    for p in keys.partitions() {
-        markers
-            .establish(conn, p, "test", None, None)
-            .await
-            .expect("establish a marker");
-    }
-    markers
-}
-
-/// The Postgres settings of a test (timeouts as in production).
-pub fn postgres_config(database: &str) -> stockd::config::PostgresConfig {
-    Config::try_parse_from(["stockd", "--database-url", &postgres_url(database)])
-        .expect("config parses")
-        .postgres
-}
-
-/// Polls `check` until it returns `Some`, or panics after `deadline`.
-pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if start.elapsed() > deadline {
-            panic!("timed out after {deadline:?} waiting for {what}");
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
-pub fn line(sku: &str, location: &str, quantity: i64) -> pb::Line {
-    pb::Line {
-        sku: sku.into(),
-        location: location.into(),
-        quantity,
-    }
-}
-
-/// SKUs that land in distinct partitions of `keys`.
-pub fn skus_in_distinct_partitions(keys: &Keyspace, prefix: &str, count: usize) -> Vec<String> {
-    let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::new();
-    for i in 0.. {
-        let sku = format!("{prefix}-{i}");
-        if seen.insert(keys.partition_of(&sku)) {
-            out.push(sku);
-            if out.len() == count {
-                break;
-            }
-        }
-    }
-    out
-}
-
-/// The code of a failed rpc, or a panic when it succeeded.
-pub fn code_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Code {
-    match result {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(status) => status.code(),
-    }
-}
-
-/// (sku, location) -> (available, reserved, version)
-pub type Levels = BTreeMap<(String, String), (i64, i64, i64)>;
-
-/// Every item of the namespace as Redis holds it.
-pub async fn levels_in_redis(conn: &mut RedisConn, namespace: &str) -> Levels {
-    let mut out = Levels::new();
-    for key in namespace_keys(conn, namespace).await {
-        if !key.contains(":stock:") {
-            continue;
-        }
-        let (sku, loc, a, r, v): (String, String, i64, i64, i64) = redis::cmd("HMGET")
-            .arg(&key)
-            .arg(&["sku", "loc", "avail", "resv", "ver"])
-            .query_async(conn)
-            .await
-            .unwrap();
-        out.insert((sku, loc), (a, r, v));
-    }
-    out
-}
-
-/// Every row of `stock`.
-pub async fn levels_in_postgres(pool: &sqlx::PgPool) -> Levels {
-    let rows: Vec<(String, String, i64, i64, i64)> =
-        sqlx::query_as("SELECT sku, location, available, reserved, version FROM stock")
-            .fetch_all(pool)
-            .await
-            .unwrap();
-    rows.into_iter()
-        .map(|(s, l, a, r, v)| ((s, l), (a, r, v)))
-        .collect()
-}
-
-/// Waits until Postgres holds exactly what Redis holds, and the ledger
-/// holds every version 1..current of every item exactly once with deltas
-/// summing to the row; panics with the last difference seen otherwise.
-pub async fn assert_converged(
-    conn: &mut RedisConn,
-    namespace: &str,
-    pool: &sqlx::PgPool,
-    deadline: Duration,
-) {
-    let start = Instant::now();
-    loop {
-        let difference = match convergence(&mut conn.clone(), namespace, pool).await {
-            Ok(()) => return,
-            Err(difference) => difference,
-        };
-        if start.elapsed() > deadline {
-            panic!("not converged after {deadline:?}: {difference}");
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
-async fn convergence(
-    conn: &mut RedisConn,
-    namespace: &str,
-    pool: &sqlx::PgPool,
-) -> Result<(), String> {
-    let redis_levels = levels_in_redis(conn, namespace).await;
-    if redis_levels.is_empty() {
-        return Err("the test wrote nothing".into());
-    }
-    let postgres_levels = levels_in_postgres(pool).await;
-    if postgres_levels != redis_levels {
-        let differing: Vec<_> = redis_levels
-            .iter()
-            .filter(|(k, v)| postgres_levels.get(*k) != Some(*v))
-            .take(3)
-            .map(|(k, v)| format!("{k:?}: redis {v:?}, postgres {:?}", postgres_levels.get(k)))
-            .collect();
-        return Err(format!("stock differs: {differing:?}"));
-    }
-    let audit: Vec<(String, String, i64, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT sku, location, count(*), min(version), max(version),
-                sum(d_available)::bigint, sum(d_reserved)::bigint
-         FROM stock_ledger GROUP BY sku, location",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    if audit.len() != redis_levels.len() {
-        return Err(format!(
-            "{} ledgers for {} items",
-            audit.len(),
-            redis_levels.len()
-        ));
-    }
-    for (sku, loc, count, min, max, sum_a, sum_r) in audit {
-        let (a, r, v) = redis_levels[&(sku.clone(), loc.clone())];
-        if (count, min, max) != (v, 1, v) {
-            return Err(format!(
-                "{loc}/{sku}: ledger count/min/max {:?}, want versions 1..{v} once",
-                (count, min, max)
-            ));
-        }
-        if (sum_a, sum_r) != (a, r) {
-            return Err(format!(
-                "{loc}/{sku}: ledger deltas sum to {:?}, the row is {:?}",
-                (sum_a, sum_r),
-                (a, r)
-            ));
-        }
-    }
-    Ok(())
 }

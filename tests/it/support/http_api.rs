@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use stockd::pb;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::common::*;
+use super::*;
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -245,16 +244,11 @@ pub async fn reserve(app: &TestApp, id: &str, sku: &str, quantity: i64) {
 
 /// The same, with the client token of a server that has one.
 pub async fn reserve_as(app: &TestApp, token: Option<&str>, id: &str, sku: &str, quantity: i64) {
-    let mut request = tonic::Request::new(pb::ReserveRequest {
-        reservation_id: id.into(),
-        lines: vec![line(sku, "", quantity)],
-        ttl_seconds: 600,
-    });
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
+    let request = reserve_request(id, vec![line(sku, "", quantity)], 600);
+    let request = match token {
+        Some(token) => with_token(token, request),
+        None => tonic::Request::new(request),
+    };
     app.inventory
         .clone()
         .reserve(request)
@@ -263,11 +257,5 @@ pub async fn reserve_as(app: &TestApp, token: Option<&str>, id: &str, sku: &str,
 }
 
 pub async fn release(app: &TestApp, id: &str) {
-    app.inventory
-        .clone()
-        .release(pb::ReleaseRequest {
-            reservation_id: id.into(),
-        })
-        .await
-        .expect("release");
+    app.release(id).await.expect("release");
 }

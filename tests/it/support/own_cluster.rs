@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::*;
+use super::*;
 
 /// Node timeout of a cluster that is not failed over on purpose: long
 /// enough that a busy machine never fails a node over by accident.

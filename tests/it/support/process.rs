@@ -1,6 +1,6 @@
-//! The real `stockd` binary as a child process of a test: started with a
+//! The real binaries as child processes of a test: `stockd` started with a
 //! namespace, database and instance id of the test's own, killed or stopped
-//! by it.
+//! by it; `stockctl` run once against a server.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
-use crate::common::*;
+use super::{Clients, POLL_INTERVAL, eventually, free_port, redis_cluster, redis_url};
 
 /// A stockd process of the test's own.
 pub struct Stockd {
@@ -90,7 +90,7 @@ impl Stockd {
         failpoint: Option<&str>,
         extra: &[String],
     ) -> Self {
-        let port = crate::faults::free_port();
+        let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("{namespace}-{instance}-{port}.log"));
@@ -156,6 +156,11 @@ impl Stockd {
             .connect_lazy()
     }
 
+    /// Typed clients of this process (see [`super::Rpc`]).
+    pub fn clients(&self) -> Clients {
+        Clients::new(self.channel())
+    }
+
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -196,5 +201,39 @@ impl Drop for Stockd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// What one `stockctl` run printed and how it ended.
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `stockctl --addr http://ADDR ARGS...`; see [`run_stockctl`].
+pub async fn stockctl(addr: SocketAddr, args: &[&str]) -> Ran {
+    let addr = format!("http://{addr}");
+    run_stockctl(&[&["--addr", addr.as_str()], args].concat()).await
+}
+
+/// Runs `stockctl ARGS...` with none of stockctl's settings taken from this
+/// process' environment.
+pub async fn run_stockctl(args: &[&str]) -> Ran {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stockctl"));
+    command.args(args).stdin(Stdio::null());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("STOCKD_") {
+            command.env_remove(name);
+        }
+    }
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("stockctl runner")
+        .expect("stockctl runs");
+    Ran {
+        code: output.status.code().expect("stockctl exited"),
+        stdout: String::from_utf8(output.stdout).expect("stdout is UTF-8"),
+        stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
     }
 }
