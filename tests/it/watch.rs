@@ -298,6 +298,50 @@ async fn resuming_from_an_id_replays_exactly_the_missed_events() {
     app.stop().await;
 }
 
+/// With no watcher the reader only moves its cursors now and then, so it
+/// can be behind the changes when a watch arrives: a resumed watch must
+/// still start just after its resume id, and a live one with what comes
+/// after its call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watches_that_arrive_at_an_idle_reader_get_exactly_what_follows() {
+    let app = spawn_app().await;
+    let skus = skus_in_one_partition(&app, "idle", 2);
+    let refs: Vec<&str> = skus.iter().map(String::as_str).collect();
+    for sku in &skus {
+        app.seed(sku, "", 100).await;
+    }
+    // Changes while no one watches.
+    for i in 0..6 {
+        adjust(&app, &skus[i % 2], -1).await;
+    }
+    let all = stream_ids(&app, &skus).await;
+    assert_eq!(all.len(), 8, "two seeds and six changes");
+    let resume_from = all[3].1.clone();
+    let expected: Vec<String> = all[4..].iter().map(|(_, id)| id.clone()).collect();
+
+    let mut resumed = watch(&app, &refs, &resume_from).await;
+    let mut live = watch(&app, &refs, "").await;
+    let after = adjust(&app, &skus[0], -1).await;
+
+    let mut replayed = ids(&take(&mut resumed, expected.len() + 1).await);
+    let newest = replayed.pop().unwrap();
+    assert_eq!(
+        replayed, expected,
+        "the replay starts right after {resume_from}"
+    );
+    let first_live = take(&mut live, 1).await.remove(0);
+    assert_eq!(
+        first_live.event_id, newest,
+        "both watches see the new change"
+    );
+    assert_eq!(
+        (first_live.sku.as_str(), first_live.version),
+        (skus[0].as_str(), after.version),
+        "the live watch starts with the change made after it"
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_trimmed_resume_id_is_out_of_range_and_bad_requests_are_invalid() {
     let app = spawn_app().await;
