@@ -261,11 +261,22 @@ impl<H: Handler> Consumer<H> {
         }
         let mut source = Source::OwnPending;
         let mut last_claim = Instant::now();
+        let mut last_own_check = Instant::now();
+        // Whether the own-pending read in hand is the periodic look (then
+        // an empty one leads back to new entries, not to a claim).
+        let mut periodic = false;
         let mut backoff = Backoff::default();
         let mut next_read = Instant::now();
         while !shutdown.is_cancelled() {
             if source == Source::New && last_claim.elapsed() >= self.settings.claim_idle {
                 source = Source::Claimed;
+            }
+            if source == Source::New && last_own_check.elapsed() >= OWN_PENDING_EVERY {
+                source = Source::OwnPending;
+                periodic = true;
+            }
+            if source == Source::OwnPending {
+                last_own_check = Instant::now();
             }
             if source == Source::New {
                 tokio::select! {
@@ -303,11 +314,25 @@ impl<H: Handler> Consumer<H> {
                     self.remove_silent_consumers().await;
                 }
                 source = match source {
-                    Source::OwnPending => Source::Claimed,
-                    Source::Claimed | Source::New => Source::New,
+                    Source::OwnPending if !periodic => Source::Claimed,
+                    _ => Source::New,
                 };
+                periodic = false;
                 next_read = started + self.settings.interval;
                 continue;
+            }
+            if periodic {
+                // Between batches our own pending list is empty, unless a
+                // read was delivered whose reply never reached us without an
+                // error (a cluster client retrying a read after a failover).
+                counter!("stockd_consumer_undelivered_reads_total", "group" => group)
+                    .increment(batch.entries.len() as u64);
+                tracing::warn!(
+                    group,
+                    entries = batch.entries.len(),
+                    "entries delivered to this consumer never reached it (a lost read reply); handling them now"
+                );
+                periodic = false;
             }
             // The batch in hand is finished even when shutdown comes
             // meanwhile; only a failing Postgres or Redis makes us give up
@@ -555,6 +580,12 @@ impl<H: Handler> Consumer<H> {
 
 /// How long the final pass at shutdown may take.
 const FINAL_PASS_LIMIT: Duration = Duration::from_secs(10);
+
+/// How often the loop looks at its own pending entries besides after a
+/// failed read: a read whose reply was lost without an error would wait
+/// for the claim timeout otherwise. Between batches the list is empty, so
+/// the look is one cheap read.
+const OWN_PENDING_EVERY: Duration = Duration::from_secs(1);
 
 /// Capped exponential backoff with full jitter, for the background loops
 /// (by default 100 ms doubling to 5 s).

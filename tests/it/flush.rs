@@ -208,6 +208,75 @@ async fn flusher_consumers(app: &TestApp, stream: &str) -> Vec<(String, i64)> {
     consumers
 }
 
+/// Adds a copy of `stream`'s last entry and delivers it to `consumer` of the
+/// flusher group in one transaction, so that the live flusher cannot read
+/// it first: as if `consumer` had read it and then lost it.
+async fn deliver_a_copy_of_the_last_entry(app: &TestApp, stream: &str, consumer: &str) {
+    let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let fields: Vec<(String, String)> = last.ids[0]
+        .map
+        .iter()
+        .map(|(k, v)| (k.clone(), redis::from_redis_value_ref(v).unwrap()))
+        .collect();
+    let _: redis::Value = redis::pipe()
+        .atomic()
+        .cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg(&fields)
+        .cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("flusher")
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+}
+
+/// A read delivered to this instance's own consumer whose reply never
+/// reached it without an error (a cluster client retrying a read after a
+/// failover does that) is found and handled within seconds, not left for
+/// the claim timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_reply_was_lost_is_handled_within_seconds() {
+    let app = spawn_app_with(Options::with_args(&["--flush-claim-idle-ms", "120000"])).await;
+    app.seed("lost-reply", "", 7).await;
+    let pool = app.postgres().await;
+    app.converged(&pool).await;
+    let stream = app.keys.events(app.keys.partition_of("lost-reply"));
+    let own = flusher_consumers(&app, &stream).await;
+    assert_eq!(own.len(), 1, "{own:?}");
+    let own = own[0].0.clone();
+
+    deliver_a_copy_of_the_last_entry(&app, &stream, &own).await;
+    assert_eq!(flusher_consumers(&app, &stream).await, [(own.clone(), 1)]);
+    eventually(
+        Duration::from_secs(10),
+        "the lost read to be handled and acknowledged",
+        || async {
+            let now = flusher_consumers(&app, &stream).await;
+            (now == [(own.clone(), 0)]).then_some(())
+        },
+    )
+    .await;
+    app.converged(&pool).await;
+    pool.close().await;
+    app.stop().await;
+}
+
 /// Consumers of gone instances are removed once they own nothing and were
 /// idle past the threshold; what one still owned is taken over and flushed
 /// first; the instance's own consumer stays.
@@ -238,38 +307,7 @@ async fn stale_consumers_are_removed_once_they_own_nothing() {
         .query_async(&mut app.redis.clone())
         .await
         .unwrap();
-    let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-        .arg(&stream)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(&mut app.redis.clone())
-        .await
-        .unwrap();
-    let fields: Vec<(String, String)> = last.ids[0]
-        .map
-        .iter()
-        .map(|(k, v)| (k.clone(), redis::from_redis_value_ref(v).unwrap()))
-        .collect();
-    let _: redis::Value = redis::pipe()
-        .atomic()
-        .cmd("XADD")
-        .arg(&stream)
-        .arg("*")
-        .arg(&fields)
-        .cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("flusher")
-        .arg("gone-pod-b")
-        .arg("COUNT")
-        .arg(1)
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
-        .query_async(&mut app.redis.clone())
-        .await
-        .unwrap();
+    deliver_a_copy_of_the_last_entry(&app, &stream, "gone-pod-b").await;
     let consumers = flusher_consumers(&app, &stream).await;
     let names: Vec<&str> = consumers.iter().map(|(n, _)| n.as_str()).collect();
     assert!(names.contains(&"gone-pod-a"), "{consumers:?}");
