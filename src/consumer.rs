@@ -302,8 +302,10 @@ impl<H: Handler> Consumer<H> {
                         tracing::warn!(group, ?source, error = %err, "reading the streams failed; backing off");
                     }
                     // A failed read may have been delivered: re-read our own
-                    // pending entries before anything new.
+                    // pending entries before anything new (then a claim, as
+                    // after any failed read, not the periodic look).
                     source = Source::OwnPending;
+                    periodic = false;
                     backoff.wait(&shutdown).await;
                     continue;
                 }
