@@ -136,6 +136,12 @@ impl Batch {
 /// skipped them) first.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, batch: &Batch) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Held from before a read until its batch is acknowledged (the
+    /// flusher's, so that a restore does not read Postgres in between).
+    fn hold(&self) -> impl Future<Output = Option<tokio::sync::OwnedRwLockReadGuard<()>>> + Send {
+        async { None }
+    }
 }
 
 /// How one consumer reads.
@@ -284,6 +290,8 @@ impl<H: Handler> Consumer<H> {
                     _ = tokio::time::sleep_until(next_read.into()) => {}
                 }
             }
+            // Dropped at the end of the iteration, after the ack.
+            let _held = self.handler.hold().await;
             let started = Instant::now();
             let read = self.read(source).await;
             tracing::trace!(group, ?source, read = ?read.as_ref().map(|(b, f)| (b.entries.len(), *f)), "consumer read");

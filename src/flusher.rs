@@ -120,6 +120,10 @@ struct FlushHandler {
 }
 
 impl Handler for FlushHandler {
+    async fn hold(&self) -> Option<tokio::sync::OwnedRwLockReadGuard<()>> {
+        Some(self.markers.flush_in_progress().await)
+    }
+
     async fn handle(&self, batch: &Batch) -> Result<(), StepError> {
         let mut flush = FlushBatch::default();
         let mut dead: Vec<DeadLetter> = Vec::new();

@@ -93,6 +93,11 @@ pub struct Markers {
     /// The watchdog's full checks: how many began, and the last one that
     /// ended (its number and whether it found every partition sound).
     checks: Arc<tokio::sync::watch::Sender<Checks>>,
+    /// Held shared by this instance's flusher from a read to its ack, and
+    /// exclusively by a restore while it reads Postgres: a batch read from
+    /// a Redis before its loss that commits after the restore read Postgres
+    /// would hold versions the restored Redis gives out again (forks).
+    flushing: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Markers {
@@ -105,7 +110,27 @@ impl Markers {
             forked,
             alarm: Arc::new(Notify::new()),
             checks: Arc::new(tokio::sync::watch::channel(Checks::default()).0),
+            flushing: Arc::new(tokio::sync::RwLock::new(())),
         }
+    }
+
+    /// The flusher's hold from a read to its ack (see `flushing`).
+    pub fn flush_in_progress(
+        &self,
+    ) -> impl Future<Output = tokio::sync::OwnedRwLockReadGuard<()>> + Send + 'static {
+        self.flushing.clone().read_owned()
+    }
+
+    /// A restore's wait for the batch in hand to be written (or `limit`,
+    /// after which it goes on: a batch that cannot be written then is one
+    /// Postgres does not take, and its forks are still caught).
+    pub async fn wait_for_flushes(
+        &self,
+        limit: std::time::Duration,
+    ) -> Option<tokio::sync::OwnedRwLockWriteGuard<()>> {
+        tokio::time::timeout(limit, self.flushing.clone().write_owned())
+            .await
+            .ok()
     }
 
     /// The watchdog begins comparing Redis with Postgres; the number of

@@ -50,6 +50,9 @@ const RESTORE_LOCK_TTL: Duration = Duration::from_secs(15);
 /// How long a partition being healed refuses requests unless the healer
 /// extends it (it does, per step): a healer that dies frees it by itself.
 const HEAL_DEADLINE: Duration = Duration::from_secs(120);
+
+/// How long a restore waits for the flusher's batch in hand to be written.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// Clock difference between Redis and Postgres allowed for when picking the
 /// reservations a rolled-back Redis may hold in an older state.
 const CLOCK_MARGIN: Duration = Duration::from_secs(120);
@@ -290,6 +293,14 @@ impl Watchdog {
 
         // Every item whose Postgres version is above Redis' (all of them
         // after a loss); newer Redis state is never overwritten.
+        // A batch this instance read from the Redis before the trouble and
+        // has not written yet is written first.
+        let flushes = self.markers.wait_for_flushes(FLUSH_WAIT).await;
+        if flushes.is_none() {
+            tracing::warn!(
+                "restore: the flusher's batch in hand is still not written; restoring anyway"
+            );
+        }
         let counts = self.warmer.preload_all().await?;
 
         // Holds: held ones Redis lacks come back; after a rollback, the
