@@ -29,11 +29,10 @@ use std::time::{Duration, Instant};
 use metrics::counter;
 use rand::Rng;
 use redis::Value;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::events::{EntryId, StreamEntry};
+use crate::events::{self, EntryId, RawEntry, StreamEntry};
 use crate::keys::{Keyspace, Partition};
 use crate::redis_conn::{self, RedisConn};
 
@@ -103,7 +102,8 @@ pub struct Entry {
 #[derive(Debug, Clone)]
 pub struct Malformed {
     pub reason: String,
-    pub fields: HashMap<String, Value>,
+    /// `[name, value, ...]` as read.
+    pub fields: Vec<Value>,
 }
 
 /// One batch: entries of any number of partitions, in stream order within
@@ -412,7 +412,7 @@ impl<H: Handler> Consumer<H> {
     /// whether some partition filled its share.
     async fn read(&self, source: Source) -> Result<(Batch, bool), StepError> {
         let count = self.settings.batch_size;
-        let raw: Vec<(Partition, Vec<StreamId>)> = match source {
+        let raw: Vec<(Partition, Vec<RawEntry>)> = match source {
             Source::Claimed => self.claim().await?,
             Source::OwnPending => self.read_group("0").await?,
             Source::New => self.read_group(">").await?,
@@ -426,18 +426,18 @@ impl<H: Handler> Consumer<H> {
                     tracing::error!(%partition, entry = %entry.id, "skipping a stream entry with an unreadable id");
                     continue;
                 };
-                let parsed = if entry.map.is_empty() {
+                let parsed = if entry.fields.is_empty() {
                     // A pending entry deleted from the stream (trimmed by hand).
                     Err("the entry was deleted from the stream".to_owned())
                 } else {
-                    StreamEntry::parse(partition.0, id, &entry.map)
+                    StreamEntry::parse(partition.0, id, &entry.fields)
                 };
                 batch.entries.push(Entry {
                     partition,
                     id,
                     parsed: parsed.map_err(|reason| Malformed {
                         reason,
-                        fields: entry.map,
+                        fields: entry.fields,
                     }),
                 });
             }
@@ -449,7 +449,7 @@ impl<H: Handler> Consumer<H> {
     /// `>`: new ones): one XREADGROUP over all of them on a standalone
     /// Redis; on a cluster, where one command may not span slots, one per
     /// partition, in one batch.
-    async fn read_group(&self, id: &str) -> Result<Vec<(Partition, Vec<StreamId>)>, StepError> {
+    async fn read_group(&self, id: &str) -> Result<Vec<(Partition, Vec<RawEntry>)>, StepError> {
         let partitions: Vec<Partition> = self.keys.partitions().collect();
         let streams: HashMap<String, Partition> = partitions
             .iter()
@@ -471,17 +471,12 @@ impl<H: Handler> Consumer<H> {
             }
             cmd
         };
-        let replies: Vec<Option<StreamReadReply>> = if self.redis.is_cluster() {
+        let replies: Vec<Value> = if self.redis.is_cluster() {
             let mut batch = redis_conn::CommandBatch::new();
             for &p in &partitions {
                 batch.cmd(self.keys.events(p), read(&[p]));
             }
-            batch
-                .query(&self.redis)
-                .await?
-                .into_iter()
-                .map(redis::from_redis_value)
-                .collect::<Result<_, _>>()?
+            batch.query(&self.redis).await?
         } else {
             vec![
                 read(&partitions)
@@ -489,17 +484,20 @@ impl<H: Handler> Consumer<H> {
                     .await?,
             ]
         };
-        Ok(replies
-            .into_iter()
-            .flatten()
-            .flat_map(|r| r.keys)
-            .filter_map(|k| streams.get(&k.key).map(|&p| (p, k.ids)))
-            .collect())
+        let mut out = Vec::new();
+        for reply in replies {
+            for (key, entries) in events::read_reply(reply)? {
+                if let Some(&p) = streams.get(&key) {
+                    out.push((p, entries));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// XAUTOCLAIM of entries idle past the claim timeout, every partition in
     /// one pipelined round trip.
-    async fn claim(&self) -> Result<Vec<(Partition, Vec<StreamId>)>, StepError> {
+    async fn claim(&self) -> Result<Vec<(Partition, Vec<RawEntry>)>, StepError> {
         let mut batch = redis_conn::CommandBatch::new();
         for p in self.keys.partitions() {
             let stream = self.keys.events(p);
@@ -516,9 +514,15 @@ impl<H: Handler> Consumer<H> {
         }
         let mut claimed = Vec::new();
         for (p, reply) in self.keys.partitions().zip(batch.query(&self.redis).await?) {
-            let reply: StreamAutoClaimReply = redis::from_redis_value(reply)?;
-            if !reply.claimed.is_empty() {
-                claimed.push((p, reply.claimed));
+            // [next cursor, [[id, fields], ...], deleted ids]
+            let Value::Array(parts) = reply else {
+                return Err(
+                    redis::ParsingError::from(format!("XAUTOCLAIM replied {reply:?}")).into(),
+                );
+            };
+            let entries = events::range_reply(parts.into_iter().nth(1).unwrap_or(Value::Nil))?;
+            if !entries.is_empty() {
+                claimed.push((p, entries));
             }
         }
         for (partition, ids) in &claimed {
@@ -664,7 +668,7 @@ mod tests {
             id: EntryId { ms, seq: 0 },
             parsed: Err(Malformed {
                 reason: String::new(),
-                fields: HashMap::new(),
+                fields: Vec::new(),
             }),
         };
         let batch = Batch {

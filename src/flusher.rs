@@ -34,6 +34,12 @@ use crate::webhooks::Wakeup;
 /// The consumer group every instance joins on every partition stream.
 pub const GROUP: &str = "flusher";
 
+/// The share of the batching window a batch's Postgres writes are spread
+/// over (store::batch, `write`): the entries of one window are written
+/// through the next, leaving time for the commit, the marker and the ack
+/// before the next read.
+const SPREAD_SHARE: f64 = 0.6;
+
 #[derive(Debug, Clone)]
 pub struct FlusherSettings {
     /// This instance's consumer name; stable across restarts so that a
@@ -66,6 +72,7 @@ impl Flusher {
     ) -> Self {
         let handler = FlushHandler {
             redis: redis.clone(),
+            spread: settings.interval.mul_f64(SPREAD_SHARE),
             store,
             keys: keys.clone(),
             markers,
@@ -113,6 +120,9 @@ type DeadLetter = (Partition, String, String, Vec<(String, String)>);
 
 struct FlushHandler {
     redis: RedisConn,
+    /// How long a batch's writes are spread over (`SPREAD_SHARE` of the
+    /// batching window).
+    spread: Duration,
     store: Store,
     keys: Keyspace,
     markers: Markers,
@@ -137,8 +147,8 @@ impl Handler for FlushHandler {
                     malformed.reason.clone(),
                     malformed
                         .fields
-                        .iter()
-                        .map(|(k, v)| (k.clone(), value_text(v)))
+                        .chunks_exact(2)
+                        .map(|pair| (value_text(&pair[0]), value_text(&pair[1])))
                         .collect(),
                 )),
             }
@@ -147,6 +157,7 @@ impl Handler for FlushHandler {
         flush.checkpoints = checkpoints.iter().map(|(p, id)| (p.0, *id)).collect();
 
         let started = Instant::now();
+        flush.spread_until = Some(started + self.spread);
         let report = self.store.write_batch(&flush).await?;
         histogram!("stockd_flush_batch_duration_seconds").record(started.elapsed().as_secs_f64());
         histogram!("stockd_flush_batch_size").record(flush.changes.len() as f64);

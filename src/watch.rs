@@ -42,14 +42,15 @@ use std::time::Duration;
 
 use crate::redis_conn::{CommandBatch, RedisConn};
 use metrics::{counter, gauge};
-use redis::streams::{StreamRangeReply, StreamReadReply};
+use redis::Value;
+use redis::streams::StreamRangeReply;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::Sku;
 use crate::error::Error;
-use crate::events::{ChangeEvent, EntryId};
+use crate::events::{self, ChangeEvent, EntryId};
 use crate::keys::{Keyspace, Partition};
 use crate::scripts;
 
@@ -460,18 +461,13 @@ impl Hub {
             cmd
         };
         let partitions: Vec<Partition> = inner.keys.partitions().collect();
-        let replies: Vec<Option<StreamReadReply>> = if inner.reader.is_cluster() {
+        let replies: Vec<Value> = if inner.reader.is_cluster() {
             let mut batch = CommandBatch::new();
             for &p in &partitions {
                 batch.cmd(inner.keys.events(p), read(&[p], false));
             }
-            let replies: Vec<Option<StreamReadReply>> = batch
-                .query(&inner.reader)
-                .await?
-                .into_iter()
-                .map(redis::from_redis_value)
-                .collect::<Result<_, _>>()?;
-            if replies.iter().all(Option::is_none) {
+            let replies = batch.query(&inner.reader).await?;
+            if replies.iter().all(|r| *r == Value::Nil) {
                 tokio::time::sleep(CLUSTER_POLL).await;
                 return Ok(0);
             }
@@ -485,17 +481,21 @@ impl Hub {
         };
         let mut next = cursors.clone();
         let mut events = Vec::new();
-        for stream in replies.into_iter().flatten().flat_map(|r| r.keys) {
-            let Some(&partition) = inner.partition_of_key.get(&stream.key) else {
+        let mut streams = Vec::new();
+        for reply in replies {
+            streams.extend(events::read_reply(reply)?);
+        }
+        for (key, entries) in streams {
+            let Some(&partition) = inner.partition_of_key.get(&key) else {
                 continue;
             };
-            for entry in stream.ids {
+            for entry in entries {
                 let Some(id) = EntryId::parse(&entry.id) else {
                     continue;
                 };
                 let slot = &mut next[partition.0 as usize];
                 *slot = (*slot).max(id);
-                match ChangeEvent::parse(partition.0, id, &entry.map) {
+                match ChangeEvent::parse(partition.0, id, &entry.fields) {
                     Ok(event) => events.push((id, Arc::new(event))),
                     Err(reason) => {
                         tracing::debug!(%partition, entry = %entry.id, %reason, "watch: skipping a malformed entry")
@@ -954,7 +954,7 @@ impl Watcher {
                     }
                     None => "+".to_owned(),
                 };
-                let page: StreamRangeReply = redis::cmd("XRANGE")
+                let page: Value = redis::cmd("XRANGE")
                     .arg(self.hub.inner.keys.events(c.partition))
                     .arg(start.xrange_arg())
                     .arg(end)
@@ -962,13 +962,14 @@ impl Watcher {
                     .arg(REPLAY_PAGE)
                     .query_async(&mut conn)
                     .await?;
-                c.done = page.ids.len() < REPLAY_PAGE;
-                for entry in page.ids {
+                let page = events::range_reply(page).map_err(redis::RedisError::from)?;
+                c.done = page.len() < REPLAY_PAGE;
+                for entry in page {
                     let Some(id) = EntryId::parse(&entry.id) else {
                         continue;
                     };
                     starts[c.index].1 = Start::After(id);
-                    match ChangeEvent::parse(c.partition.0, id, &entry.map) {
+                    match ChangeEvent::parse(c.partition.0, id, &entry.fields) {
                         Ok(event) => c.buf.push_back((id, Arc::new(event))),
                         Err(_) => {
                             self.consumed.insert(c.partition, id);

@@ -12,6 +12,23 @@ use sqlx::PgConnection;
 
 use crate::events::ChangeEvent;
 
+/// Whether `events` may queue a delivery at all: one of them moved
+/// `available` and some subscription exists. Most deployments have none:
+/// one look at the (small) table costs a round trip, while matching decodes
+/// eleven arrays of the whole batch and was about a tenth of a flush's
+/// time in Postgres.
+pub(crate) async fn any_subscription(
+    tx: &mut PgConnection,
+    events: &[ChangeEvent],
+) -> Result<bool, sqlx::Error> {
+    if !events.iter().any(|e| e.d_available != 0) {
+        return Ok(false);
+    }
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM webhook_subscriptions)")
+        .fetch_one(&mut *tx)
+        .await
+}
+
 /// Queues the deliveries of every transition in `events` for every
 /// subscription that wants it, in one statement; returns how many.
 pub(crate) async fn queue_transitions(
@@ -19,10 +36,8 @@ pub(crate) async fn queue_transitions(
     events: &[&ChangeEvent],
 ) -> Result<u64, sqlx::Error> {
     let mut c = Candidates::default();
-    for e in events {
-        if e.d_available != 0 {
-            c.push(e);
-        }
+    for e in events.iter().filter(|e| e.d_available != 0) {
+        c.push(e);
     }
     if c.sku.is_empty() {
         return Ok(0);

@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 
 pub use deliver::{DeliverOutcome, Dispatcher};
 pub use destinations::{DestinationError, Destinations, parse_allowlist};
-pub(crate) use detect::queue_transitions;
+pub(crate) use detect::{any_subscription, queue_transitions};
 pub use subscriptions::Subscriptions;
 
 /// The transitions a subscription can ask for.
