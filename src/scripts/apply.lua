@@ -62,7 +62,10 @@ for i = 1, N do
     s[1], s[2], s[3], delta, 0)
 end
 local out = cjson.encode({ levels = levels })
-redis.call('HSET', KEYS[1], 'fp', FP, 'out', out)
+-- Without a separate locator the record is the locator: one HSET.
+redis.call('HSET', KEYS[1], 'fp', FP, 'out', out, unpack(locator_fields()))
 redis.call('PEXPIRE', KEYS[1], WINDOW)
-write_locator(WINDOW)
+if HAS_LOCATOR then
+  write_locator(WINDOW)
+end
 return reply('ok', out)

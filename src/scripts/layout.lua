@@ -164,19 +164,20 @@ end
 -- Returns the level {sku, loc, avail, resv, ver} for the reply.
 local function write_stock(key, events, sku, loc, op, avail, resv, ver, d_avail, d_resv, exp)
   local a, r, v = avail + d_avail, resv + d_resv, ver + 1
+  local ta, tr, tv = int(a), int(r), int(v)
   if ver == 0 then
-    redis.call('HSET', key, 'sku', sku, 'loc', loc, 'avail', a, 'resv', r, 'ver', v)
+    redis.call('HSET', key, 'sku', sku, 'loc', loc, 'avail', ta, 'resv', tr, 'ver', tv)
   else
-    redis.call('HSET', key, 'avail', a, 'resv', r, 'ver', v)
+    redis.call('HSET', key, 'avail', ta, 'resv', tr, 'ver', tv)
   end
   if exp then
     redis.call('XADD', events, '*', 'sku', sku, 'loc', loc, 'op', op,
-      'd_avail', d_avail, 'd_resv', d_resv, 'avail', a, 'resv', r, 'ver', v,
-      'ref', ID, 'ts', NOW, 'fp', FP, 'exp', exp)
+      'd_avail', int(d_avail), 'd_resv', int(d_resv), 'avail', ta, 'resv', tr, 'ver', tv,
+      'ref', ID, 'ts', NOW_TEXT, 'fp', FP, 'exp', int(exp))
   else
     redis.call('XADD', events, '*', 'sku', sku, 'loc', loc, 'op', op,
-      'd_avail', d_avail, 'd_resv', d_resv, 'avail', a, 'resv', r, 'ver', v,
-      'ref', ID, 'ts', NOW, 'fp', FP)
+      'd_avail', int(d_avail), 'd_resv', int(d_resv), 'avail', ta, 'resv', tr, 'ver', tv,
+      'ref', ID, 'ts', NOW_TEXT, 'fp', FP)
   end
   return { sku, loc, a, r, v }
 end
@@ -238,6 +239,18 @@ local function all_lines()
     all[i] = { sku, loc, amount }
   end
   return cjson.encode(all)
+end
+
+-- The locator's fields, for the coordinator record's own HSET when the
+-- record is the locator (no flag L): one redis.call fewer than
+-- write_locator, and a call is a good part of a request's cost. Empty
+-- when the locator is separate (then write_locator writes it).
+-- `all_json`, when the caller has it, is all_lines() already encoded.
+local function locator_fields(all_json)
+  if HAS_LOCATOR then
+    return {}
+  end
+  return { 'parts', PARTS, 'all', all_json or all_lines() }
 end
 
 -- Writes the locator; `ttl_ms` bounds a separate locator's life (the

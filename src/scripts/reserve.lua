@@ -75,6 +75,16 @@ for i = 1, N do
   table.insert(per_group[j], { sku, loc, qty })
 end
 local out = cjson.encode({ exp = exp, levels = levels })
+local exp_text = int(exp)
+-- Without a separate locator the coordinator record is the locator (a
+-- part writes none: its coordinator does).
+local group_lines = {}
+for j = 1, K do
+  group_lines[j] = cjson.encode(per_group[j])
+end
+-- With one group, its lines are every line in request order: the
+-- locator's `all` (one encoding fewer).
+local in_record = PART_OF and {} or locator_fields(K == 1 and group_lines[1] or nil)
 -- The coordinator may be one of the groups' records (always, for a request
 -- in one partition): then one HSET writes both.
 local coordinator_written = false
@@ -83,23 +93,24 @@ for j = 1, K do
   -- whether this record holds every line.
   local record = group_key(W, j, 1)
   if record == KEYS[1] then
-    redis.call('HSET', record, 'state', 'held', 'exp', exp, 'fp', FP,
-      'lines', cjson.encode(per_group[j]), 'parts', PARTS, 'out', out)
+    redis.call('HSET', record, 'state', 'held', 'exp', exp_text, 'fp', FP,
+      'lines', group_lines[j], 'parts', PARTS, 'out', out, unpack(in_record))
     coordinator_written = true
   else
-    redis.call('HSET', record, 'state', 'held', 'exp', exp, 'fp', FP,
-      'lines', cjson.encode(per_group[j]), 'parts', PARTS)
+    redis.call('HSET', record, 'state', 'held', 'exp', exp_text, 'fp', FP,
+      'lines', group_lines[j], 'parts', PARTS)
   end
-  redis.call('ZADD', group_key(W, j, 2), exp, ID)
+  redis.call('ZADD', group_key(W, j, 2), exp_text, ID)
 end
 if not coordinator_written then
-  redis.call('HSET', KEYS[1], 'state', 'held', 'exp', exp, 'fp', FP, 'out', out)
+  redis.call('HSET', KEYS[1], 'state', 'held', 'exp', exp_text, 'fp', FP, 'out', out,
+    unpack(in_record))
 end
 if PART_OF then
   -- The reaper asks the coordinator what became of a part when its
   -- (provisional) expiry comes.
   redis.call('HSET', KEYS[1], 'coord', PART_OF)
-else
+elseif HAS_LOCATOR then
   write_locator(LOCATOR_TTL)
 end
 return reply('ok', out)

@@ -62,7 +62,10 @@ end
 local level = write_stock(stock_key(W, 1), group_key(W, 1, 1), sku, loc, 'set',
   avail, resv, ver, target - avail, 0)
 local out = cjson.encode({ levels = { level } })
-redis.call('HSET', KEYS[1], 'fp', FP, 'out', out)
+-- Without a separate locator the record is the locator: one HSET.
+redis.call('HSET', KEYS[1], 'fp', FP, 'out', out, unpack(locator_fields()))
 redis.call('PEXPIRE', KEYS[1], WINDOW)
-write_locator(WINDOW)
+if HAS_LOCATOR then
+  write_locator(WINDOW)
+end
 return reply('ok', out)
