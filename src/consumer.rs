@@ -111,6 +111,10 @@ pub struct Malformed {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub entries: Vec<Entry>,
+    /// More entries may be waiting: some partition filled its share of the
+    /// read, or the batch replays pending or claimed entries. A handler
+    /// then works as fast as it can rather than pacing itself.
+    pub behind: bool,
 }
 
 impl Batch {
@@ -421,6 +425,7 @@ impl<H: Handler> Consumer<H> {
         let mut full = false;
         for (partition, ids) in raw {
             full |= ids.len() >= count;
+            batch.behind |= full || source != Source::New;
             for entry in ids {
                 let Some(id) = EntryId::parse(&entry.id) else {
                     tracing::error!(%partition, entry = %entry.id, "skipping a stream entry with an unreadable id");
@@ -673,6 +678,7 @@ mod tests {
         };
         let batch = Batch {
             entries: vec![entry(1, 5), entry(0, 7), entry(1, 9), entry(1, 6)],
+            behind: false,
         };
         assert_eq!(
             batch.newest_per_partition(),

@@ -526,3 +526,149 @@ impl Columns {
         c
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::PgPool;
+
+    use super::*;
+
+    /// 150 changes of one item, in stream order: the reserve and then the
+    /// commit of 75 reservations (3 chunks when spread), and an extend of
+    /// the last reservation.
+    fn lifecycle() -> FlushBatch {
+        let mut changes = Vec::new();
+        let (mut available, mut reserved) = (1000, 0);
+        for i in 0..150u64 {
+            let (op, d_available, d_reserved) = if i % 2 == 0 {
+                (Op::Reserve, -1, 1)
+            } else {
+                (Op::Commit, 0, -1)
+            };
+            available += d_available;
+            reserved += d_reserved;
+            changes.push(ChangeEvent {
+                entry_id: EntryId {
+                    ms: 1000 + i,
+                    seq: 0,
+                },
+                partition: 3,
+                sku: "sku-1".into(),
+                location: "default".into(),
+                op,
+                d_available,
+                d_reserved,
+                available,
+                reserved,
+                version: i as i64 + 2,
+                reference: format!("r{}", i / 2),
+                ts_ms: 1_700_000_000_000,
+                expires_at_ms: (op == Op::Reserve).then_some(1_800_000_000_000),
+                fingerprint: Some(format!("fp{}", i / 2)),
+            });
+        }
+        FlushBatch {
+            changes,
+            extends: vec![ExtendRecord {
+                entry_id: EntryId { ms: 1150, seq: 0 },
+                partition: 3,
+                reservation_id: "r74".into(),
+                fingerprint: "fp74".into(),
+                expires_at_ms: 1_900_000_000_000,
+                ts_ms: 1_700_000_000_000,
+            }],
+            checkpoints: vec![(3, EntryId { ms: 1150, seq: 0 })],
+            spread_until: None,
+        }
+    }
+
+    /// What the batch left in Postgres, as text to compare.
+    async fn tables(pool: &PgPool) -> Vec<String> {
+        let mut out: Vec<String> = sqlx::query_scalar(
+            "SELECT format('stock %s %s %s %s', sku, available, reserved, version) FROM stock
+             UNION ALL
+             SELECT format('ledger %s %s %s %s %s', version, op, d_available, d_reserved, ref)
+               FROM stock_ledger
+             UNION ALL
+             SELECT format('reservation %s %s %s %s %s', reservation_id, state, lines,
+                           (extract(epoch FROM expires_at) * 1000)::bigint, reserve_levels)
+               FROM reservations
+             UNION ALL
+             SELECT format('checkpoint %s %s', partition, last_entry_id) FROM flush_checkpoint",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        out.sort();
+        out
+    }
+
+    async fn write_in_one_transaction(pool: &PgPool, batch: &FlushBatch) -> FlushReport {
+        let mut tx = pool.begin().await.unwrap();
+        let report = write(&mut tx, batch).await.unwrap();
+        tx.commit().await.unwrap();
+        report
+    }
+
+    #[sqlx::test]
+    async fn a_batch_spread_in_chunks_ends_like_one_written_at_once(pool: PgPool) {
+        let at_once = lifecycle();
+        let report = write_in_one_transaction(&pool, &at_once).await;
+        assert!(report.forks.is_empty());
+        let expected = tables(&pool).await;
+        assert_eq!(expected.len(), 1 + 150 + 75 + 1, "{expected:#?}");
+        assert!(expected.contains(&"stock sku-1 925 0 151".to_owned()));
+        assert!(
+            expected
+                .iter()
+                .filter(|row| row.starts_with("reservation"))
+                .all(|row| row.contains(" committed ")),
+            "{expected:#?}"
+        );
+        assert!(
+            expected
+                .iter()
+                .any(|row| row.starts_with("reservation r74 ") && row.contains("1900000000000")),
+            "the extend comes after the reserve it extends: {expected:#?}"
+        );
+
+        // The same batch again, spread: a replay changes nothing, whether
+        // written in one statement or in chunks.
+        let mut spread = lifecycle();
+        spread.spread_until = Some(Instant::now() + Duration::from_millis(30));
+        let report = write_in_one_transaction(&pool, &spread).await;
+        assert!(report.forks.is_empty());
+        assert_eq!(tables(&pool).await, expected);
+
+        // Spread into an empty database: the same rows as at once.
+        sqlx::query(
+            "TRUNCATE stock, stock_ledger, reservations, flush_checkpoint, request_outcomes",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        write_in_one_transaction(&pool, &spread).await;
+        assert_eq!(tables(&pool).await, expected);
+    }
+
+    #[sqlx::test]
+    async fn a_fork_in_a_later_chunk_is_reported_and_left_out(pool: PgPool) {
+        write_in_one_transaction(&pool, &lifecycle()).await;
+        // Version 140 again, as another change: a Redis that gave out a
+        // version Postgres had.
+        let mut batch = lifecycle();
+        batch.changes[138].reference = "another".into();
+        batch.spread_until = Some(Instant::now() + Duration::from_millis(10));
+        let report = write_in_one_transaction(&pool, &batch).await;
+        assert_eq!(
+            report
+                .forks
+                .iter()
+                .map(|f| (f.version, f.reference.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(140, "another")]
+        );
+    }
+}
