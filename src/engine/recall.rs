@@ -272,6 +272,22 @@ impl<'a> RestorePlan<'a> {
                     own && p == coordinator,
                     own && p == self.home,
                 );
+                if self.coordinated && row.state == "held" {
+                    // A held part comes back with its provisional expiry
+                    // at the latest: what became of its request may be
+                    // lost with the Redis it is restored into (a commit
+                    // that was never flushed), so the reaper asks the
+                    // coordinator soon, which re-dates the part if the
+                    // request still holds, rather than the part keeping
+                    // its units until the real expiry (minutes, for the
+                    // internal hold of a decrement spanning partitions).
+                    let provisional = now_ms() + super::steps::PROVISIONAL.as_millis() as i64;
+                    let exp = row
+                        .expires_at_ms
+                        .or(self.expires_at_ms)
+                        .map_or(provisional, |e| e.min(provisional));
+                    record.args[3] = exp.to_string();
+                }
                 if self.coordinated {
                     // A part keeps its own reserve outcome (its lines'
                     // levels), as reserve.lua stores it: a retry of the
@@ -319,4 +335,56 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(partition: u32, state: &str, expires_at_ms: i64) -> ReservationRow {
+        ReservationRow {
+            reservation_id: "r1".into(),
+            partition,
+            state: state.into(),
+            lines: vec![(format!("sku-{partition}"), "default".into(), 1)],
+            expires_at_ms: Some(expires_at_ms),
+            fingerprint: Some("fp".into()),
+            reserve_levels: Vec::new(),
+            finish_levels: Vec::new(),
+        }
+    }
+
+    /// The expiry each restored record with lines gets, by key.
+    fn expiries(rows: &[ReservationRow], cluster: bool) -> Vec<(String, i64)> {
+        let keys = Keyspace::new("t", 16);
+        RestorePlan::of(&keys, "r1", rows, cluster)
+            .records(&keys, "r1", Duration::from_secs(60))
+            .into_iter()
+            .filter(|r| !r.args[3].is_empty() && !r.args[4].is_empty())
+            .map(|r| (r.key, r.args[3].parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn held_parts_come_back_due_within_their_provisional_expiry() {
+        let far = now_ms() + 300_000;
+        let soon = now_ms() + super::super::steps::PROVISIONAL.as_millis() as i64 + 1_000;
+        let parts = expiries(&[row(1, "held", far), row(2, "held", far)], true);
+        assert_eq!(parts.len(), 2, "{parts:?}");
+        assert!(
+            parts
+                .iter()
+                .all(|(key, exp)| key.contains(":part:") && *exp < soon),
+            "{parts:?}"
+        );
+        // An earlier expiry of its own stays.
+        let near = now_ms() + 5_000;
+        let parts = expiries(&[row(1, "held", near), row(2, "held", far)], true);
+        assert!(parts.iter().any(|(_, exp)| *exp == near), "{parts:?}");
+        // Not a part (one Redis, or one partition): the real expiry. (The
+        // coordinator of parts, which holds no lines, keeps it too: the
+        // parts ask it.)
+        let own = expiries(&[row(1, "held", far), row(2, "held", far)], false);
+        assert!(own.iter().all(|(_, exp)| *exp == far), "{own:?}");
+    }
 }
