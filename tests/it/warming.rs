@@ -313,28 +313,45 @@ async fn assert_recovered(app: &TestApp, lapse_at_ms: i64) {
         async move { (levels_in_redis(&mut conn, &namespace).await == expected).then_some(()) }
     })
     .await;
-    // On a Redis Cluster the partitions come back node by node: a commit
-    // refused UNAVAILABLE by a part not restored yet may have been decided
-    // by its coordinator already, and then the retry replays it (as any
-    // client's retry would). Without such a refusal it must be a commit.
-    let refused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // On a Redis Cluster the partitions come back node by node, and a
+    // commit refused UNAVAILABLE by a part not restored yet may already be
+    // decided by its coordinator (its retry then replays it, rightly). So
+    // the first commit waits until every partition has its marker again
+    // and no heal deadline: then it must be a commit, not a replay.
+    eventually(
+        Duration::from_secs(20),
+        "every partition to be restored",
+        || {
+            let mut conn = app.redis.clone();
+            let markers: Vec<String> = app.keys.partitions().map(|p| app.keys.marker(p)).collect();
+            async move {
+                for marker in markers {
+                    let (epoch, heal): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                        .arg(&marker)
+                        .arg("epoch")
+                        .arg("heal")
+                        .query_async(&mut conn)
+                        .await
+                        .ok()?;
+                    if epoch.is_none() || heal.is_some() {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
     let rpc = eventually(Duration::from_secs(20), "stockd to serve again", || {
         let rpc = app.clients();
-        let refused = refused.clone();
         async move {
             let r = rpc.commit("keep").await;
             match r {
                 Ok(c) => {
-                    assert!(
-                        !c.replayed || refused.load(std::sync::atomic::Ordering::SeqCst),
-                        "the first commit of a restored hold answered as a replay"
-                    );
+                    assert!(!c.replayed);
                     Some(rpc)
                 }
-                Err(s) if s.code() == Code::Unavailable => {
-                    refused.store(true, std::sync::atomic::Ordering::SeqCst);
-                    None
-                }
+                Err(s) if s.code() == Code::Unavailable => None,
                 Err(s) => panic!("commit of a restored hold: {s:?}"),
             }
         }
