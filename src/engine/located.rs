@@ -167,9 +167,20 @@ mod tests {
             "{}",
             cache.cache.weight()
         );
-        // Entries of every size are kept: recent ones are found.
+        // Entries of every size are kept: the newest is found, and so is a
+        // recent one of each size (1, 5 and 20 lines). Not every recent one:
+        // the cache is not a strict LRU, and a heavy entry can push the one
+        // before it out of its shard's admission queue (the shard is picked
+        // by a random hash; asserting on entry 2,998 failed 7 % of runs).
         assert!(cache.get("reservation-2999").is_some());
-        assert!(cache.get("reservation-2998").is_some());
+        for size in 0..3 {
+            assert!(
+                (2_900..3_000)
+                    .filter(|i| i % 3 == size)
+                    .any(|i| cache.get(&format!("reservation-{i}")).is_some()),
+                "no recent entry of size class {size} is kept"
+            );
+        }
         assert!(cache.cache.len() > 100, "{}", cache.cache.len());
     }
 }
