@@ -79,8 +79,8 @@ impl Located {
     }
 }
 
-/// Reservations by id, within a memory budget (least recently used go
-/// first): a five-line cart weighs about three one-line reservations, so
+/// Reservations by id, within a memory budget (quick_cache's eviction,
+/// which favours recently and often used entries; not a strict LRU): a five-line cart weighs about three one-line reservations, so
 /// the budget, not a count, bounds the process's memory.
 pub(crate) struct LocatorCache {
     cache: Cache<String, Arc<Located>, ByBytes>,
