@@ -123,19 +123,23 @@ async fn requests_spanning_masters_are_all_or_nothing_under_concurrency() {
         .collect();
     let sold_count = sold.iter().filter(|(_, r)| r.is_ok()).count() as i64;
     let held_count = held_ids.len() as i64;
+    // Which side wins is up to the race: parts taken by a request that is
+    // later refused are given back, but a rival that found them taken was
+    // refused meanwhile. Six sales empty b before any hold gets there in
+    // some runs, so zero holds is a fair outcome; overselling is not.
     assert!(
-        held_count > 0 && held_count <= 6,
-        "{held_count} holds of c's 6 units"
-    );
-    assert!(
-        held_count < 24 && sold_count < 24,
-        "scarce stock refused some"
+        held_count + sold_count > 0,
+        "the first request to arrive finds stock for all its lines"
     );
     let want = vec![
         (12 - held_count - sold_count, held_count),
         (12 - held_count - 2 * sold_count, held_count),
         (6 - held_count, held_count),
     ];
+    assert!(
+        want.iter().all(|&(available, _)| available >= 0),
+        "{held_count} holds and {sold_count} sales oversell 12, 12 and 6 units"
+    );
     assert_eq!(
         levels_of(&app, &skus).await,
         want,
