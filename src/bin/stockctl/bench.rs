@@ -29,6 +29,7 @@
 //! Submodules: [`workload`] (what is sent), [`ledger`] (what should result),
 //! [`report`] (what is printed), [`grpc`] and [`postgres`] (the targets).
 
+pub mod cpu;
 pub mod grpc;
 pub mod ledger;
 pub mod pgstat;
@@ -147,6 +148,11 @@ pub struct BenchArgs {
     /// Sample this process' resident memory (VmRSS) during the run.
     #[arg(long, value_name = "PID")]
     pub stockd_pid: Option<u32>,
+
+    /// Report this Redis server's CPU during the load (its process id:
+    /// `redis-cli INFO server`, `process_id`).
+    #[arg(long, value_name = "PID")]
+    pub redis_pid: Option<u32>,
 
     /// Reservation hold time: long, so nothing expires during the run.
     #[arg(long, value_name = "SECS", default_value_t = 86_400,
@@ -276,6 +282,7 @@ pub struct Plan {
     pub ttl: u32,
     pub run_id: String,
     pub stockd_pid: Option<u32>,
+    pub redis_pid: Option<u32>,
     pub database_url: String,
     pub drain_timeout: Duration,
     pub postgres_check: bool,
@@ -312,6 +319,7 @@ impl Plan {
             ttl: args.ttl,
             run_id: args.run_id.unwrap_or_else(generate_run_id),
             stockd_pid: args.stockd_pid,
+            redis_pid: args.redis_pid,
             database_url: args.database_url,
             drain_timeout: Duration::from_secs(args.drain_timeout),
             postgres_check: !args.no_postgres_check,
@@ -447,33 +455,6 @@ pub fn parse_vm_rss(status: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().strip_suffix("kB"))
         .and_then(|v| v.trim().parse().ok())
-}
-
-/// utime + stime of /proc/PID/stat, in clock ticks (USER_HZ, 100 a second).
-pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    // The command name (2nd field) may hold spaces: count from after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// CPU time used so far by `pid` (this process when `None`).
-fn cpu_time(pid: Option<u32>) -> Option<Duration> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/stat"),
-        None => "/proc/self/stat".to_owned(),
-    };
-    let ticks = parse_cpu_ticks(&std::fs::read_to_string(path).ok()?)?;
-    Some(Duration::from_millis(ticks * 10))
-}
-
-/// CPU use in % of one core between two readings `elapsed` apart.
-fn cpu_pct(before: Option<Duration>, after: Option<Duration>, elapsed: Duration) -> Option<f64> {
-    let used = after?.checked_sub(before?)?;
-    let secs = elapsed.as_secs_f64();
-    (secs > 0.0).then(|| (used.as_secs_f64() / secs * 1000.0).round() / 10.0)
 }
 
 fn read_rss_kb(pid: u32) -> Option<u64> {
@@ -638,10 +619,7 @@ async fn client(
 
 /// Runs the clients to the end of the load.
 async fn load(plan: &Plan, callers: Vec<Caller>) -> Result<Loaded, Failure> {
-    let cpu_before = (
-        cpu_time(None),
-        plan.stockd_pid.and_then(|p| cpu_time(Some(p))),
-    );
+    let cpu_before = cpu::Reading::take(plan.stockd_pid, plan.redis_pid);
     let start = Instant::now();
     let shards = (plan.clients as usize).min(16);
     let shared = Arc::new(Shared {
@@ -665,7 +643,7 @@ async fn load(plan: &Plan, callers: Vec<Caller>) -> Result<Loaded, Failure> {
     let mut loaded = Loaded {
         elapsed: Duration::ZERO,
         cpu: report::Cpu::default(),
-        stockd_cpu_at_start: cpu_before.1,
+        stockd_cpu_at_start: cpu_before.stockd,
         histogram: report::new_histogram(),
         outcomes: Outcomes::default(),
         ledger: Ledger::default(),
@@ -678,15 +656,10 @@ async fn load(plan: &Plan, callers: Vec<Caller>) -> Result<Loaded, Failure> {
         loaded.unknown.extend(out.unknown);
     }
     loaded.elapsed = start.elapsed();
-    loaded.cpu = report::Cpu {
-        bench_pct: cpu_pct(cpu_before.0, cpu_time(None), loaded.elapsed),
-        stockd_pct: cpu_pct(
-            cpu_before.1,
-            plan.stockd_pid.and_then(|p| cpu_time(Some(p))),
-            loaded.elapsed,
-        ),
-        stockd_us_per_request: None,
-    };
+    loaded.cpu = cpu_before.usage(
+        &cpu::Reading::take(plan.stockd_pid, plan.redis_pid),
+        loaded.elapsed,
+    );
     for h in &shared.histograms {
         loaded
             .histogram
@@ -836,7 +809,7 @@ async fn execute_stockd(plan: Plan, conn: Conn, progress: Progress) -> Result<Re
     // end of the drain.
     loaded.cpu.stockd_us_per_request = cpu_per_request(
         loaded.stockd_cpu_at_start,
-        plan.stockd_pid.and_then(|p| cpu_time(Some(p))),
+        plan.stockd_pid.and_then(|p| cpu::process_time(Some(p))),
         loaded.outcomes.total(),
     );
     let pg_commits_per_s = commits_per_second(commits, &mut problems).await;
@@ -1224,17 +1197,8 @@ mod tests {
     }
 
     #[test]
-    fn cpu_ticks_are_utime_plus_stime() {
-        // pid (comm with a space and a parenthesis) state ppid ... utime stime ...
-        let stat = "4242 (stock d) x) S 1 4242 4242 0 -1 4194560 1061 0 0 0 250 75 0 0 20 0 6 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(325));
-        assert_eq!(parse_cpu_ticks("4242 (short"), None);
+    fn cpu_per_request_counts_the_whole_window() {
         let ms = Duration::from_millis;
-        assert_eq!(
-            cpu_pct(Some(ms(1000)), Some(ms(2500)), ms(2000)),
-            Some(75.0)
-        );
-        assert_eq!(cpu_pct(None, Some(ms(2500)), ms(2000)), None);
         // 1.5 s of CPU over 10,000 requests: 150 µs each.
         assert_eq!(
             cpu_per_request(Some(ms(1000)), Some(ms(2500)), 10_000),

@@ -51,7 +51,8 @@ impl Latency {
     }
 }
 
-/// CPU used during the load, in % of one core.
+/// CPU used during the load, in % of one core (the machine: of all its
+/// cores); see `cpu.rs`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Cpu {
     /// This process: the load generator.
@@ -61,6 +62,12 @@ pub struct Cpu {
     /// `--stockd-pid`'s CPU time per request, in microseconds, from the
     /// start of the load to the end of the flush's drain (stockd target).
     pub stockd_us_per_request: Option<f64>,
+    /// `--redis-pid`.
+    pub redis_pct: Option<f64>,
+    /// Every local process named `postgres`.
+    pub postgres_pct: Option<f64>,
+    /// The whole machine, whoever used it, in % of all its cores.
+    pub machine_busy_pct: Option<f64>,
 }
 
 /// Count of calls per gRPC status code.
@@ -296,9 +303,13 @@ impl Report {
         fields.push((
             "CPU",
             format!(
-                "stockctl {}, stockd {} (% of one core); stockd {} per request",
+                "stockctl {}, stockd {}, Redis {}, Postgres {} (% of one core); \
+                 machine {} busy; stockd {} per request",
                 opt(self.cpu_pct.bench_pct, "%"),
                 opt(self.cpu_pct.stockd_pct, "%"),
+                opt(self.cpu_pct.redis_pct, "%"),
+                opt(self.cpu_pct.postgres_pct, "%"),
+                opt(self.cpu_pct.machine_busy_pct, "%"),
                 opt(self.cpu_pct.stockd_us_per_request, " µs"),
             ),
         ));
@@ -378,6 +389,9 @@ mod tests {
                 bench_pct: Some(40.0),
                 stockd_pct: Some(55.5),
                 stockd_us_per_request: Some(180.2),
+                redis_pct: Some(31.0),
+                postgres_pct: None,
+                machine_busy_pct: Some(88.5),
             },
             pg_commits_per_s: Some(19.5),
             peak_rss_mb: None,
@@ -473,6 +487,9 @@ mod tests {
         assert!(v["peak_rss_mb"].is_null());
         assert_eq!(v["verify"]["postgres"]["mismatch_units"], 0);
         assert_eq!(v["cpu_pct"]["stockd_us_per_request"], 180.2);
+        assert_eq!(v["cpu_pct"]["redis_pct"], 31.0);
+        assert!(v["cpu_pct"]["postgres_pct"].is_null());
+        assert_eq!(v["cpu_pct"]["machine_busy_pct"], 88.5);
         assert_eq!(v["pg_commits_per_s"], 19.5);
     }
 
@@ -496,7 +513,10 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("stockd 55.5% (% of one core); stockd 180.2 µs per request\n"),
+            text.contains(
+                "stockctl 40%, stockd 55.5%, Redis 31%, Postgres - (% of one core); \
+                 machine 88.5% busy; stockd 180.2 µs per request\n"
+            ),
             "{text}"
         );
         assert!(text.contains("PG commits  19.5 per second\n"), "{text}");
