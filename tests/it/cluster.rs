@@ -131,6 +131,11 @@ async fn requests_spanning_masters_are_all_or_nothing_under_concurrency() {
         held_count + sold_count > 0,
         "the first request to arrive finds stock for all its lines"
     );
+    assert!(held_count <= 6, "{held_count} holds of c's 6 units");
+    assert!(
+        held_count < 24 && sold_count < 24,
+        "scarce stock refused some"
+    );
     let want = vec![
         (12 - held_count - sold_count, held_count),
         (12 - held_count - 2 * sold_count, held_count),
