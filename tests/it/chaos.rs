@@ -418,6 +418,8 @@ async fn chaos_never_loses_or_doubles_an_acknowledged_change() {
             }
             _ => {
                 proxy.cut();
+                // How long the outage lasts (part of the fault schedule, like
+                // the pause between faults above), not a wait for some state.
                 tokio::time::sleep(Duration::from_millis(500 + rng.below(2_500))).await;
                 proxy.restore();
                 *faults.entry("Postgres cut").or_default() += 1;

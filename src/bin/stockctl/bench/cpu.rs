@@ -56,7 +56,7 @@ impl Reading {
 }
 
 /// utime + stime of /proc/PID/stat, in clock ticks (USER_HZ, 100 a second).
-pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     // The command name (2nd field) may hold spaces: count from after it.
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace().skip(11);
@@ -67,7 +67,7 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
 
 /// (busy, all) jiffies of the `cpu` line of /proc/stat: busy is user, nice,
 /// system, irq, softirq and steal; all adds idle and iowait.
-pub fn parse_machine(stat: &str) -> Option<(u64, u64)> {
+fn parse_machine(stat: &str) -> Option<(u64, u64)> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let v: Vec<u64> = line
         .split_whitespace()
@@ -118,7 +118,7 @@ fn ticks(stat: &str) -> Option<Duration> {
 }
 
 /// CPU use in % of one core between two readings `elapsed` apart.
-pub fn pct(before: Option<Duration>, after: Option<Duration>, elapsed: Duration) -> Option<f64> {
+fn pct(before: Option<Duration>, after: Option<Duration>, elapsed: Duration) -> Option<f64> {
     let used = after?.checked_sub(before?)?;
     let secs = elapsed.as_secs_f64();
     (secs > 0.0).then(|| round1(used.as_secs_f64() / secs * 100.0))
