@@ -171,7 +171,7 @@ impl Handler for FlushHandler {
 
         for fork in &report.forks {
             counter!("stockd_ledger_forks_total").increment(1);
-            self.markers.report_fork(Partition(fork.partition));
+            self.markers.report_rollback(Partition(fork.partition));
             tracing::error!(partition = fork.partition, entry = %fork.entry_id, sku = %fork.sku,
                 location = %fork.location, version = fork.version, reference = %fork.reference,
                 "ledger fork: this change met another change under the same version in Postgres; \

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
-use crate::events::EntryId;
+pub use crate::events::EntryId;
 use crate::keys::{Keyspace, Partition};
 use crate::redis_conn::{CommandBatch, RedisConn};
 use crate::scripts;
@@ -33,17 +33,21 @@ pub struct MarkerState {
     /// Refusing everything until then (ms), while a rollback is healed.
     pub heal_until_ms: Option<i64>,
     pub gate: bool,
+    /// A 'flushed' write was refused: the marker is behind the entry and
+    /// this Redis lacks it (see scripts/marker.lua).
+    pub unheld: bool,
 }
 
 impl redis::FromRedisValue for MarkerState {
     fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
-        let (epoch, flushed, heal, gate): (String, String, String, String) =
+        let (epoch, flushed, heal, gate, unheld): (String, String, String, String, String) =
             redis::FromRedisValue::from_redis_value(value)?;
         Ok(MarkerState {
             epoch: (!epoch.is_empty()).then_some(epoch),
             flushed: EntryId::parse(&flushed),
             heal_until_ms: heal.parse().ok(),
             gate: gate == "1",
+            unheld: unheld == "1",
         })
     }
 }
@@ -87,8 +91,9 @@ pub struct Markers {
     keys: Keyspace,
     /// Per partition, the newest flushed id seen, packed (`EntryId::pack`).
     seen: Arc<[AtomicU64]>,
-    /// Per partition: the flusher found a ledger fork there.
-    forked: Arc<[AtomicBool]>,
+    /// Per partition: the flusher found it rolled back (a ledger fork, or
+    /// a Redis lacking an entry it flushed); the watchdog heals it.
+    rolled_back: Arc<[AtomicBool]>,
     alarm: Arc<Notify>,
     /// The watchdog's full checks: how many began, and the last one that
     /// ended (its number and whether it found every partition sound).
@@ -103,11 +108,11 @@ pub struct Markers {
 impl Markers {
     pub fn new(keys: Keyspace) -> Self {
         let seen = keys.partitions().map(|_| AtomicU64::new(0)).collect();
-        let forked = keys.partitions().map(|_| AtomicBool::new(false)).collect();
+        let rolled_back = keys.partitions().map(|_| AtomicBool::new(false)).collect();
         Self {
             keys,
             seen,
-            forked,
+            rolled_back,
             alarm: Arc::new(Notify::new()),
             checks: Arc::new(tokio::sync::watch::channel(Checks::default()).0),
             flushing: Arc::new(tokio::sync::RwLock::new(())),
@@ -178,16 +183,18 @@ impl Markers {
         self.seen[partition.index()].store(flushed.map_or(0, EntryId::pack), Ordering::Relaxed);
     }
 
-    /// The flusher found a ledger fork in `partition`: Redis rolled it back
-    /// and took writes before anything refused. The watchdog heals it.
-    pub fn report_fork(&self, partition: Partition) {
-        self.forked[partition.index()].store(true, Ordering::Relaxed);
+    /// The flusher found `partition` rolled back: a ledger fork (Redis
+    /// took writes before anything refused), or a Redis that lacks an
+    /// entry the flusher read from it. The watchdog heals it.
+    pub fn report_rollback(&self, partition: Partition) {
+        self.rolled_back[partition.index()].store(true, Ordering::Relaxed);
         self.sound_alarm();
     }
 
-    /// Whether a fork was reported in `partition` since it was last healed.
-    pub fn forked(&self, partition: Partition) -> bool {
-        self.forked[partition.index()].load(Ordering::Relaxed)
+    /// Whether a rollback was reported in `partition` since it was last
+    /// healed.
+    pub fn rolled_back(&self, partition: Partition) -> bool {
+        self.rolled_back[partition.index()].load(Ordering::Relaxed)
     }
 
     /// A script found a partition lost or rolled back: the watchdog looks now.
@@ -202,7 +209,8 @@ impl Markers {
     fn invocation(&self, partition: Partition) -> redis::ScriptInvocation<'static> {
         let mut inv = scripts::MARKER.prepare_invoke();
         inv.key(self.keys.marker(partition))
-            .key(self.keys.seen(partition));
+            .key(self.keys.seen(partition))
+            .key(self.keys.events(partition));
         inv
     }
 
@@ -257,12 +265,15 @@ impl Markers {
         };
         let state: MarkerState = inv.invoke_async(conn).await?;
         self.reset(partition, state.flushed);
-        self.forked[partition.index()].store(false, Ordering::Relaxed);
+        self.rolled_back[partition.index()].store(false, Ordering::Relaxed);
         Ok(state)
     }
 
     /// The flusher committed `partition` up to `flushed`: pipelined for
-    /// every partition of a batch.
+    /// every partition of a batch. A Redis that lacks such an entry (a
+    /// failover to a lagging replica while the batch was retried) is not
+    /// marked: it rolled back, which is reported for the watchdog to heal;
+    /// marking it would have let every script take writes on the old state.
     pub async fn mark_flushed(
         &self,
         conn: &mut RedisConn,
@@ -283,7 +294,17 @@ impl Markers {
             inv.arg("flushed").arg(id.to_string());
             batch.script(self.keys.marker(*p), &scripts::MARKER, inv);
         }
-        batch.query(conn).await?;
+        let replies = batch.query(conn).await?;
+        for ((p, id), reply) in flushed.iter().zip(replies) {
+            let state: MarkerState = redis::FromRedisValue::from_redis_value(reply)?;
+            if state.unheld {
+                tracing::error!(partition = %p, entry = %id, marker = ?state.flushed,
+                    "Redis lacks an entry the flusher wrote to Postgres and its marker is behind \
+                     it: the partition rolled back (a lagging replica took over); refusing it \
+                     until it is healed from Postgres");
+                self.report_rollback(*p);
+            }
+        }
         Ok(())
     }
 

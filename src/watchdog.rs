@@ -159,7 +159,7 @@ impl Watchdog {
                 self.markers.learn(p, flushed);
             }
         }
-        let forked = self.keys.partitions().any(|p| self.markers.forked(p));
+        let forked = self.keys.partitions().any(|p| self.markers.rolled_back(p));
         let suspicious = restarted || behind || forked;
         if !(full || suspicious) {
             return Ok(troubles);
@@ -177,10 +177,11 @@ impl Watchdog {
             if troubles.contains_key(&p) {
                 continue;
             }
-            // A fork: Redis gave out versions Postgres had, so it rolled
-            // back, whatever its stream and marker say now. Its holds may
-            // be as old as the idempotency window.
-            if self.markers.forked(p) {
+            // The flusher found it rolled back (a fork: Redis gave out
+            // versions Postgres had; or Redis lacks an entry it flushed),
+            // whatever its stream and marker say now. Its holds may be as
+            // old as the idempotency window.
+            if self.markers.rolled_back(p) {
                 let window_ago = EntryId {
                     ms: (now_ms() - self.window.as_millis() as i64).max(0) as u64,
                     seq: 0,

@@ -3,7 +3,8 @@
 -- Lua only.
 --
 -- KEYS   [1] the marker, [2] the partition's Bloom filter of seen ids
---        (`NS:{pNN}:seen`; only 'establish' touches it).
+--        (`NS:{pNN}:seen`; only 'establish' touches it), [3] the
+--        partition's events stream (only 'flushed' reads it).
 -- ARGV   [1] verb, then its arguments:
 --          'establish' epoch flushed seen_until_ms [filter bytes, filter bits]
 --              the partition is (re)established in this Redis: a fresh
@@ -11,17 +12,26 @@
 --              id the greater of the one it had and `flushed` (Postgres's
 --              checkpoint); with seen_until_ms > now and the filter, ids
 --              Postgres knew are looked up there until then.
---          'flushed' entry_id    the flusher committed up to entry_id
+--          'flushed' entry_id    the flusher committed up to entry_id;
+--              refused (nothing written, `unheld` in the reply) when the
+--              marker is behind entry_id and the stream lacks that entry:
+--              this Redis does not hold what the flusher read (a failover
+--              to a lagging replica while the batch was being retried),
+--              and marking it would hide that rollback from every script
 --          'gate' 'on'|'off'     the backlog gate (new demand refused)
 --          'heal' until_ms       refuse everything until until_ms; '0' ends it
 --          'read'                nothing written
--- Returns {epoch or '', flushed or '', heal or '', gate ('1' or '')}: the
---         marker after the write.
--- Invariants: `flushed` only moves forward; 'flushed', 'gate' and 'heal'
---         never create a marker (a partition without one is lost until a
---         warm establishes it).
+-- Returns {epoch or '', flushed or '', heal or '', gate ('1' or ''),
+--         unheld ('1' or '')}: the marker after the write, and whether a
+--         'flushed' write was refused.
+-- Invariants: `flushed` only moves forward, and only to an entry this
+--         Redis holds (the flusher marks before it acknowledges, and an
+--         entry is trimmed only once acknowledged); 'flushed', 'gate' and
+--         'heal' never create a marker (a partition without one is lost
+--         until a warm establishes it).
 local key, verb = KEYS[1], ARGV[1]
 local exists = redis.call('EXISTS', key) == 1
+local unheld = ''
 
 if verb == 'establish' then
   local flushed = redis.call('HGET', key, 'flushed') or ''
@@ -42,7 +52,11 @@ if verb == 'establish' then
 elseif exists and verb == 'flushed' then
   local current = redis.call('HGET', key, 'flushed')
   if not current or id_less(current, ARGV[2]) then
-    redis.call('HSET', key, 'flushed', ARGV[2])
+    if #redis.call('XRANGE', KEYS[3], ARGV[2], ARGV[2]) > 0 then
+      redis.call('HSET', key, 'flushed', ARGV[2])
+    else
+      unheld = '1'
+    end
   end
 elseif exists and verb == 'gate' then
   if ARGV[2] == 'on' then
@@ -59,4 +73,4 @@ elseif exists and verb == 'heal' then
 end
 
 local m = redis.call('HMGET', key, 'epoch', 'flushed', 'heal', 'gate')
-return { m[1] or '', m[2] or '', m[3] or '', m[4] or '' }
+return { m[1] or '', m[2] or '', m[3] or '', m[4] or '', unheld }

@@ -433,8 +433,10 @@ impl DecrementLoad {
     }
 
     /// Stops the clients; every request was answered or refused for stock
-    /// or UNAVAILABLE (and then retried until answered), nothing else.
-    async fn finish(self) -> Tally {
+    /// or UNAVAILABLE (and then retried until answered), nothing else. A
+    /// failure quotes the server's `log`, when there is one, on its
+    /// internal errors (which the client is not told about).
+    async fn finish(self, log: Option<&std::path::Path>) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             task.await.unwrap();
@@ -444,11 +446,20 @@ impl DecrementLoad {
             .unwrap()
             .into_inner()
             .unwrap();
-        assert!(
-            tally.other.is_empty(),
-            "only UNAVAILABLE may refuse: {:?}",
-            &tally.other[..tally.other.len().min(5)]
-        );
+        if !tally.other.is_empty() {
+            let internal: Vec<String> = log
+                .and_then(|log| std::fs::read_to_string(log).ok())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("internal error"))
+                .take(5)
+                .map(str::to_owned)
+                .collect();
+            panic!(
+                "only UNAVAILABLE may refuse: {:?}; the server logged: {internal:#?}",
+                &tally.other[..tally.other.len().min(5)]
+            );
+        }
         tally
     }
 }
@@ -537,7 +548,7 @@ async fn resharding_busy_partitions_under_load_loses_nothing() {
     // The load goes on a moment on the new layout.
     load.wait_for_more(50, "requests served after the move")
         .await;
-    let tally = load.finish().await;
+    let tally = load.finish(None).await;
     assert_eq!(tally.short, 0);
     eprintln!(
         "resharding {slots} slots: {} decrements acknowledged, {} answers UNAVAILABLE (retried)",
@@ -729,7 +740,7 @@ async fn failover_under_load(lagging: bool) {
     )
     .await;
     load.wait_for_more(200, "load after the failover").await;
-    let tally = load.finish().await;
+    let tally = load.finish(Some(&stockd.log)).await;
     cluster.wait_agreed().await;
 
     // A decrement spanning partitions whose part's commit was lost with

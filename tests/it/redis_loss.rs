@@ -478,3 +478,76 @@ async fn clients_on_two_instances_right_after_a_loss_find_every_hold() {
     second.stop_keep_data().await;
     first.stop().await;
 }
+
+// Issue 14, seen in CI: the flusher committed a batch, the master died
+// before the marker write, the batch was retried and marked on the lagging
+// replica that had taken over; that marker vouched for writes Postgres had
+// and every script took writes on the old state (ledger forks). A marker
+// only moves to an entry its Redis holds; one it lacks is reported.
+#[tokio::test]
+async fn a_flush_is_marked_only_in_a_redis_that_holds_its_entry() {
+    use stockd::markers::{EntryId, Markers};
+    let namespace = unique_namespace("unheld");
+    let keys = Keyspace::new(namespace.clone(), 4);
+    let markers = Markers::new(keys.clone());
+    let mut conn = shared_redis().await;
+    let p = stockd::keys::Partition(2);
+    markers
+        .establish(&mut conn, p, "epoch-1", None, None)
+        .await
+        .unwrap();
+    let flushed_of = |states: Vec<stockd::markers::MarkerState>| states[p.index()].flushed;
+
+    let held: String = redis::cmd("XADD")
+        .arg(keys.events(p))
+        .arg("*")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let held = EntryId::parse(&held).unwrap();
+    markers.mark_flushed(&mut conn, &[(p, held)]).await.unwrap();
+    assert_eq!(
+        flushed_of(markers.read_all(&mut conn).await.unwrap()),
+        Some(held)
+    );
+    assert!(!markers.rolled_back(p));
+
+    // An older entry the stream lacks (trimmed): the marker is past it.
+    let older = EntryId {
+        ms: held.ms - 1,
+        seq: 0,
+    };
+    markers
+        .mark_flushed(&mut conn, &[(p, older)])
+        .await
+        .unwrap();
+    assert_eq!(
+        flushed_of(markers.read_all(&mut conn).await.unwrap()),
+        Some(held)
+    );
+    assert!(!markers.rolled_back(p), "nothing is missing");
+
+    // A newer one it lacks: this Redis does not hold what Postgres has.
+    let lacking = EntryId {
+        ms: held.ms + 1_000,
+        seq: 0,
+    };
+    markers
+        .mark_flushed(&mut conn, &[(p, lacking)])
+        .await
+        .unwrap();
+    assert_eq!(
+        flushed_of(markers.read_all(&mut conn).await.unwrap()),
+        Some(held),
+        "not marked"
+    );
+    assert!(markers.rolled_back(p), "reported for the watchdog to heal");
+    assert_eq!(
+        markers.seen(p),
+        Some(lacking),
+        "known, so that every script refuses the partition"
+    );
+    delete_namespace(&mut conn, &namespace).await;
+}
