@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::backlog::{BacklogSettings, Housekeeper};
+use crate::checkpoint_feed::CheckpointFeed;
 use crate::config::{Config, SecurityConfig};
 use crate::consumer::StepError;
 use crate::engine::{Engine, EngineSettings};
@@ -281,6 +282,7 @@ pub struct Application {
     engine: Engine,
     warmer: Warmer,
     watchdog: Watchdog,
+    checkpoint_feed: CheckpointFeed,
     flusher: Flusher,
     exporters: Exporters,
     housekeeper: Housekeeper,
@@ -371,6 +373,8 @@ impl Application {
             markers.clone(),
             window,
         );
+        let checkpoint_feed =
+            CheckpointFeed::new(store.clone(), markers.clone(), keys.partition_count());
         let wakeup = Wakeup::default();
         let flusher = Flusher::new(
             background.clone(),
@@ -474,6 +478,7 @@ impl Application {
             engine,
             warmer,
             watchdog,
+            checkpoint_feed,
             flusher,
             exporters,
             housekeeper,
@@ -508,6 +513,7 @@ impl Application {
             engine,
             warmer,
             watchdog,
+            checkpoint_feed,
             flusher,
             exporters,
             housekeeper,
@@ -552,6 +558,10 @@ impl Application {
             (
                 "watchdog",
                 tokio::spawn(watchdog.run(config.redis.epoch_check_interval(), background.clone())),
+            ),
+            (
+                "checkpoint feed",
+                tokio::spawn(checkpoint_feed.run(background.clone())),
             ),
             // The watch reader stops with the server (not after it): open
             // watches must end for the graceful shutdown to finish.

@@ -19,7 +19,8 @@
 //! - [`markers`] and [`watchdog`]: every script first checks its
 //!   partitions' markers, so nothing is answered from a Redis that lost or
 //!   rolled back its data; the watchdog restores such a partition from
-//!   Postgres. [`meta`] is the deployment record; [`lock`] keeps jobs to
+//!   Postgres, and [`checkpoint_feed`] tells every instance each flush at
+//!   its commit. [`meta`] is the deployment record; [`lock`] keeps jobs to
 //!   one instance at a time.
 //! - [`consumer`]: the one loop of every consumer group on the partition
 //!   streams; the [`flusher`] is its handler that writes batches behind to
@@ -43,6 +44,7 @@
 
 pub mod app;
 pub(crate) mod backlog;
+pub(crate) mod checkpoint_feed;
 pub mod config;
 pub(crate) mod consumer;
 pub mod domain;

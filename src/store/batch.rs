@@ -15,7 +15,8 @@
 //!    levels of the reserve and of its end;
 //! 4. request outcomes per (request, partition): fingerprint and levels;
 //! 5. webhook deliveries for the transitions of `available`;
-//! 6. each partition's checkpoint, only ever moved forward.
+//! 6. each partition's checkpoint, only ever moved forward, announced to
+//!    every instance at the commit (NOTIFY, see `checkpoint_feed`).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -486,6 +487,14 @@ async fn advance_checkpoints(
     .bind(&ids)
     .execute(&mut *tx)
     .await?;
+    // Delivered to every instance at the commit (see checkpoint_feed).
+    for payload in crate::checkpoint_feed::payloads(checkpoints) {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::checkpoint_feed::CHANNEL)
+            .bind(payload)
+            .execute(&mut *tx)
+            .await?;
+    }
     Ok(())
 }
 

@@ -551,3 +551,84 @@ async fn a_flush_is_marked_only_in_a_redis_that_holds_its_entry() {
     );
     delete_namespace(&mut conn, &namespace).await;
 }
+
+// Issue 14: another instance's flusher committed a batch and its master
+// died before the marker write. This instance learns that flush at the
+// commit (NOTIFY), so it refuses a Redis that lacks it at once, without
+// waiting for its watchdog's next look (here ten minutes away), and the
+// watchdog then heals the partition from Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_committed_elsewhere_is_known_here_at_its_commit() {
+    use stockd::markers::EntryId;
+    let app = spawn_app_with(Options::with_args(&["--epoch-check-ms", "600000"])).await;
+    let pool = app.postgres().await;
+    app.seed("elsewhere", "default", 40).await;
+    app.converged(&pool).await;
+    let p = app.keys.partition_of("elsewhere");
+    let mut conn = app.redis.clone();
+    let marked: String = redis::cmd("HGET")
+        .arg(app.keys.marker(p))
+        .arg("flushed")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let marked = EntryId::parse(&marked).expect("the seed was marked");
+
+    // What the other instance's flusher commits: a checkpoint past
+    // everything this Redis holds (its entry never reached it).
+    let lacking = EntryId {
+        ms: marked.ms + 1,
+        seq: 0,
+    };
+    let store = stockd::store::Store::connect(&postgres_config(&app.database))
+        .await
+        .unwrap();
+    store
+        .write_batch(&stockd::store::FlushBatch {
+            checkpoints: vec![(p.0, lacking)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let inventory = app.inventory.clone();
+    let refused = eventually(
+        Duration::from_secs(5),
+        "reads of the partition refused",
+        || {
+            let mut inventory = inventory.clone();
+            async move {
+                let answer = inventory
+                    .get_stock(get_request(&[("elsewhere", "default")]))
+                    .await;
+                match answer {
+                    Err(status) if status.code() == Code::Unavailable => Some(status),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(reason(&refused), "REDIS_UNAVAILABLE");
+    // The refusal woke the watchdog: healed from Postgres, served again.
+    let level = eventually(SETTLE, "the partition served again", || {
+        let mut inventory = inventory.clone();
+        async move {
+            inventory
+                .get_stock(get_request(&[("elsewhere", "default")]))
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    })
+    .await;
+    assert_eq!(level.levels[0].available, 40);
+    let healed: String = redis::cmd("HGET")
+        .arg(app.keys.marker(p))
+        .arg("flushed")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(EntryId::parse(&healed), Some(lacking));
+    app.stop().await;
+}
