@@ -99,9 +99,11 @@ impl CheckpointFeed {
             .count())
     }
 
-    /// Learns the pairs of one notification; how many.
-    fn learn_payload(&self, payload: &str) -> usize {
-        parse(payload).filter(|&(p, id)| self.learn(p, id)).count()
+    /// Learns the pairs of one notification.
+    fn learn_payload(&self, payload: &str) {
+        for (p, id) in parse(payload) {
+            self.learn(p, id);
+        }
     }
 
     /// Listens until `shutdown`; reconnects with backoff, catching up after
@@ -109,7 +111,7 @@ impl CheckpointFeed {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match self.listen(&shutdown).await {
+            match self.listen(&shutdown, &mut backoff).await {
                 Ok(()) => return,
                 Err(err) => {
                     counter!("stockd_checkpoint_feed_errors_total").increment(1);
@@ -124,21 +126,25 @@ impl CheckpointFeed {
         }
     }
 
-    /// One connection's life: LISTEN, catch up, then every notification
-    /// until `shutdown` (Ok) or a failure (Err).
-    async fn listen(&self, shutdown: &CancellationToken) -> Result<(), sqlx::Error> {
+    /// One connection's life: LISTEN, catch up (then the next failure
+    /// backs off from the start), then every notification until `shutdown`
+    /// (Ok) or a failure (Err).
+    async fn listen(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), sqlx::Error> {
         let mut listener = PgListener::connect_with(self.store.pool()).await?;
         listener.listen(CHANNEL).await?;
         self.catch_up_once().await?;
+        backoff.reset();
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 next = listener.try_recv() => next?,
             };
             match next {
-                Some(notification) => {
-                    self.learn_payload(notification.payload());
-                }
+                Some(notification) => self.learn_payload(notification.payload()),
                 // The connection was lost; `try_recv` reconnects on the
                 // next call, and what was sent meanwhile is read back.
                 None => {

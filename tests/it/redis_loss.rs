@@ -559,23 +559,64 @@ async fn a_flush_is_marked_only_in_a_redis_that_holds_its_entry() {
 // watchdog then heals the partition from Postgres.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_committed_elsewhere_is_known_here_at_its_commit() {
-    use stockd::markers::EntryId;
     let app = spawn_app_with(Options::with_args(&["--epoch-check-ms", "600000"])).await;
     let pool = app.postgres().await;
     app.seed("elsewhere", "default", 40).await;
     app.converged(&pool).await;
-    let p = app.keys.partition_of("elsewhere");
-    let mut conn = app.redis.clone();
+    let lacking = commit_a_flush_redis_lacks(&app, "elsewhere").await;
+    refused_then_healed(&app, "elsewhere", lacking, Duration::from_secs(5)).await;
+    app.stop().await;
+}
+
+// The same flush committed while this instance's Postgres connections
+// were cut: the notification is lost with the connection, and the
+// checkpoints read after the reconnection bring the flush in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_committed_while_the_feed_was_cut_is_learned_on_reconnection() {
+    use crate::support::proxy::FaultProxy;
+    let proxy = FaultProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let namespace = unique_namespace("feedcut");
+    let database = namespace.replace('-', "_");
+    let app = spawn_app_with(Options {
+        namespace,
+        database_url: Some(format!("postgres://postgres@{}/{database}", proxy.addr)),
+        extra_args: vec!["--epoch-check-ms".into(), "600000".into()],
+        ..Options::default()
+    })
+    .await;
+    let pool = sqlx::PgPool::connect(&postgres_url(&app.database))
+        .await
+        .unwrap();
+    app.seed("cut-off", "default", 40).await;
+    app.converged(&pool).await;
+
+    proxy.cut();
+    let lacking = commit_a_flush_redis_lacks(&app, "cut-off").await;
+    // Nothing told this instance: reads are served while the cut lasts.
+    app.level("cut-off", "default")
+        .await
+        .expect("served during the cut");
+    proxy.restore();
+    // Reconnected within the feed's backoff (at most 5 s).
+    refused_then_healed(&app, "cut-off", lacking, Duration::from_secs(15)).await;
+    pool.close().await;
+    app.stop().await;
+}
+
+/// What another instance's flusher commits when its master dies before
+/// the marker write and a lagging replica takes over: a checkpoint of
+/// `sku`'s partition past everything this Redis holds (written straight
+/// to Postgres, not through the app's connections). Returns its entry id.
+async fn commit_a_flush_redis_lacks(app: &TestApp, sku: &str) -> stockd::markers::EntryId {
+    use stockd::markers::EntryId;
+    let p = app.keys.partition_of(sku);
     let marked: String = redis::cmd("HGET")
         .arg(app.keys.marker(p))
         .arg("flushed")
-        .query_async(&mut conn)
+        .query_async(&mut app.redis.clone())
         .await
         .unwrap();
     let marked = EntryId::parse(&marked).expect("the seed was marked");
-
-    // What the other instance's flusher commits: a checkpoint past
-    // everything this Redis holds (its entry never reached it).
     let lacking = EntryId {
         ms: marked.ms + 1,
         seq: 0,
@@ -590,32 +631,37 @@ async fn a_flush_committed_elsewhere_is_known_here_at_its_commit() {
         })
         .await
         .unwrap();
+    lacking
+}
 
+/// Reads of `sku` are refused UNAVAILABLE within `within` (its partition's
+/// marker is behind `lacking`, which the stream lacks), then, the watchdog
+/// woken by the refusal, served again from Postgres with its marker at
+/// `lacking`.
+async fn refused_then_healed(
+    app: &TestApp,
+    sku: &str,
+    lacking: stockd::markers::EntryId,
+    within: Duration,
+) {
     let inventory = app.inventory.clone();
-    let refused = eventually(
-        Duration::from_secs(5),
-        "reads of the partition refused",
-        || {
-            let mut inventory = inventory.clone();
-            async move {
-                let answer = inventory
-                    .get_stock(get_request(&[("elsewhere", "default")]))
-                    .await;
-                match answer {
-                    Err(status) if status.code() == Code::Unavailable => Some(status),
-                    _ => None,
-                }
+    let refused = eventually(within, "reads of the partition refused", || {
+        let mut inventory = inventory.clone();
+        async move {
+            let answer = inventory.get_stock(get_request(&[(sku, "default")])).await;
+            match answer {
+                Err(status) if status.code() == Code::Unavailable => Some(status),
+                _ => None,
             }
-        },
-    )
+        }
+    })
     .await;
     assert_eq!(reason(&refused), "REDIS_UNAVAILABLE");
-    // The refusal woke the watchdog: healed from Postgres, served again.
     let level = eventually(SETTLE, "the partition served again", || {
         let mut inventory = inventory.clone();
         async move {
             inventory
-                .get_stock(get_request(&[("elsewhere", "default")]))
+                .get_stock(get_request(&[(sku, "default")]))
                 .await
                 .ok()
                 .map(|r| r.into_inner())
@@ -624,11 +670,10 @@ async fn a_flush_committed_elsewhere_is_known_here_at_its_commit() {
     .await;
     assert_eq!(level.levels[0].available, 40);
     let healed: String = redis::cmd("HGET")
-        .arg(app.keys.marker(p))
+        .arg(app.keys.marker(app.keys.partition_of(sku)))
         .arg("flushed")
-        .query_async(&mut conn)
+        .query_async(&mut app.redis.clone())
         .await
         .unwrap();
-    assert_eq!(EntryId::parse(&healed), Some(lacking));
-    app.stop().await;
+    assert_eq!(stockd::markers::EntryId::parse(&healed), Some(lacking));
 }
