@@ -114,6 +114,10 @@ pub fn describe_metrics() {
         "Redis data losses noticed (re-warms)"
     );
     describe_counter!(
+        "stockd_checkpoint_feed_errors_total",
+        "failures of the connection that hears other instances' flushes (reconnected)"
+    );
+    describe_counter!(
         "stockd_loads_on_miss_total",
         "items loaded from Postgres because a request missed them"
     );
@@ -162,6 +166,7 @@ pub fn describe_metrics() {
         "stockd_reservations_expired_total",
         "stockd_redis_epoch_changes_total",
         "stockd_loads_on_miss_total",
+        "stockd_checkpoint_feed_errors_total",
     ] {
         metrics::counter!(name).absolute(0);
     }
