@@ -14,7 +14,8 @@
 //! (delivered at the commit, never for a rolled-back transaction), and every
 //! instance LISTENs here and learns them into its [`Markers`]. Postgres
 //! delivers nothing sent while a listener was disconnected: after every
-//! (re)connection the checkpoints are read once ([`CheckpointFeed::catch_up_once`]).
+//! (re)connection the checkpoints are read once ([`CheckpointFeed::catch_up_once`]),
+//! and every 5 s besides, for a connection that went half-open unnoticed.
 
 use std::time::Duration;
 
@@ -30,6 +31,10 @@ use crate::store::Store;
 
 /// The channel each flush transaction notifies with its checkpoints.
 pub(crate) const CHANNEL: &str = "stockd_flushed";
+
+/// How often the checkpoints are read besides the notifications (see
+/// `listen`).
+const CATCH_UP_EVERY: Duration = Duration::from_secs(5);
 
 /// Longest notification payload sent (Postgres refuses 8,000 bytes and
 /// more); a flush of many partitions sends several.
@@ -138,10 +143,22 @@ impl CheckpointFeed {
         listener.listen(CHANNEL).await?;
         self.catch_up_once().await?;
         backoff.reset();
+        // A connection that went half-open says nothing and delivers
+        // nothing: reading the checkpoints now and then bounds how stale
+        // this instance's knowledge can get without a notification.
+        let mut catch_up = tokio::time::interval(CATCH_UP_EVERY);
+        catch_up.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        catch_up.reset();
         loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                next = listener.try_recv() => next?,
+            // The receive is kept across catch-ups, never dropped midway.
+            let recv = listener.try_recv();
+            tokio::pin!(recv);
+            let next = loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = catch_up.tick() => self.catch_up_once().await.map(drop)?,
+                    next = &mut recv => break next?,
+                }
             };
             match next {
                 Some(notification) => self.learn_payload(notification.payload()),
