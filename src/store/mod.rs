@@ -4,13 +4,16 @@
 //! stock rows under a version guard, terminal reservation states never
 //! reverted), so replaying a batch after a crash between the commit and the
 //! XACK changes nothing. Writes are set-based: one statement per table per
-//! batch, fed with arrays through `UNNEST`.
+//! batch, fed with arrays through `UNNEST`; rows that are new in the common
+//! case (ledger rows, reservations made in the batch) are first tried as
+//! one binary `COPY` (`copy.rs`), which costs Postgres less.
 
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 mod batch;
+mod copy;
 mod recall;
 
 pub use batch::{FlushBatch, FlushReport};
