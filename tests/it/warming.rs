@@ -376,10 +376,24 @@ async fn assert_recovered(app: &TestApp, lapse_at_ms: i64) {
         })
         .await;
     let late = expired_at_ms - lapse_at_ms;
-    assert!(
-        (0..3_000).contains(&late),
-        "expired {late} ms after its expiry"
-    );
+    if !(0..3_000).contains(&late) {
+        // Seen once (-3 ms) in a CI run and never reproduced: what Postgres
+        // holds of the hold, to tell which record's expiry was used.
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT format('ledger p%s v%s %s %s at %s', partition, version, op, entry_id,
+                           (extract(epoch FROM occurred_at) * 1000)::bigint)
+               FROM stock_ledger WHERE ref = 'lapse'
+             UNION ALL
+             SELECT format('reservation p%s %s expires %s updated %s', partition, state,
+                           (extract(epoch FROM expires_at) * 1000)::bigint,
+                           (extract(epoch FROM updated_at) * 1000)::bigint)
+               FROM reservations WHERE reservation_id = 'lapse'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        panic!("expired {late} ms after its expiry ({lapse_at_ms}): {rows:#?}");
+    }
     app.converged(&pool).await;
     let reserved: i64 = sqlx::query_scalar("SELECT sum(reserved)::bigint FROM stock")
         .fetch_one(&pool)
