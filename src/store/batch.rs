@@ -294,6 +294,19 @@ struct ReservationSeen<'a> {
     finish_levels: Vec<serde_json::Value>,
 }
 
+impl ReservationSeen<'_> {
+    /// `lines`, `reserve_levels` and `finish_levels` as JSON text, the same
+    /// for the copy and for the upsert.
+    fn json_columns(&self) -> [String; 3] {
+        [
+            serde_json::to_string(&self.lines),
+            serde_json::to_string(&self.reserve_levels),
+            serde_json::to_string(&self.finish_levels),
+        ]
+        .map(|text| text.expect("plain values serialise"))
+    }
+}
+
 async fn upsert_reservations(
     tx: &mut PgConnection,
     changes: &[&ChangeEvent],
@@ -350,15 +363,16 @@ async fn copy_reservations(
     let mut rows = BinaryRows::new(8);
     for key in order {
         let row = &seen[key];
+        let [lines, reserve_levels, finish_levels] = row.json_columns();
         rows.row()
             .text(key.0)
             .int4(key.1 as i32)
             .text(row.state.unwrap_or("held"))
-            .jsonb(&serde_json::to_string(&row.lines).expect("lines serialise"))
+            .jsonb(&lines)
             .opt_timestamp_ms(row.expires_at_ms)
             .opt_text(row.fingerprint)
-            .jsonb(&serde_json::to_string(&row.reserve_levels).expect("levels serialise"))
-            .jsonb(&serde_json::to_string(&row.finish_levels).expect("levels serialise"));
+            .jsonb(&reserve_levels)
+            .jsonb(&finish_levels);
     }
     // `updated_at` takes its default, now(), as in the upsert.
     copy_new_rows(
@@ -392,11 +406,12 @@ async fn upsert_reservation_rows(
         ids.push(key.0);
         partitions.push(key.1 as i32);
         states.push(row.state.unwrap_or("held"));
-        lines.push(serde_json::to_string(&row.lines).expect("lines serialise"));
+        let [row_lines, row_reserve_levels, row_finish_levels] = row.json_columns();
+        lines.push(row_lines);
         expiries.push(row.expires_at_ms);
         fingerprints.push(row.fingerprint);
-        reserve_levels.push(serde_json::Value::from(row.reserve_levels.clone()).to_string());
-        finish_levels.push(serde_json::Value::from(row.finish_levels.clone()).to_string());
+        reserve_levels.push(row_reserve_levels);
+        finish_levels.push(row_finish_levels);
     }
     // The reserve's expiry only fills a missing one: an extend flushed
     // before it (by another instance) already set the newer one.
