@@ -4,13 +4,19 @@
 //! refused until it drains.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use crate::support::load::{random_load, seed_catalogue};
+use crate::support::load::{background_load, random_load, seed_catalogue};
+use crate::support::metrics;
+use crate::support::process::Stockd;
 use crate::support::proxy::FaultProxy;
 use crate::support::*;
+use stockd::keys::Keyspace;
+use stockd::redis_conn::RedisConn;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_load_from_many_clients_converges_in_postgres() {
@@ -191,12 +197,12 @@ async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
 }
 
 /// Names and pending counts of the flusher group's consumers on `stream`.
-async fn flusher_consumers(app: &TestApp, stream: &str) -> Vec<(String, i64)> {
+async fn flusher_consumers(redis: &RedisConn, stream: &str) -> Vec<(String, i64)> {
     let info: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
         .arg("CONSUMERS")
         .arg(stream)
         .arg("flusher")
-        .query_async(&mut app.redis.clone())
+        .query_async(&mut redis.clone())
         .await
         .unwrap();
     let mut consumers: Vec<(String, i64)> = info
@@ -211,14 +217,14 @@ async fn flusher_consumers(app: &TestApp, stream: &str) -> Vec<(String, i64)> {
 /// Adds a copy of `stream`'s last entry and delivers it to `consumer` of the
 /// flusher group in one transaction, so that the live flusher cannot read
 /// it first: as if `consumer` had read it and then lost it.
-async fn deliver_a_copy_of_the_last_entry(app: &TestApp, stream: &str, consumer: &str) {
+async fn deliver_a_copy_of_the_last_entry(redis: &RedisConn, stream: &str, consumer: &str) {
     let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
         .arg(stream)
         .arg("+")
         .arg("-")
         .arg("COUNT")
         .arg(1)
-        .query_async(&mut app.redis.clone())
+        .query_async(&mut redis.clone())
         .await
         .unwrap();
     let fields: Vec<(String, String)> = last.ids[0]
@@ -241,7 +247,7 @@ async fn deliver_a_copy_of_the_last_entry(app: &TestApp, stream: &str, consumer:
         .arg("STREAMS")
         .arg(stream)
         .arg(">")
-        .query_async(&mut app.redis.clone())
+        .query_async(&mut redis.clone())
         .await
         .unwrap();
 }
@@ -257,17 +263,20 @@ async fn a_read_whose_reply_was_lost_is_handled_within_seconds() {
     let pool = app.postgres().await;
     app.converged(&pool).await;
     let stream = app.keys.events(app.keys.partition_of("lost-reply"));
-    let own = flusher_consumers(&app, &stream).await;
+    let own = flusher_consumers(&app.redis, &stream).await;
     assert_eq!(own.len(), 1, "{own:?}");
     let own = own[0].0.clone();
 
-    deliver_a_copy_of_the_last_entry(&app, &stream, &own).await;
-    assert_eq!(flusher_consumers(&app, &stream).await, [(own.clone(), 1)]);
+    deliver_a_copy_of_the_last_entry(&app.redis, &stream, &own).await;
+    assert_eq!(
+        flusher_consumers(&app.redis, &stream).await,
+        [(own.clone(), 1)]
+    );
     eventually(
         Duration::from_secs(10),
         "the lost read to be handled and acknowledged",
         || async {
-            let now = flusher_consumers(&app, &stream).await;
+            let now = flusher_consumers(&app.redis, &stream).await;
             (now == [(own.clone(), 0)]).then_some(())
         },
     )
@@ -293,7 +302,7 @@ async fn stale_consumers_are_removed_once_they_own_nothing() {
     let pool = app.postgres().await;
     app.converged(&pool).await;
     let stream = app.keys.events(app.keys.partition_of("stale"));
-    let own = flusher_consumers(&app, &stream).await;
+    let own = flusher_consumers(&app.redis, &stream).await;
     assert_eq!(own.len(), 1, "{own:?}");
 
     // A gone pod that owns nothing, and one that read an entry and died
@@ -307,8 +316,8 @@ async fn stale_consumers_are_removed_once_they_own_nothing() {
         .query_async(&mut app.redis.clone())
         .await
         .unwrap();
-    deliver_a_copy_of_the_last_entry(&app, &stream, "gone-pod-b").await;
-    let consumers = flusher_consumers(&app, &stream).await;
+    deliver_a_copy_of_the_last_entry(&app.redis, &stream, "gone-pod-b").await;
+    let consumers = flusher_consumers(&app.redis, &stream).await;
     let names: Vec<&str> = consumers.iter().map(|(n, _)| n.as_str()).collect();
     assert!(names.contains(&"gone-pod-a"), "{consumers:?}");
     assert!(
@@ -320,7 +329,7 @@ async fn stale_consumers_are_removed_once_they_own_nothing() {
         Duration::from_secs(15),
         "the gone pods to be removed",
         || async {
-            let now = flusher_consumers(&app, &stream).await;
+            let now = flusher_consumers(&app.redis, &stream).await;
             (!now.iter().any(|(n, _)| n.starts_with("gone-"))).then_some(now)
         },
     )
@@ -341,4 +350,90 @@ async fn stale_consumers_are_removed_once_they_own_nothing() {
     app.converged(&pool).await;
     pool.close().await;
     app.stop().await;
+}
+
+/// The flusher reads its next batch while it writes the one in hand. Under
+/// a steady load, where a batch is always read ahead, it still looks at its
+/// own pending entries every second: a read whose reply was lost is found
+/// while the load goes on, not after it. And every entry is handled exactly
+/// once: none is written twice, nor taken for a lost read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_ahead_under_steady_load_still_finds_a_lost_read_and_handles_every_entry_once() {
+    let namespace = unique_namespace("read-ahead");
+    let database = namespace.replace('-', "_");
+    let database_url = postgres_url(&database);
+    let metrics_port = free_port();
+    let args = [
+        "--metrics-addr".to_owned(),
+        format!("127.0.0.1:{metrics_port}"),
+        "--flush-claim-idle-ms".into(),
+        "120000".into(),
+    ];
+    let mut stockd = Stockd::start_with(&namespace, &database_url, "reader", false, &args).await;
+    let skus: Vec<String> = (0..32).map(|i| format!("ahead-{i}")).collect();
+    stockd.clients().seed_each(&skus, 1_000_000).await;
+    let redis = shared_redis().await;
+    let keys = Keyspace::new(namespace.clone(), 16);
+    let stream = keys.events(keys.partition_of(&skus[0]));
+    let flusher_sample = |page: &str, name: &str| {
+        metrics::sample(page, name, &["group=\"flusher\""]).unwrap_or(0.0) as u64
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = background_load(stockd.channel(), skus.clone(), stop.clone());
+    eventually(Duration::from_secs(30), "20 flushed batches", || async {
+        let page = metrics::scrape(metrics_port).await;
+        (flusher_sample(&page, "stockd_consumer_batches_total") >= 20).then_some(())
+    })
+    .await;
+    let own = flusher_consumers(&redis, &stream).await;
+    assert_eq!(own.len(), 1, "{own:?}");
+    deliver_a_copy_of_the_last_entry(&redis, &stream, &own[0].0).await;
+    let found = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the lost read to be found",
+        || async {
+            let page = metrics::scrape(metrics_port).await;
+            (flusher_sample(&page, "stockd_consumer_undelivered_reads_total") == 1).then_some(())
+        },
+    )
+    .await;
+    let found = found.elapsed();
+    let load_ran = !load.is_finished();
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(
+        load_ran,
+        "the load was still running when the lost read was found"
+    );
+    assert!(found < Duration::from_secs(5), "found after {found:?}");
+
+    // Each change is one entry; the copy delivered above is one more.
+    let levels = levels_in_redis(&mut redis.clone(), &namespace).await;
+    let entries = 1 + levels.values().map(|&(_, _, v)| v as u64).sum::<u64>();
+    let page = eventually(
+        Duration::from_secs(30),
+        "every entry to be flushed",
+        || async {
+            let page = metrics::scrape(metrics_port).await;
+            (flusher_sample(&page, "stockd_consumer_entries_total") >= entries).then_some(page)
+        },
+    )
+    .await;
+    assert_eq!(
+        flusher_sample(&page, "stockd_consumer_entries_total"),
+        entries,
+        "each of the {entries} entries handled exactly once"
+    );
+    assert_eq!(
+        flusher_sample(&page, "stockd_consumer_undelivered_reads_total"),
+        1,
+        "no batch read ahead was taken for a lost read"
+    );
+    assert_eq!(flusher_sample(&page, "stockd_consumer_retries_total"), 0);
+
+    assert_eq!(stockd.terminate().await.code(), Some(0));
+    delete_namespace(&mut redis.clone(), &namespace).await;
+    drop_database(&database).await;
 }
