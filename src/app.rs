@@ -449,14 +449,10 @@ impl Application {
         .map_err(StartError::Redis)?;
 
         let webhook_settings = WebhookSettings::from_config(&config);
-        let dispatcher = Dispatcher::new(
-            store.pool().clone(),
-            webhook_settings.clone(),
-            wakeup.clone(),
-        )
-        .map_err(StartError::Webhooks)?;
+        let dispatcher = Dispatcher::new(store.clone(), webhook_settings.clone(), wakeup.clone())
+            .map_err(StartError::Webhooks)?;
         let subscriptions = Subscriptions::new(
-            store.pool().clone(),
+            store.clone(),
             webhook_settings.server_secret.is_some(),
             webhook_settings.destinations.clone(),
             wakeup,

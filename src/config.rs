@@ -238,6 +238,20 @@ pub struct PostgresConfig {
         default_value_t = 5_000
     )]
     pub database_acquire_timeout_ms: u64,
+
+    /// Longest stockd waits for Postgres' answer to one call (a flush
+    /// transaction, a lookup on the request path), in milliseconds,
+    /// measured on stockd's side. The server's timeouts cannot end a wait
+    /// whose connection stopped carrying packets without a reset (a
+    /// network partition, a host gone, a stalled proxy): then stockd drops
+    /// that connection and the call fails and is retried on a new one.
+    #[arg(
+        long,
+        env = "STOCKD_DATABASE_CALL_TIMEOUT_MS",
+        default_value_t = 60_000,
+        value_parser = clap::value_parser!(u64).range(100..)
+    )]
+    pub database_call_timeout_ms: u64,
 }
 
 /// The write-behind flusher and the streams it reads.

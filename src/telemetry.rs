@@ -133,7 +133,11 @@ pub fn describe_metrics() {
     describe_histogram!(
         "stockd_postgres_duration_seconds",
         Unit::Seconds,
-        "Postgres calls by call (write_batch, stock_rows_of, request_outcomes) and outcome"
+        "Postgres calls by call (write_batch, stock_rows_of, request_outcomes, ...) and outcome (ok, error, timeout)"
+    );
+    describe_counter!(
+        "stockd_postgres_timeouts_total",
+        "Postgres calls without an answer within the call timeout; their connection was closed"
     );
     describe_gauge!(
         "stockd_postgres_pool_connections",
@@ -167,6 +171,7 @@ pub fn describe_metrics() {
         "stockd_redis_epoch_changes_total",
         "stockd_loads_on_miss_total",
         "stockd_checkpoint_feed_errors_total",
+        "stockd_postgres_timeouts_total",
     ] {
         metrics::counter!(name).absolute(0);
     }

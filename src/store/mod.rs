@@ -22,7 +22,7 @@ pub use recall::{LevelRow, OutcomeRow, ReservationRow};
 use crate::config::PostgresConfig;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool, Row};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Row};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -91,6 +91,9 @@ pub struct Checkpoint {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Longest a call waits for Postgres' answer, on stockd's side (see
+    /// [`Store::bounded`]).
+    call_timeout: Duration,
 }
 
 impl Store {
@@ -106,7 +109,10 @@ impl Store {
             .connect_with(with_session_settings(options, config))
             .await?;
         migrate(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            call_timeout: call_timeout(config),
+        })
     }
 
     /// A store whose connections are made when first needed: for a start
@@ -116,6 +122,7 @@ impl Store {
         let options = with_session_settings(connect_options(config)?, config);
         Ok(Self {
             pool: pool_options(config).connect_lazy_with(options),
+            call_timeout: call_timeout(config),
         })
     }
 
@@ -161,8 +168,8 @@ impl Store {
         if batch.is_empty() {
             return Ok(FlushReport::default());
         }
-        timed("write_batch", async {
-            let mut tx = self.pool.begin().await?;
+        self.bounded("write_batch", async |conn| {
+            let mut tx = conn.begin().await?;
             let report = batch::write(&mut tx, batch).await?;
             tx.commit().await?;
             Ok(report)
@@ -172,20 +179,21 @@ impl Store {
 
     /// Whether Postgres holds no stock at all (a new deployment).
     pub async fn is_empty(&self) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar(
+        self.bounded("is_empty", async |conn| {
+            sqlx::query_scalar(
             "SELECT NOT EXISTS (SELECT 1 FROM stock) AND NOT EXISTS (SELECT 1 FROM reservations)",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(conn).await
+        })
         .await
     }
 
     pub async fn checkpoints(&self) -> Result<HashMap<u32, Checkpoint>, sqlx::Error> {
-        let rows = sqlx::query(
+        let rows = self.bounded("checkpoints", async |conn| { sqlx::query(
             "SELECT partition, last_entry_id, (extract(epoch FROM flushed_at) * 1000)::bigint AS at_ms
              FROM flush_checkpoint",
         )
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(conn).await }).await?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -202,16 +210,17 @@ impl Store {
 
     /// Every location of each of `skus`.
     pub async fn stock_rows_of(&self, skus: &[String]) -> Result<Vec<StockRow>, sqlx::Error> {
-        let rows = timed(
-            "stock_rows_of",
-            sqlx::query(
-                "SELECT sku, location, available, reserved, version FROM stock
-                 WHERE sku = ANY($1) ORDER BY sku, location",
-            )
-            .bind(skus)
-            .fetch_all(&self.pool),
-        )
-        .await?;
+        let rows = self
+            .bounded("stock_rows_of", async |conn| {
+                sqlx::query(
+                    "SELECT sku, location, available, reserved, version FROM stock
+                     WHERE sku = ANY($1) ORDER BY sku, location",
+                )
+                .bind(skus)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         Ok(rows.into_iter().map(stock_row).collect())
     }
 
@@ -223,15 +232,19 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<StockRow>, sqlx::Error> {
         let (sku, location) = after.unwrap_or(("", ""));
-        let rows = sqlx::query(
-            "SELECT sku, location, available, reserved, version FROM stock
+        let rows = self
+            .bounded("stock_page", async |conn| {
+                sqlx::query(
+                    "SELECT sku, location, available, reserved, version FROM stock
              WHERE (sku, location) > ($1, $2) ORDER BY sku, location LIMIT $3",
-        )
-        .bind(sku)
-        .bind(location)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+                )
+                .bind(sku)
+                .bind(location)
+                .bind(limit)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         Ok(rows.into_iter().map(stock_row).collect())
     }
 
@@ -242,15 +255,19 @@ impl Store {
     ) -> Result<Vec<StockRow>, sqlx::Error> {
         let (skus, locations): (Vec<&str>, Vec<&str>) =
             items.iter().map(|(s, l)| (s.as_str(), l.as_str())).unzip();
-        let rows = sqlx::query(
-            "SELECT s.sku, s.location, s.available, s.reserved, s.version
+        let rows = self
+            .bounded("stock_rows_for", async |conn| {
+                sqlx::query(
+                    "SELECT s.sku, s.location, s.available, s.reserved, s.version
              FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
              JOIN stock s ON s.sku = t.sku AND s.location = t.location",
-        )
-        .bind(&skus)
-        .bind(&locations)
-        .fetch_all(&self.pool)
-        .await?;
+                )
+                .bind(&skus)
+                .bind(&locations)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         Ok(rows.into_iter().map(stock_row).collect())
     }
 
@@ -262,7 +279,7 @@ impl Store {
     ) -> Result<HashMap<(String, String), (i64, i64)>, sqlx::Error> {
         let (skus, locations): (Vec<&str>, Vec<&str>) =
             items.iter().map(|(s, l)| (s.as_str(), l.as_str())).unzip();
-        let rows = sqlx::query(
+        let rows = self.bounded("ledger_sums", async |conn| { sqlx::query(
             "SELECT l.sku, l.location, sum(l.d_available)::bigint AS a, sum(l.d_reserved)::bigint AS r
              FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
              JOIN stock_ledger l ON l.sku = t.sku AND l.location = t.location
@@ -270,8 +287,7 @@ impl Store {
         )
         .bind(&skus)
         .bind(&locations)
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(conn).await }).await?;
         Ok(rows
             .into_iter()
             .map(|r| ((r.get("sku"), r.get("location")), (r.get("a"), r.get("r"))))
@@ -286,8 +302,10 @@ impl Store {
     ) -> Result<Vec<(String, String)>, sqlx::Error> {
         let (skus, locations): (Vec<&str>, Vec<&str>) =
             items.iter().map(|(s, l)| (s.as_str(), l.as_str())).unzip();
-        let rows = sqlx::query(
-            "SELECT s.sku, s.location
+        let rows = self
+            .bounded("ledger_mismatches", async |conn| {
+                sqlx::query(
+                    "SELECT s.sku, s.location
              FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
              JOIN stock s ON s.sku = t.sku AND s.location = t.location
              LEFT JOIN LATERAL (
@@ -297,11 +315,13 @@ impl Store {
              ) g ON true
              WHERE NOT (g.n = s.version AND g.lo = 1 AND g.hi = s.version
                         AND g.a = s.available AND g.r = s.reserved)",
-        )
-        .bind(&skus)
-        .bind(&locations)
-        .fetch_all(&self.pool)
-        .await?;
+                )
+                .bind(&skus)
+                .bind(&locations)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| (r.get("sku"), r.get("location")))
@@ -313,25 +333,28 @@ impl Store {
         sku: &str,
         location: &str,
     ) -> Result<Option<StockRow>, sqlx::Error> {
-        let row = sqlx::query(
+        let row = self.bounded("stock_row", async |conn| { sqlx::query(
             "SELECT sku, location, available, reserved, version FROM stock WHERE sku = $1 AND location = $2",
         )
         .bind(sku)
         .bind(location)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(conn).await }).await?;
         Ok(row.map(stock_row))
     }
 
     pub async fn ledger(&self, sku: &str, location: &str) -> Result<Vec<LedgerRow>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT version, op, d_available, d_reserved, available, reserved, ref
+        let rows = self
+            .bounded("ledger", async |conn| {
+                sqlx::query(
+                    "SELECT version, op, d_available, d_reserved, available, reserved, ref
              FROM stock_ledger WHERE sku = $1 AND location = $2 ORDER BY version",
-        )
-        .bind(sku)
-        .bind(location)
-        .fetch_all(&self.pool)
-        .await?;
+                )
+                .bind(sku)
+                .bind(location)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| LedgerRow {
@@ -438,15 +461,60 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), St
     Ok(())
 }
 
-/// Times one Postgres call: `stockd_postgres_duration_seconds{call, outcome}`.
-pub(crate) async fn timed<T>(
-    call: &'static str,
-    work: impl Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, sqlx::Error> {
-    let started = Instant::now();
-    let result = work.await;
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    metrics::histogram!("stockd_postgres_duration_seconds", "call" => call, "outcome" => outcome)
-        .record(started.elapsed().as_secs_f64());
-    result
+fn call_timeout(config: &PostgresConfig) -> Duration {
+    Duration::from_millis(config.database_call_timeout_ms)
+}
+
+impl Store {
+    /// Runs one call on a pooled connection, timed
+    /// (`stockd_postgres_duration_seconds{call, outcome}`, outcome `ok`,
+    /// `error` or `timeout`) and bounded by the call timeout.
+    ///
+    /// Postgres' own timeouts end a statement that runs too long; they
+    /// cannot end a wait on a connection that stopped carrying packets (a
+    /// partition, a host gone, a stalled proxy), where the answer never
+    /// comes and no reset either. Such a connection is closed rather than
+    /// returned to the pool: returning it would ping it, and the ping
+    /// would wait on it forever too, holding one of the pool's slots.
+    pub(crate) async fn bounded<T>(
+        &self,
+        call: &'static str,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let started = Instant::now();
+        // Err(()) when the call timed out.
+        let result = match self.pool.acquire().await {
+            Err(err) => Ok(Err(err)),
+            Ok(mut conn) => match tokio::time::timeout(self.call_timeout, work(&mut conn)).await {
+                Ok(result) => Ok(result),
+                Err(_) => {
+                    conn.close_on_drop();
+                    Err(())
+                }
+            },
+        };
+        let (outcome, result) = match result {
+            Ok(Ok(value)) => ("ok", Ok(value)),
+            Ok(Err(err)) => ("error", Err(err)),
+            Err(()) => {
+                // No `call` label: a series made at its first increment would
+                // hide that increment from `increase()` (the alert); the
+                // duration histogram has the call, outcome `timeout`.
+                metrics::counter!("stockd_postgres_timeouts_total").increment(1);
+                tracing::warn!(
+                    call,
+                    timeout_ms = self.call_timeout.as_millis() as u64,
+                    "Postgres did not answer in time; dropped the connection (the call fails and is retried on a new one)"
+                );
+                let err = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("Postgres did not answer within {:?}", self.call_timeout),
+                );
+                ("timeout", Err(sqlx::Error::Io(err)))
+            }
+        };
+        metrics::histogram!("stockd_postgres_duration_seconds", "call" => call, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
 }

@@ -59,16 +59,17 @@ fn reservation_row(row: PgRow) -> Result<ReservationRow, sqlx::Error> {
 impl Store {
     /// The outcome of the request `id`, one row per partition of its items.
     pub async fn request_outcomes(&self, id: &str) -> Result<Vec<OutcomeRow>, sqlx::Error> {
-        let rows = super::timed(
-            "request_outcomes",
-            sqlx::query(
-                "SELECT partition, fingerprint, op, levels::text AS levels
-                 FROM request_outcomes WHERE request_id = $1 ORDER BY partition",
-            )
-            .bind(id)
-            .fetch_all(self.pool()),
-        )
-        .await?;
+        let rows = self
+            .bounded("request_outcomes", async |conn| {
+                sqlx::query(
+                    "SELECT partition, fingerprint, op, levels::text AS levels
+                     FROM request_outcomes WHERE request_id = $1 ORDER BY partition",
+                )
+                .bind(id)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         rows.into_iter()
             .map(|row| {
                 Ok(OutcomeRow {
@@ -83,24 +84,32 @@ impl Store {
 
     /// The rows of the reservation `id`, one per partition of its lines.
     pub async fn reservation_rows(&self, id: &str) -> Result<Vec<ReservationRow>, sqlx::Error> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RESERVATION_COLUMNS} FROM reservations
+        let rows = self
+            .bounded("reservation_rows", async |conn| {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {RESERVATION_COLUMNS} FROM reservations
              WHERE reservation_id = $1 ORDER BY partition"
-        )))
-        .bind(id)
-        .fetch_all(self.pool())
-        .await?;
+                )))
+                .bind(id)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         rows.into_iter().map(reservation_row).collect()
     }
 
     /// Every reservation row still `held`, by reservation and partition.
     pub async fn held_reservations(&self) -> Result<Vec<ReservationRow>, sqlx::Error> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RESERVATION_COLUMNS} FROM reservations
+        let rows = self
+            .bounded("held_reservations", async |conn| {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {RESERVATION_COLUMNS} FROM reservations
              WHERE state = 'held' ORDER BY reservation_id, partition"
-        )))
-        .fetch_all(self.pool())
-        .await?;
+                )))
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         rows.into_iter().map(reservation_row).collect()
     }
 
@@ -112,16 +121,20 @@ impl Store {
         grace_ms: i64,
         limit: i64,
     ) -> Result<Vec<ReservationRow>, sqlx::Error> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RESERVATION_COLUMNS} FROM reservations
+        let rows = self
+            .bounded("overdue_holds", async |conn| {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {RESERVATION_COLUMNS} FROM reservations
              WHERE state = 'held'
                AND expires_at < now() - make_interval(secs => $1 / 1000.0)
              ORDER BY expires_at LIMIT $2"
-        )))
-        .bind(grace_ms)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
+                )))
+                .bind(grace_ms)
+                .bind(limit)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         rows.into_iter().map(reservation_row).collect()
     }
 
@@ -131,14 +144,18 @@ impl Store {
         &self,
         since_ms: i64,
     ) -> Result<Vec<ReservationRow>, sqlx::Error> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RESERVATION_COLUMNS} FROM reservations
+        let rows = self
+            .bounded("finished_reservations_since", async |conn| {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {RESERVATION_COLUMNS} FROM reservations
              WHERE state <> 'held' AND updated_at >= to_timestamp($1 / 1000.0)
              ORDER BY reservation_id, partition"
-        )))
-        .bind(since_ms)
-        .fetch_all(self.pool())
-        .await?;
+                )))
+                .bind(since_ms)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         rows.into_iter().map(reservation_row).collect()
     }
 
@@ -147,16 +164,20 @@ impl Store {
     /// re-established from Postgres must look up before it treats an id as
     /// new.
     pub async fn ids_seen_within(&self, window_ms: i64) -> Result<Vec<(String, u32)>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT request_id AS id, partition FROM request_outcomes
+        let rows = self
+            .bounded("ids_seen_within", async |conn| {
+                sqlx::query(
+                    "SELECT request_id AS id, partition FROM request_outcomes
               WHERE created_at >= now() - make_interval(secs => $1 / 1000.0)
              UNION ALL
              SELECT reservation_id, partition FROM reservations
               WHERE updated_at >= now() - make_interval(secs => $1 / 1000.0)",
-        )
-        .bind(window_ms)
-        .fetch_all(self.pool())
-        .await?;
+                )
+                .bind(window_ms)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         rows.into_iter()
             .map(|r| Ok((r.try_get("id")?, r.try_get::<i32, _>("partition")? as u32)))
             .collect()
@@ -164,14 +185,18 @@ impl Store {
 
     /// Deletes request outcomes older than the idempotency window.
     pub async fn forget_outcomes_older_than(&self, window_ms: i64) -> Result<u64, sqlx::Error> {
-        Ok(sqlx::query(
-            "DELETE FROM request_outcomes
+        Ok(self
+            .bounded("forget_outcomes_older_than", async |conn| {
+                sqlx::query(
+                    "DELETE FROM request_outcomes
               WHERE created_at < now() - make_interval(secs => $1 / 1000.0)",
-        )
-        .bind(window_ms)
-        .execute(self.pool())
-        .await?
-        .rows_affected())
+                )
+                .bind(window_ms)
+                .execute(conn)
+                .await
+            })
+            .await?
+            .rows_affected())
     }
 
     /// Items with a ledger fork nobody resolved yet.
@@ -181,16 +206,20 @@ impl Store {
     ) -> Result<Vec<(String, String)>, sqlx::Error> {
         let (skus, locations): (Vec<&str>, Vec<&str>) =
             items.iter().map(|(s, l)| (s.as_str(), l.as_str())).unzip();
-        let rows = sqlx::query(
-            "SELECT DISTINCT f.sku, f.location
+        let rows = self
+            .bounded("open_forks", async |conn| {
+                sqlx::query(
+                    "SELECT DISTINCT f.sku, f.location
              FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
              JOIN ledger_forks f ON f.sku = t.sku AND f.location = t.location
              WHERE f.resolved_at IS NULL",
-        )
-        .bind(&skus)
-        .bind(&locations)
-        .fetch_all(self.pool())
-        .await?;
+                )
+                .bind(&skus)
+                .bind(&locations)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
         rows.into_iter()
             .map(|r| Ok((r.try_get("sku")?, r.try_get("location")?)))
             .collect()

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::counter;
 use rand::Rng;
-use sqlx::{PgPool, Row};
+use sqlx::Row;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,7 @@ use super::signing::{
     SIGNATURE_HEADER, TIMESTAMP_HEADER, legacy, webhook_id,
 };
 use super::{Wakeup, WebhookError, WebhookSettings, retry_ceiling};
+use crate::store::Store;
 
 /// What one `deliver_once` did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +78,8 @@ enum Attempted {
 
 #[derive(Clone)]
 pub struct Dispatcher {
-    pool: PgPool,
+    /// Postgres, every call bounded (see `Store::bounded`).
+    store: Store,
     http: reqwest::Client,
     settings: WebhookSettings,
     wakeup: Wakeup,
@@ -114,11 +116,11 @@ RETURNING d.id, d.subscription_id, s.url, s.secret, d.kind, d.idempotency_key,
           d.payload::text AS body, d.attempts";
 
 impl Dispatcher {
-    pub fn new(pool: PgPool, settings: WebhookSettings, wakeup: Wakeup) -> Result<Self, String> {
+    pub fn new(store: Store, settings: WebhookSettings, wakeup: Wakeup) -> Result<Self, String> {
         let http = http_client(&settings)?;
         super::describe_metrics();
         Ok(Self {
-            pool,
+            store,
             http,
             settings,
             wakeup,
@@ -226,13 +228,18 @@ impl Dispatcher {
         let (subs, counts): (Vec<i64>, Vec<i64>) = busy.iter().map(|(s, n)| (*s, *n)).unzip();
         // Long enough for one attempt, however slow, to be recorded.
         let lease = self.settings.timeout.as_secs_f64() * 2.0 + 10.0;
-        let rows = sqlx::query(CLAIM_SQL)
-            .bind(limit as i64)
-            .bind(self.settings.per_subscription as i64)
-            .bind(&subs)
-            .bind(&counts)
-            .bind(lease)
-            .fetch_all(&self.pool)
+        let rows = self
+            .store
+            .bounded("webhooks_claim", async |conn| {
+                sqlx::query(CLAIM_SQL)
+                    .bind(limit as i64)
+                    .bind(self.settings.per_subscription as i64)
+                    .bind(&subs)
+                    .bind(&counts)
+                    .bind(lease)
+                    .fetch_all(conn)
+                    .await
+            })
             .await?;
         Ok(rows
             .into_iter()
@@ -254,30 +261,38 @@ impl Dispatcher {
         let sent = self.post(&d).await;
         let result = match sent {
             Ok(()) => {
-                sqlx::query(
-                    "UPDATE webhook_deliveries
+                self.store
+                    .bounded("webhooks_attempt", async |conn| {
+                        sqlx::query(
+                            "UPDATE webhook_deliveries
                         SET state = 'delivered', delivered_at = now(), leased_until = NULL,
                             last_error = NULL
                       WHERE id = $1 AND state = 'pending'",
-                )
-                .bind(d.id)
-                .execute(&self.pool)
-                .await?;
+                        )
+                        .bind(d.id)
+                        .execute(conn)
+                        .await
+                    })
+                    .await?;
                 counter!("stockd_webhook_deliveries_total", "outcome" => "delivered").increment(1);
                 Attempted::Delivered
             }
             Err(error) if d.attempts as u32 >= self.settings.max_attempts => {
                 tracing::warn!(delivery = d.id, subscription = d.subscription_id, url = %d.url,
                     attempts = d.attempts, %error, "webhook delivery failed its last attempt: parked in dead letters");
-                sqlx::query(
-                    "UPDATE webhook_deliveries
+                self.store
+                    .bounded("webhooks_attempt", async |conn| {
+                        sqlx::query(
+                            "UPDATE webhook_deliveries
                         SET state = 'dead', dead_at = now(), leased_until = NULL, last_error = $2
                       WHERE id = $1 AND state = 'pending'",
-                )
-                .bind(d.id)
-                .bind(&error)
-                .execute(&self.pool)
-                .await?;
+                        )
+                        .bind(d.id)
+                        .bind(&error)
+                        .execute(conn)
+                        .await
+                    })
+                    .await?;
                 counter!("stockd_webhook_deliveries_total", "outcome" => "dead").increment(1);
                 Attempted::Dead
             }
@@ -285,17 +300,21 @@ impl Dispatcher {
                 let delay = self.retry_delay(d.attempts);
                 tracing::debug!(delivery = d.id, url = %d.url, attempts = d.attempts, %error,
                     retry_in_ms = delay.as_millis() as u64, "webhook delivery failed; will retry");
-                sqlx::query(
-                    "UPDATE webhook_deliveries
+                self.store
+                    .bounded("webhooks_attempt", async |conn| {
+                        sqlx::query(
+                            "UPDATE webhook_deliveries
                         SET next_attempt_at = now() + make_interval(secs => $2),
                             leased_until = NULL, last_error = $3
                       WHERE id = $1 AND state = 'pending'",
-                )
-                .bind(d.id)
-                .bind(delay.as_secs_f64())
-                .bind(&error)
-                .execute(&self.pool)
-                .await?;
+                        )
+                        .bind(d.id)
+                        .bind(delay.as_secs_f64())
+                        .bind(&error)
+                        .execute(conn)
+                        .await
+                    })
+                    .await?;
                 counter!("stockd_webhook_deliveries_total", "outcome" => "retry").increment(1);
                 Attempted::Retrying
             }
@@ -375,14 +394,19 @@ impl Dispatcher {
     }
 
     async fn cleanup(&self) -> Result<(), WebhookError> {
-        let deleted = sqlx::query(
-            "DELETE FROM webhook_deliveries
+        let deleted = self
+            .store
+            .bounded("webhooks_cleanup", async |conn| {
+                sqlx::query(
+                    "DELETE FROM webhook_deliveries
               WHERE state = 'delivered' AND delivered_at < now() - make_interval(secs => $1)",
-        )
-        .bind(self.settings.keep_delivered.as_secs_f64())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+                )
+                .bind(self.settings.keep_delivered.as_secs_f64())
+                .execute(conn)
+                .await
+            })
+            .await?
+            .rows_affected();
         if deleted > 0 {
             tracing::debug!(deleted, "deleted old delivered webhook rows");
         }

@@ -5,12 +5,13 @@ use std::collections::BTreeSet;
 
 use prost::Message;
 use rand::Rng;
-use sqlx::{PgPool, Row};
+use sqlx::Row;
 
 use super::{Destinations, KINDS, Wakeup};
 use crate::domain::Sku;
 use crate::error::Error;
 use crate::pb::{self, ShortName};
+use crate::store::Store;
 
 /// Most SKUs one subscription may name.
 pub const MAX_SUBSCRIPTION_SKUS: usize = 1_000;
@@ -29,7 +30,8 @@ const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 #[derive(Clone)]
 pub struct Subscriptions {
-    pool: PgPool,
+    /// Postgres, every call bounded (see `Store::bounded`).
+    store: Store,
     server_secret: bool,
     destinations: Destinations,
     wakeup: Wakeup,
@@ -162,13 +164,13 @@ fn generate_secret() -> String {
 
 impl Subscriptions {
     pub fn new(
-        pool: PgPool,
+        store: Store,
         server_secret: bool,
         destinations: Destinations,
         wakeup: Wakeup,
     ) -> Self {
         Self {
-            pool,
+            store,
             server_secret,
             destinations,
             wakeup,
@@ -223,23 +225,28 @@ impl Subscriptions {
             let s = generate_secret();
             (Some(s.clone()), Some(s))
         };
-        let row = sqlx::query(concat!(
-            "WITH s AS (
+        let row = self
+            .store
+            .bounded("webhooks_add", async |conn| {
+                sqlx::query(concat!(
+                    "WITH s AS (
                  INSERT INTO webhook_subscriptions (url, events, low_stock_threshold, skus, secret)
                  VALUES ($1, $2, $3, $4, $5) RETURNING *
              )
              SELECT ",
-            webhook_columns!(),
-            " FROM s"
-        ))
-        .bind(&url)
-        .bind(&events)
-        .bind(threshold)
-        .bind(&skus)
-        .bind(&secret)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(Error::from)?;
+                    webhook_columns!(),
+                    " FROM s"
+                ))
+                .bind(&url)
+                .bind(&events)
+                .bind(threshold)
+                .bind(&skus)
+                .bind(&secret)
+                .fetch_one(conn)
+                .await
+            })
+            .await
+            .map_err(Error::from)?;
         let webhook = webhook(&row);
         tracing::info!(id = webhook.id, %url, ?events, "webhook subscription added");
         Ok(pb::AddWebhookResponse {
@@ -267,16 +274,21 @@ impl Subscriptions {
                 .map_err(|_| Error::invalid("page_token", "not a token this server gave"))?
         };
         // One more than the page, to know whether another page follows.
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            webhook_columns!(),
-            " FROM webhook_subscriptions s WHERE s.id > $1 ORDER BY s.id LIMIT $2"
-        ))
-        .bind(after)
-        .bind(i64::from(page_size) + 1)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::from)?;
+        let rows = self
+            .store
+            .bounded("webhooks_list", async |conn| {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    webhook_columns!(),
+                    " FROM webhook_subscriptions s WHERE s.id > $1 ORDER BY s.id LIMIT $2"
+                ))
+                .bind(after)
+                .bind(i64::from(page_size) + 1)
+                .fetch_all(conn)
+                .await
+            })
+            .await
+            .map_err(Error::from)?;
         let mut webhooks = Vec::new();
         let mut bytes = 0;
         for row in rows.iter().take(page_size as usize) {
@@ -309,19 +321,24 @@ impl Subscriptions {
             .ok()
             .filter(|id| *id >= 1)
             .ok_or_else(|| Error::invalid("id", "not a webhook id"))?;
-        let row = sqlx::query(
-            "WITH dropped AS (
+        let row = self
+            .store
+            .bounded("webhooks_remove", async |conn| {
+                sqlx::query(
+                    "WITH dropped AS (
                  SELECT count(*) AS n FROM webhook_deliveries
                   WHERE subscription_id = $1 AND state IN ('pending', 'dead')
              ), gone AS (
                  DELETE FROM webhook_subscriptions WHERE id = $1 RETURNING id
              )
              SELECT (SELECT count(*) FROM gone) AS removed, (SELECT n FROM dropped) AS dropped",
-        )
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(Error::from)?;
+                )
+                .bind(id)
+                .fetch_one(conn)
+                .await
+            })
+            .await
+            .map_err(Error::from)?;
         if row.get::<i64, _>("removed") == 0 {
             return Err(Error::NotFound(format!("webhook {id} does not exist")));
         }
@@ -345,7 +362,10 @@ impl Subscriptions {
                 ));
             }
         };
-        let rows = sqlx::query(
+        let rows =
+            self.store
+                .bounded("webhooks_dead_letters", async |conn| {
+                    sqlx::query(
             "SELECT d.id, d.subscription_id, s.url, d.kind, d.sku, d.location, d.version,
                     d.idempotency_key, d.attempts, COALESCE(d.last_error, '') AS last_error,
                     (extract(epoch FROM d.created_at) * 1000)::bigint AS created_at_ms,
@@ -358,9 +378,10 @@ impl Subscriptions {
         )
         .bind(req.subscription_id as i64)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::from)?;
+        .fetch_all(conn).await
+                })
+                .await
+                .map_err(Error::from)?;
         Ok(pb::ListWebhookDeadLettersResponse {
             dead_letters: rows
                 .into_iter()
@@ -396,18 +417,23 @@ impl Subscriptions {
             ));
         }
         let ids: Vec<i64> = req.ids.iter().map(|&id| id as i64).collect();
-        let rows = sqlx::query(
-            "UPDATE webhook_deliveries
+        let rows = self
+            .store
+            .bounded("webhooks_redeliver", async |conn| {
+                sqlx::query(
+                    "UPDATE webhook_deliveries
                 SET state = 'pending', attempts = 0, next_attempt_at = now(),
                     leased_until = NULL, dead_at = NULL
               WHERE state = 'dead' AND (id = ANY ($1) OR subscription_id = $2)
               RETURNING id",
-        )
-        .bind(&ids)
-        .bind(req.subscription_id as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::from)?;
+                )
+                .bind(&ids)
+                .bind(req.subscription_id as i64)
+                .fetch_all(conn)
+                .await
+            })
+            .await
+            .map_err(Error::from)?;
         let requeued: BTreeSet<u64> = rows.iter().map(|r| r.get::<i64, _>("id") as u64).collect();
         if !requeued.is_empty() {
             tracing::info!(

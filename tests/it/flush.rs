@@ -1,7 +1,7 @@
 //! The write-behind flusher, in process: Postgres ends up holding exactly
 //! what Redis holds, whatever the load; malformed entries are set aside;
 //! a cut Postgres only grows the backlog, and past its limit new demand is
-//! refused until it drains.
+//! refused until it drains; a Postgres gone silent is given up on in time.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -116,17 +116,7 @@ async fn a_malformed_entry_is_dead_lettered_and_the_partition_keeps_flushing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
-    let proxy = FaultProxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let namespace = unique_namespace("cut");
-    let database = namespace.replace('-', "_");
-    let via_proxy = format!("postgres://postgres@{}/{database}", proxy.addr);
-    let app = spawn_app_with(Options {
-        namespace,
-        database_url: Some(via_proxy),
-        extra_args: vec!["--max-unflushed".into(), "60".into()],
-        ..Options::default()
-    })
-    .await;
+    let (proxy, app) = app_behind_a_postgres_proxy("cut", &["--max-unflushed", "60"]).await;
     let skus = seed_catalogue(&app, "cut", 1, 1000).await;
     let sku = &skus[0];
     let rpc = app.clients();
@@ -194,6 +184,76 @@ async fn postgres_cut_off_grows_the_backlog_then_everything_converges() {
     app.converged_within(&pool, Duration::from_secs(30)).await;
     pool.close().await;
     app.stop().await;
+}
+
+/// A Postgres connection that goes silent mid-transaction (a partition: no
+/// answer, no reset) holds up the flush only until the call timeout: stockd
+/// closes that connection, never returns it to the pool, and writes the
+/// batch on a new one once Postgres answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_connection_gone_silent_mid_flush_is_dropped_and_the_flush_goes_on() {
+    let (proxy, app) =
+        app_behind_a_postgres_proxy("silent", &["--database-call-timeout-ms", "1000"]).await;
+    let skus = seed_catalogue(&app, "silent", 1, 1000).await;
+    let sku = &skus[0];
+    let pool = sqlx::PgPool::connect(&postgres_url(&app.database))
+        .await
+        .unwrap();
+    app.converged(&pool).await;
+
+    proxy.freeze_transactions();
+    for i in 0..5 {
+        app.decrement(&format!("silent-{i}"), vec![line(sku, "", 1)])
+            .await
+            .unwrap();
+    }
+    // The flush's transaction went silent, and stockd gave up on it.
+    eventually(
+        Duration::from_secs(15),
+        "a silent connection to be closed by stockd",
+        || async {
+            let (frozen, released) = proxy.frozen();
+            (frozen >= 1 && released >= 1).then_some(())
+        },
+    )
+    .await;
+    let written: i64 = sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM stock")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(written, 1, "nothing of the silent flush was written yet");
+
+    proxy.thaw();
+    app.converged_within(&pool, Duration::from_secs(30)).await;
+    // Every connection that went silent was closed, none kept in the pool.
+    eventually(
+        Duration::from_secs(15),
+        "every silent connection to be closed",
+        || async {
+            let (frozen, released) = proxy.frozen();
+            (frozen == released).then_some(())
+        },
+    )
+    .await;
+    pool.close().await;
+    app.stop().await;
+}
+
+/// A stockd whose Postgres connections go through a fault proxy (the
+/// test's own Postgres client does not).
+async fn app_behind_a_postgres_proxy(prefix: &str, extra_args: &[&str]) -> (FaultProxy, TestApp) {
+    let proxy = FaultProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let namespace = unique_namespace(prefix);
+    let database = namespace.replace('-', "_");
+    let via_proxy = format!("postgres://postgres@{}/{database}", proxy.addr);
+    let app = spawn_app_with(Options {
+        namespace,
+        database_url: Some(via_proxy),
+        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        ..Options::default()
+    })
+    .await;
+    (proxy, app)
 }
 
 /// Names and pending counts of the flusher group's consumers on `stream`.

@@ -3,11 +3,13 @@
 //! until `restore`. Started with [`FaultProxy::start_keeping_upstream`], it
 //! keeps the upstream side of a connection open after its client died (no
 //! FIN reaches the server): what a host that dies or is partitioned away
-//! looks like to Postgres.
+//! looks like to Postgres. [`FaultProxy::freeze_transactions`] makes a
+//! connection go silent as a transaction starts on it (what a partition
+//! mid-transaction looks like to the client: no answer and no reset).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -23,6 +25,16 @@ pub struct FaultProxy {
     task: JoinHandle<()>,
     /// Upstream sides whose client is gone, kept open.
     zombies: Arc<std::sync::Mutex<Vec<OwnedWriteHalf>>>,
+    freeze: Arc<Freeze>,
+}
+
+/// Connections silenced by `freeze_transactions`, and how many of them
+/// their client has given up on (closed).
+#[derive(Default)]
+struct Freeze {
+    armed: AtomicBool,
+    frozen: AtomicUsize,
+    released: AtomicUsize,
 }
 
 impl FaultProxy {
@@ -41,8 +53,29 @@ impl FaultProxy {
         self.zombies.lock().unwrap().len()
     }
 
+    /// From now until `thaw`: a connection whose client starts a
+    /// transaction (sends `BEGIN`) forwards that, then nothing more either
+    /// way; it stays open until its client closes it.
+    pub fn freeze_transactions(&self) {
+        self.freeze.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Connections start transactions normally again (those frozen stay so).
+    pub fn thaw(&self) {
+        self.freeze.armed.store(false, Ordering::SeqCst);
+    }
+
+    /// Connections frozen so far, and how many of them their client closed.
+    pub fn frozen(&self) -> (usize, usize) {
+        (
+            self.freeze.frozen.load(Ordering::SeqCst),
+            self.freeze.released.load(Ordering::SeqCst),
+        )
+    }
+
     async fn launch(upstream: SocketAddr, keep_upstream: bool) -> Self {
         let zombies: Arc<std::sync::Mutex<Vec<OwnedWriteHalf>>> = Default::default();
+        let freeze: Arc<Freeze> = Default::default();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
@@ -51,6 +84,7 @@ impl FaultProxy {
             let cut = cut.clone();
             let generation = generation.clone();
             let zombies = zombies.clone();
+            let freeze = freeze.clone();
             tokio::spawn(async move {
                 while let Ok((mut client, _)) = listener.accept().await {
                     if cut.load(Ordering::SeqCst) {
@@ -59,6 +93,7 @@ impl FaultProxy {
                     }
                     let mut changed = generation.subscribe();
                     let zombies = zombies.clone();
+                    let freeze = freeze.clone();
                     tokio::spawn(async move {
                         let Ok(mut server) = TcpStream::connect(upstream).await else {
                             return;
@@ -68,7 +103,7 @@ impl FaultProxy {
                             return;
                         }
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = forward(&mut client, &mut server, &freeze) => {}
                             _ = changed.changed() => {}
                         }
                     });
@@ -81,6 +116,7 @@ impl FaultProxy {
             generation,
             task,
             zombies,
+            freeze,
         }
     }
 
@@ -129,4 +165,44 @@ async fn keep(
     let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
     zombies.lock().unwrap().push(server_write);
     let _ = down.await;
+}
+
+/// Forwards both ways until either side ends, or until the client starts a
+/// transaction while `freeze` is armed: then the connection goes silent
+/// (its client is only watched, to count when it gives up).
+async fn forward(client: &mut TcpStream, server: &mut TcpStream, freeze: &Freeze) {
+    let (mut client_read, mut client_write) = client.split();
+    let (mut server_read, mut server_write) = server.split();
+    let mut buf = vec![0u8; 16 * 1024];
+    let up = async {
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            let freezes =
+                freeze.armed.load(Ordering::SeqCst) && buf[..n].windows(5).any(|w| w == b"BEGIN");
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                return false;
+            }
+            if freezes {
+                return true;
+            }
+        }
+    };
+    let down = tokio::io::copy(&mut server_read, &mut client_write);
+    let frozen = tokio::select! {
+        frozen = up => frozen,
+        _ = down => false,
+    };
+    if frozen {
+        freeze.frozen.fetch_add(1, Ordering::SeqCst);
+        let mut sink = vec![0u8; 16 * 1024];
+        while let Ok(n) = client_read.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+        freeze.released.fetch_add(1, Ordering::SeqCst);
+    }
 }
