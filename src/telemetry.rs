@@ -136,6 +136,10 @@ pub fn describe_metrics() {
         "Postgres calls by call (write_batch, stock_rows_of, request_outcomes, ...) and outcome (ok, error, timeout)"
     );
     describe_counter!(
+        "stockd_flush_copy_fallbacks_total",
+        "flushes whose binary COPY met a row that existed (a replay, a fork) and were written by the idempotent statements instead, by table"
+    );
+    describe_counter!(
         "stockd_postgres_timeouts_total",
         "Postgres calls without an answer within the call timeout; their connection was closed"
     );

@@ -153,6 +153,14 @@ pub(super) async fn copy_new_rows(
             Ok(true)
         }
         Err(sqlx::Error::Database(err)) if err.code() == Some(Cow::Borrowed(UNIQUE_VIOLATION)) => {
+            // Expected after a replayed batch or a fork; many of them mean
+            // the fast path is not taken (and Postgres works harder).
+            let table = statement
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("?")
+                .to_owned();
+            metrics::counter!("stockd_flush_copy_fallbacks_total", "table" => table).increment(1);
             tracing::debug!(error = %err, "a copied row existed already; writing the rows idempotently");
             sqlx::raw_sql("ROLLBACK TO SAVEPOINT copy_new_rows; RELEASE SAVEPOINT copy_new_rows")
                 .execute(&mut *tx)

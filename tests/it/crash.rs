@@ -12,6 +12,7 @@ use rand::Rng;
 use stockd::redis_conn::RedisConn;
 
 use crate::support::load::background_load;
+use crate::support::metrics;
 use crate::support::process::Stockd;
 use crate::support::*;
 
@@ -159,9 +160,23 @@ async fn a_crash_between_commit_and_xack_is_replayed_by_the_surviving_instance()
 
     // Instance "b" claims a's entries once they are idle past the claim
     // timeout and writes them again, harmlessly.
-    let mut b = Stockd::start(&fx.namespace, &fx.database_url, "b", false).await;
+    let metrics_port = free_port();
+    let args = [
+        "--metrics-addr".to_owned(),
+        format!("127.0.0.1:{metrics_port}"),
+    ];
+    let mut b = Stockd::start_with(&fx.namespace, &fx.database_url, "b", false, &args).await;
     fx.assert_converged().await;
     fx.taken_over_from("a").await;
+    // The replay met its own ledger rows: the COPY gave way to the
+    // idempotent statements, and that is counted.
+    let page = metrics::scrape(metrics_port).await;
+    let fallbacks = metrics::sample(
+        &page,
+        "stockd_flush_copy_fallbacks_total",
+        &["table=\"stock_ledger\""],
+    );
+    assert!(fallbacks >= Some(1.0), "{fallbacks:?}");
     assert_eq!(b.terminate().await.code(), Some(0));
     fx.cleanup().await;
 }
