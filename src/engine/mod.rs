@@ -17,6 +17,13 @@
 //! detected ([`crate::markers`]); or that Postgres may know the id from
 //! before Redis lost it, which the engine then looks up ([`recall`]) so that
 //! a retry replays instead of applying twice.
+//!
+//! Future sizes: the rare paths (a lookup in Postgres, a load on miss, the
+//! steps of a request spanning partitions on a cluster) are awaited boxed.
+//! Their futures hold sqlx's and are ~9-10 KB; awaited inline they made
+//! every request's future that large (Reserve's was 10,464 bytes; boxed,
+//! 1,264), held for each request in flight and copied whole at every move
+//! (into tonic's box, through each layer).
 
 mod located;
 mod plan;
@@ -272,7 +279,7 @@ impl Engine {
             script_lines,
         );
         let outcome = if self.coordinates(&plan) {
-            self.reserve_across(&plan, &fp, Duration::from_millis(ttl.as_millis()))
+            Box::pin(self.reserve_across(&plan, &fp, Duration::from_millis(ttl.as_millis())))
                 .await?
         } else {
             let groups = plan.reservation_groups(&self.inner.keys, &self.inner.markers);
@@ -370,7 +377,7 @@ impl Engine {
         self.ensure_serving()?;
         let plan = Plan::new(&self.inner.keys, Kind::Request, id.as_str(), lines);
         let outcome = if self.coordinates(&plan) {
-            self.decrement_across(&plan, &fp).await?
+            Box::pin(self.decrement_across(&plan, &fp)).await?
         } else {
             let groups = plan.change_groups(&self.inner.keys, &self.inner.markers);
             self.run(
@@ -451,7 +458,7 @@ impl Engine {
         let Some(warmer) = self.inner.warmer.as_ref().filter(|_| !missing.is_empty()) else {
             return Ok((levels, missing));
         };
-        let unknown = warmer.load_on_miss(&missing).await?;
+        let unknown = Box::pin(warmer.load_on_miss(&missing)).await?;
         let loaded: Vec<Item> = missing
             .into_iter()
             .filter(|i| !unknown.contains(i))
@@ -705,10 +712,10 @@ impl Engine {
             let fp = &located.fingerprint;
             let outcome = match op {
                 OnHeld::Finish(how) if self.coordinates(&plan) => {
-                    self.finish_across(&plan, fp, how).await?
+                    Box::pin(self.finish_across(&plan, fp, how)).await?
                 }
                 OnHeld::Extend(ttl) if self.coordinates(&plan) => {
-                    self.extend_across(&plan, fp, ttl).await?
+                    Box::pin(self.extend_across(&plan, fp, ttl)).await?
                 }
                 OnHeld::Finish(how) => {
                     let groups = plan.reservation_groups(keys, &self.inner.markers);
@@ -820,7 +827,7 @@ impl Engine {
                 return Err(unknown_reservation(id));
             }
             recalled = true;
-            if !self.recall_reservation(id.as_str()).await? {
+            if !Box::pin(self.recall_reservation(id.as_str())).await? {
                 return Err(unknown_reservation(id));
             }
         }
@@ -916,12 +923,12 @@ impl Engine {
             match reply.outcome {
                 Outcome::Refused(why, marker) => return Err(self.partition_refused(why, &marker)),
                 Outcome::CheckPostgres if !flags.checked => {
-                    self.recall(plan).await?;
+                    Box::pin(self.recall(plan)).await?;
                     flags.checked = true;
                 }
                 Outcome::Missing(items) if !loaded => {
                     loaded = true;
-                    let unknown = self.load_missing(&items).await?;
+                    let unknown = Box::pin(self.load_missing(&items)).await?;
                     match unknown {
                         // No warmer (tests of the scripts alone): create.
                         None if creates == Creates::AfterLoad => flags.create = true,
