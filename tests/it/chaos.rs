@@ -332,6 +332,7 @@ async fn chaos_never_loses_or_doubles_an_acknowledged_change() {
     let proxy = FaultProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let namespace = unique_namespace("chaos");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::database(&database);
     let via_proxy = {
         let direct = postgres_url(&database);
         direct.replace("127.0.0.1:5432", &proxy.addr.to_string())
@@ -507,5 +508,5 @@ async fn chaos_never_loses_or_doubles_an_acknowledged_change() {
         stockd.terminate().await;
     }
     pool.close().await;
-    drop_database(&database).await;
+    leftovers.remove().await;
 }

@@ -210,6 +210,7 @@ async fn a_crash_between_the_parts_is_finished_by_the_retry_on_a_new_instance() 
     let cluster = OwnCluster::start(3, 0).await;
     let namespace = unique_namespace("part-crash");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::database(&database);
     let database_url = postgres_url(&database);
     let redis = stockd::app::connect_redis(&cluster.url(), true, Duration::from_secs(5))
         .await
@@ -314,7 +315,7 @@ async fn a_crash_between_the_parts_is_finished_by_the_retry_on_a_new_instance() 
     .await;
     pool.close().await;
     assert_eq!(fresh.terminate().await.code(), Some(0));
-    drop_database(&database).await;
+    leftovers.remove().await;
 }
 
 /// What the load of a test saw: acknowledged decrements by id, refusals
@@ -653,6 +654,7 @@ async fn failover_under_load(lagging: bool) {
     let mut cluster = OwnCluster::start_with(3, 1, 1_000).await;
     let namespace = unique_namespace(if lagging { "lagging" } else { "failover" });
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::database(&database);
     let database_url = postgres_url(&database);
     let metrics = free_port();
     let mut stockd = Stockd::start_on(
@@ -850,7 +852,7 @@ async fn failover_under_load(lagging: bool) {
     );
     pool.close().await;
     assert_eq!(stockd.terminate().await.code(), Some(0));
-    drop_database(&database).await;
+    leftovers.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -37,10 +37,10 @@ async fn pending_of(conn: &mut RedisConn, namespace: &str, partitions: u32, cons
 
 struct Fixture {
     namespace: String,
-    database: String,
     database_url: String,
     redis: RedisConn,
     skus: Vec<String>,
+    leftovers: Leftovers,
 }
 
 impl Fixture {
@@ -49,7 +49,7 @@ impl Fixture {
         let database = namespace.replace('-', "_");
         Self {
             database_url: postgres_url(&database),
-            database,
+            leftovers: Leftovers::new(&namespace, &database),
             redis: shared_redis().await,
             skus: (0..12).map(|i| format!("{tag}-{i}")).collect(),
             namespace,
@@ -86,8 +86,7 @@ impl Fixture {
     }
 
     async fn cleanup(self) {
-        delete_namespace(&mut self.redis.clone(), &self.namespace).await;
-        drop_database(&self.database).await;
+        self.leftovers.remove().await;
     }
 }
 

@@ -179,6 +179,7 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
 
     let namespace = unique_namespace("deploy-kit");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::new(&namespace, &database);
     let metrics_port = free_port();
     let mut stockd = Stockd::start_with(
         &namespace,
@@ -244,6 +245,5 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
 
     assert_eq!(stockd.terminate().await.code(), Some(0));
     crate::support::brokers::delete_nats_stream(&namespace).await;
-    delete_namespace(&mut shared_redis().await, &namespace).await;
-    drop_database(&database).await;
+    leftovers.remove().await;
 }

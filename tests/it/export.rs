@@ -355,6 +355,7 @@ async fn nats_export_counts(addr: &str) -> (u64, u64) {
 async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
     let namespace = unique_namespace("export-kill");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::new(&namespace, &database);
     let database_url = postgres_url(&database);
     let redis = shared_redis().await;
     let skus: Vec<String> = (0..10).map(|i| format!("exp.sku*{i}")).collect();
@@ -440,8 +441,7 @@ async fn every_change_reaches_both_brokers_in_order_across_kill_9() {
 
     jet.delete().await;
     rabbit.delete().await;
-    delete_namespace(&mut redis.clone(), &namespace).await;
-    drop_database(&database).await;
+    leftovers.remove().await;
 }
 
 /// The export's state per exporter: (backlog, oldest lag ms) summed over

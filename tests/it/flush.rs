@@ -421,6 +421,7 @@ async fn stale_consumers_are_removed_once_they_own_nothing() {
 async fn reading_ahead_under_steady_load_still_finds_a_lost_read_and_handles_every_entry_once() {
     let namespace = unique_namespace("read-ahead");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::new(&namespace, &database);
     let database_url = postgres_url(&database);
     let metrics_port = free_port();
     let args = [
@@ -494,6 +495,5 @@ async fn reading_ahead_under_steady_load_still_finds_a_lost_read_and_handles_eve
     assert_eq!(flusher_sample(&page, "stockd_consumer_retries_total"), 0);
 
     assert_eq!(stockd.terminate().await.code(), Some(0));
-    delete_namespace(&mut redis.clone(), &namespace).await;
-    drop_database(&database).await;
+    leftovers.remove().await;
 }

@@ -24,6 +24,7 @@ use crate::support::*;
 async fn metrics_are_exported_and_move_after_traffic() {
     let namespace = unique_namespace("metrics");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::new(&namespace, &database);
     let port = free_port();
     let stockd = Stockd::start_with(
         &namespace,
@@ -112,8 +113,7 @@ async fn metrics_are_exported_and_move_after_traffic() {
     }
     let mut stockd = stockd;
     assert_eq!(stockd.terminate().await.code(), Some(0));
-    delete_namespace(&mut shared_redis().await, &namespace).await;
-    drop_database(&database).await;
+    leftovers.remove().await;
 }
 
 /// A certificate authority for the test, and leaf certificates it signs.
@@ -564,6 +564,7 @@ async fn call_path(channel: Channel, path: &str) -> Code {
 async fn request_metrics_name_known_rpcs_and_count_final_statuses() {
     let namespace = unique_namespace("rpcmetrics");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::new(&namespace, &database);
     let port = free_port();
     let mut stockd = Stockd::start_with(
         &namespace,
@@ -711,6 +712,5 @@ async fn request_metrics_name_known_rpcs_and_count_final_statuses() {
         .is_some()
     );
     assert_eq!(stockd.terminate().await.code(), Some(0));
-    delete_namespace(&mut shared_redis().await, &namespace).await;
-    drop_database(&database).await;
+    leftovers.remove().await;
 }

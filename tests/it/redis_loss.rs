@@ -114,11 +114,13 @@ async fn items_whose_names_once_shared_a_key_stay_apart() {
 struct Rig {
     stockd: Stockd,
     namespace: String,
-    database: String,
     metrics: u16,
     rpc: Clients,
     conn: RedisConn,
     pool: sqlx::PgPool,
+    /// The database (the keys go with the test's own Redis); the last
+    /// field, so that the process is gone first.
+    leftovers: Leftovers,
 }
 
 impl Rig {
@@ -151,11 +153,11 @@ impl Rig {
         Self {
             stockd,
             namespace,
-            database,
             metrics,
             rpc,
             conn,
             pool,
+            leftovers: Leftovers::database(&database),
         }
     }
 
@@ -211,7 +213,7 @@ impl Rig {
         let status = self.stockd.terminate().await;
         assert!(status.success(), "{status}");
         self.pool.close().await;
-        drop_database(&self.database).await;
+        self.leftovers.remove().await;
     }
 }
 

@@ -49,6 +49,7 @@ async fn sigterm_reports_not_serving_drains_and_exits_zero() {
     let redis = OwnRedis::start().await;
     let namespace = unique_namespace("drain");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::database(&database);
     let mut stockd = Stockd::start_on_redis(
         &redis.url(),
         &namespace,
@@ -155,7 +156,7 @@ async fn sigterm_reports_not_serving_drains_and_exits_zero() {
         .unwrap();
     assert_eq!(reserved, 26);
     pool.close().await;
-    drop_database(&database).await;
+    leftovers.remove().await;
 }
 
 async fn own_conn(redis: &OwnRedis) -> redis::aio::MultiplexedConnection {

@@ -153,6 +153,7 @@ async fn preload_racing_reservations_never_rolls_redis_back() {
 async fn a_cold_item_is_loaded_once_under_100_concurrent_requests() {
     let namespace = unique_namespace("cold");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::new(&namespace, &database);
     let store = Store::connect(&postgres_config(&database)).await.unwrap();
     sqlx::query(
         "INSERT INTO stock (sku, location, available, reserved, version) VALUES
@@ -247,9 +248,8 @@ async fn a_cold_item_is_loaded_once_under_100_concurrent_requests() {
         .unwrap();
     assert_eq!(missing.len(), 1);
 
-    delete_namespace(&mut conn.clone(), &namespace).await;
     store.pool().close().await;
-    drop_database(&database).await;
+    leftovers.remove().await;
 }
 
 /// What Redis losing its data looks like: every key of the namespace gone

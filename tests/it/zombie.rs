@@ -37,6 +37,7 @@ async fn sessions_of_killed_instances_that_postgres_never_saw_close_end_in_time(
     let proxy = FaultProxy::start_keeping_upstream("127.0.0.1:5432".parse().unwrap()).await;
     let namespace = unique_namespace("zombie");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::new(&namespace, &database);
     let via_proxy = postgres_url(&database).replace("127.0.0.1:5432", &proxy.addr.to_string());
     let mut args = short_timeouts();
     args.extend(["--flush-batch".into(), "20".into()]);
@@ -128,15 +129,15 @@ async fn sessions_of_killed_instances_that_postgres_never_saw_close_end_in_time(
         );
     }
     stockd.terminate().await;
-    delete_namespace(&mut conn.clone(), &namespace).await;
     pool.close().await;
-    drop_database(&database).await;
+    leftovers.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_table_lock_fails_requests_in_time_and_does_not_hold_up_sigterm() {
     let namespace = unique_namespace("tablelock");
     let database = namespace.replace('-', "_");
+    let leftovers = Leftovers::new(&namespace, &database);
     let mut stockd = Stockd::start_with(
         &namespace,
         &postgres_url(&database),
@@ -157,7 +158,6 @@ async fn a_long_table_lock_fails_requests_in_time_and_does_not_hold_up_sigterm()
             .await
             .unwrap();
     }
-    let conn = shared_redis().await;
     eventually(Duration::from_secs(20), "the seed flushed", || async {
         sqlx::query_scalar::<_, i64>("SELECT version FROM stock WHERE sku = 'hot'")
             .fetch_optional(&pool)
@@ -228,7 +228,6 @@ async fn a_long_table_lock_fails_requests_in_time_and_does_not_hold_up_sigterm()
     locker.rollback().await.unwrap();
     assert!(took < Duration::from_secs(8), "SIGTERM took {took:?}");
 
-    delete_namespace(&mut conn.clone(), &namespace).await;
     pool.close().await;
-    drop_database(&database).await;
+    leftovers.remove().await;
 }

@@ -19,9 +19,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use super::leftovers::Leftovers;
 use super::{
-    POLL_INTERVAL, Rpc, assert_converged, delete_namespace, drop_database, postgres_url,
-    redis_cluster, redis_url, snapshot, unique_namespace,
+    POLL_INTERVAL, Rpc, assert_converged, drop_database, postgres_url, redis_cluster, redis_url,
+    snapshot, unique_namespace,
 };
 
 /// A stockd of the test's own, serving in this process.
@@ -39,12 +40,11 @@ pub struct TestApp {
     pub admin: AdminClient<Channel>,
     pub redis: RedisConn,
     shutdown: CancellationToken,
-    /// Taken by `stop` / `stop_keep_data`.
+    /// Taken when stopped.
     server: Option<JoinHandle<Result<(), StartError>>>,
-    /// Where this app's keys live, for the cleanup on drop.
-    redis_target: (String, bool),
-    /// Stopped (and cleaned up, or kept on purpose): nothing left to do on drop.
-    stopped: bool,
+    /// The namespace and database, removed when the app drops unless a
+    /// `stop_*` took care of them (the last field: dropped after the rest).
+    leftovers: Option<Leftovers>,
 }
 
 /// Settings a test may change before the server starts.
@@ -189,15 +189,20 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         tokio::time::sleep(POLL_INTERVAL).await;
     }
     let redis_url = options.redis_url.clone().unwrap_or_else(redis_url);
-    let redis_target = (redis_url.clone(), options.cluster());
     let redis = app::connect_redis(&redis_url, options.cluster(), Duration::from_secs(5))
         .await
         .expect("test redis");
     let database_url = options.database_url();
+    let database = database_url.rsplit_once('/').unwrap().1.to_owned();
+    let leftovers = Leftovers::on(
+        &options.namespace,
+        &database,
+        (redis_url, options.cluster()),
+    );
     TestApp {
         addr,
         http_addr,
-        database: database_url.rsplit_once('/').unwrap().1.to_owned(),
+        database,
         database_url,
         keys: Keyspace::new(options.namespace.clone(), options.partitions),
         namespace: options.namespace,
@@ -206,44 +211,17 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         redis,
         shutdown,
         server: Some(server),
-        redis_target,
-        stopped: false,
+        leftovers: Some(leftovers),
     }
 }
 
 impl Drop for TestApp {
-    /// A test that failed before `stop` leaves no database or keys behind:
-    /// the server is told to stop and the cleanup runs on a thread and
-    /// runtime of its own (the test's runtime may be unwinding, or single
-    /// threaded and blocked here).
+    /// A test that failed before a `stop_*` tells the server to stop; the
+    /// leftovers go as the fields drop.
     fn drop(&mut self) {
-        if self.stopped {
-            return;
+        if self.server.is_some() {
+            self.shutdown.cancel();
         }
-        self.shutdown.cancel();
-        let namespace = self.namespace.clone();
-        let database = self.database.clone();
-        let (redis_url, cluster) = self.redis_target.clone();
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for the cleanup");
-            runtime.block_on(async move {
-                let redis = app::connect_redis(&redis_url, cluster, Duration::from_secs(5)).await;
-                if let Ok(redis) = redis {
-                    let keys = stockd::keys::Keyspace::new(namespace.as_str(), 1);
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(20),
-                        stockd::keys::delete_namespace(&redis, &keys),
-                    )
-                    .await;
-                }
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(20), drop_database(&database)).await;
-            });
-        });
-        let _ = cleanup.join();
     }
 }
 
@@ -251,12 +229,18 @@ impl TestApp {
     /// Stops the server (graceful), deletes the namespace's keys and drops
     /// the test's database.
     pub async fn stop(mut self) {
-        self.stopped = true;
+        self.stop_server().await;
+        self.leftovers
+            .take()
+            .expect("not stopped yet")
+            .remove()
+            .await;
+    }
+
+    async fn stop_server(&mut self) {
         self.shutdown.cancel();
         let server = self.server.take().expect("not stopped yet");
         server.await.unwrap().expect("server stopped cleanly");
-        delete_namespace(&mut self.redis.clone(), &self.namespace).await;
-        drop_database(&self.database).await;
     }
 
     /// A connection pool on the test's database.
@@ -280,20 +264,16 @@ impl TestApp {
     /// Stops the server and drops the database; the keys stay, on a Redis
     /// of the test's own that goes away with it.
     pub async fn stop_on_own_redis(mut self) {
-        self.stopped = true;
-        self.shutdown.cancel();
-        let server = self.server.take().expect("not stopped yet");
-        server.await.unwrap().expect("server stopped cleanly");
+        self.stop_server().await;
+        self.leftovers.take().expect("not stopped yet").keep();
         drop_database(&self.database).await;
     }
 
     /// Stops the server but keeps the keys and the database (another
     /// instance shares them, or a later one starts on them).
     pub async fn stop_keep_data(mut self) {
-        self.stopped = true;
-        self.shutdown.cancel();
-        let server = self.server.take().expect("not stopped yet");
-        server.await.unwrap().expect("server stopped cleanly");
+        self.stop_server().await;
+        self.leftovers.take().expect("not stopped yet").keep();
     }
 
     /// SetStock through the API: the item exists afterwards with `available`.

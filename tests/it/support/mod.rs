@@ -9,6 +9,8 @@
 //! - [`namespace`] and [`postgres`]: the shared test Redis and Postgres, a
 //!   namespace and database of the test's own, and what a test reads from
 //!   them directly (snapshots, levels, convergence);
+//! - [`leftovers`]: `Leftovers`, a test's namespace and database removed
+//!   at its end and also when it fails;
 //! - [`poll`]: `eventually`, waiting for a state under a deadline;
 //! - [`ports`]: `free_port`, for the servers a test starts itself;
 //! - [`status`]: reading a refusal (code, reason, retry delay, ambiguity).
@@ -23,6 +25,7 @@
 pub mod app;
 pub mod brokers;
 pub mod http_api;
+pub mod leftovers;
 pub mod load;
 pub mod metrics;
 pub mod namespace;
@@ -37,6 +40,7 @@ pub mod rpc;
 pub mod status;
 
 pub use app::*;
+pub use leftovers::Leftovers;
 pub use namespace::*;
 pub use poll::*;
 pub use ports::*;
