@@ -236,7 +236,7 @@ impl Store {
             .bounded("stock_page", async |conn| {
                 sqlx::query(
                     "SELECT sku, location, available, reserved, version FROM stock
-             WHERE (sku, location) > ($1, $2) ORDER BY sku, location LIMIT $3",
+                     WHERE (sku, location) > ($1, $2) ORDER BY sku, location LIMIT $3",
                 )
                 .bind(sku)
                 .bind(location)
@@ -259,8 +259,8 @@ impl Store {
             .bounded("stock_rows_for", async |conn| {
                 sqlx::query(
                     "SELECT s.sku, s.location, s.available, s.reserved, s.version
-             FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
-             JOIN stock s ON s.sku = t.sku AND s.location = t.location",
+                     FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
+                     JOIN stock s ON s.sku = t.sku AND s.location = t.location",
                 )
                 .bind(&skus)
                 .bind(&locations)
@@ -306,15 +306,15 @@ impl Store {
             .bounded("ledger_mismatches", async |conn| {
                 sqlx::query(
                     "SELECT s.sku, s.location
-             FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
-             JOIN stock s ON s.sku = t.sku AND s.location = t.location
-             LEFT JOIN LATERAL (
-                 SELECT count(*) AS n, min(version) AS lo, max(version) AS hi,
-                        coalesce(sum(d_available), 0) AS a, coalesce(sum(d_reserved), 0) AS r
-                 FROM stock_ledger l WHERE l.sku = s.sku AND l.location = s.location
-             ) g ON true
-             WHERE NOT (g.n = s.version AND g.lo = 1 AND g.hi = s.version
-                        AND g.a = s.available AND g.r = s.reserved)",
+                     FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
+                     JOIN stock s ON s.sku = t.sku AND s.location = t.location
+                     LEFT JOIN LATERAL (
+                         SELECT count(*) AS n, min(version) AS lo, max(version) AS hi,
+                                coalesce(sum(d_available), 0) AS a, coalesce(sum(d_reserved), 0) AS r
+                         FROM stock_ledger l WHERE l.sku = s.sku AND l.location = s.location
+                     ) g ON true
+                     WHERE NOT (g.n = s.version AND g.lo = 1 AND g.hi = s.version
+                                AND g.a = s.available AND g.r = s.reserved)",
                 )
                 .bind(&skus)
                 .bind(&locations)
@@ -347,7 +347,7 @@ impl Store {
             .bounded("ledger", async |conn| {
                 sqlx::query(
                     "SELECT version, op, d_available, d_reserved, available, reserved, ref
-             FROM stock_ledger WHERE sku = $1 AND location = $2 ORDER BY version",
+                     FROM stock_ledger WHERE sku = $1 AND location = $2 ORDER BY version",
                 )
                 .bind(sku)
                 .bind(location)

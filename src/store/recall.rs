@@ -88,7 +88,7 @@ impl Store {
             .bounded("reservation_rows", async |conn| {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "SELECT {RESERVATION_COLUMNS} FROM reservations
-             WHERE reservation_id = $1 ORDER BY partition"
+                     WHERE reservation_id = $1 ORDER BY partition"
                 )))
                 .bind(id)
                 .fetch_all(conn)
@@ -104,7 +104,7 @@ impl Store {
             .bounded("held_reservations", async |conn| {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "SELECT {RESERVATION_COLUMNS} FROM reservations
-             WHERE state = 'held' ORDER BY reservation_id, partition"
+                     WHERE state = 'held' ORDER BY reservation_id, partition"
                 )))
                 .fetch_all(conn)
                 .await
@@ -125,9 +125,9 @@ impl Store {
             .bounded("overdue_holds", async |conn| {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "SELECT {RESERVATION_COLUMNS} FROM reservations
-             WHERE state = 'held'
-               AND expires_at < now() - make_interval(secs => $1 / 1000.0)
-             ORDER BY expires_at LIMIT $2"
+                     WHERE state = 'held'
+                       AND expires_at < now() - make_interval(secs => $1 / 1000.0)
+                     ORDER BY expires_at LIMIT $2"
                 )))
                 .bind(grace_ms)
                 .bind(limit)
@@ -148,8 +148,8 @@ impl Store {
             .bounded("finished_reservations_since", async |conn| {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "SELECT {RESERVATION_COLUMNS} FROM reservations
-             WHERE state <> 'held' AND updated_at >= to_timestamp($1 / 1000.0)
-             ORDER BY reservation_id, partition"
+                     WHERE state <> 'held' AND updated_at >= to_timestamp($1 / 1000.0)
+                     ORDER BY reservation_id, partition"
                 )))
                 .bind(since_ms)
                 .fetch_all(conn)
@@ -168,10 +168,10 @@ impl Store {
             .bounded("ids_seen_within", async |conn| {
                 sqlx::query(
                     "SELECT request_id AS id, partition FROM request_outcomes
-              WHERE created_at >= now() - make_interval(secs => $1 / 1000.0)
-             UNION ALL
-             SELECT reservation_id, partition FROM reservations
-              WHERE updated_at >= now() - make_interval(secs => $1 / 1000.0)",
+                     WHERE created_at >= now() - make_interval(secs => $1 / 1000.0)
+                    UNION ALL
+                    SELECT reservation_id, partition FROM reservations
+                     WHERE updated_at >= now() - make_interval(secs => $1 / 1000.0)",
                 )
                 .bind(window_ms)
                 .fetch_all(conn)
@@ -189,7 +189,7 @@ impl Store {
             .bounded("forget_outcomes_older_than", async |conn| {
                 sqlx::query(
                     "DELETE FROM request_outcomes
-              WHERE created_at < now() - make_interval(secs => $1 / 1000.0)",
+                     WHERE created_at < now() - make_interval(secs => $1 / 1000.0)",
                 )
                 .bind(window_ms)
                 .execute(conn)
@@ -210,9 +210,9 @@ impl Store {
             .bounded("open_forks", async |conn| {
                 sqlx::query(
                     "SELECT DISTINCT f.sku, f.location
-             FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
-             JOIN ledger_forks f ON f.sku = t.sku AND f.location = t.location
-             WHERE f.resolved_at IS NULL",
+                     FROM UNNEST($1::text[], $2::text[]) AS t(sku, location)
+                     JOIN ledger_forks f ON f.sku = t.sku AND f.location = t.location
+                     WHERE f.resolved_at IS NULL",
                 )
                 .bind(&skus)
                 .bind(&locations)

@@ -265,9 +265,9 @@ impl Dispatcher {
                     .bounded("webhooks_attempt", async |conn| {
                         sqlx::query(
                             "UPDATE webhook_deliveries
-                        SET state = 'delivered', delivered_at = now(), leased_until = NULL,
-                            last_error = NULL
-                      WHERE id = $1 AND state = 'pending'",
+                             SET state = 'delivered', delivered_at = now(), leased_until = NULL,
+                                 last_error = NULL
+                           WHERE id = $1 AND state = 'pending'",
                         )
                         .bind(d.id)
                         .execute(conn)
@@ -284,8 +284,8 @@ impl Dispatcher {
                     .bounded("webhooks_attempt", async |conn| {
                         sqlx::query(
                             "UPDATE webhook_deliveries
-                        SET state = 'dead', dead_at = now(), leased_until = NULL, last_error = $2
-                      WHERE id = $1 AND state = 'pending'",
+                             SET state = 'dead', dead_at = now(), leased_until = NULL, last_error = $2
+                           WHERE id = $1 AND state = 'pending'",
                         )
                         .bind(d.id)
                         .bind(&error)
@@ -304,9 +304,9 @@ impl Dispatcher {
                     .bounded("webhooks_attempt", async |conn| {
                         sqlx::query(
                             "UPDATE webhook_deliveries
-                        SET next_attempt_at = now() + make_interval(secs => $2),
-                            leased_until = NULL, last_error = $3
-                      WHERE id = $1 AND state = 'pending'",
+                             SET next_attempt_at = now() + make_interval(secs => $2),
+                                 leased_until = NULL, last_error = $3
+                           WHERE id = $1 AND state = 'pending'",
                         )
                         .bind(d.id)
                         .bind(delay.as_secs_f64())
@@ -399,7 +399,7 @@ impl Dispatcher {
             .bounded("webhooks_cleanup", async |conn| {
                 sqlx::query(
                     "DELETE FROM webhook_deliveries
-              WHERE state = 'delivered' AND delivered_at < now() - make_interval(secs => $1)",
+                     WHERE state = 'delivered' AND delivered_at < now() - make_interval(secs => $1)",
                 )
                 .bind(self.settings.keep_delivered.as_secs_f64())
                 .execute(conn)

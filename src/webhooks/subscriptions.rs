@@ -230,10 +230,10 @@ impl Subscriptions {
             .bounded("webhooks_add", async |conn| {
                 sqlx::query(concat!(
                     "WITH s AS (
-                 INSERT INTO webhook_subscriptions (url, events, low_stock_threshold, skus, secret)
-                 VALUES ($1, $2, $3, $4, $5) RETURNING *
-             )
-             SELECT ",
+                     INSERT INTO webhook_subscriptions (url, events, low_stock_threshold, skus, secret)
+                     VALUES ($1, $2, $3, $4, $5) RETURNING *
+                 )
+                 SELECT ",
                     webhook_columns!(),
                     " FROM s"
                 ))
@@ -326,12 +326,12 @@ impl Subscriptions {
             .bounded("webhooks_remove", async |conn| {
                 sqlx::query(
                     "WITH dropped AS (
-                 SELECT count(*) AS n FROM webhook_deliveries
-                  WHERE subscription_id = $1 AND state IN ('pending', 'dead')
-             ), gone AS (
-                 DELETE FROM webhook_subscriptions WHERE id = $1 RETURNING id
-             )
-             SELECT (SELECT count(*) FROM gone) AS removed, (SELECT n FROM dropped) AS dropped",
+                     SELECT count(*) AS n FROM webhook_deliveries
+                      WHERE subscription_id = $1 AND state IN ('pending', 'dead')
+                 ), gone AS (
+                     DELETE FROM webhook_subscriptions WHERE id = $1 RETURNING id
+                 )
+                 SELECT (SELECT count(*) FROM gone) AS removed, (SELECT n FROM dropped) AS dropped",
                 )
                 .bind(id)
                 .fetch_one(conn)
@@ -422,10 +422,10 @@ impl Subscriptions {
             .bounded("webhooks_redeliver", async |conn| {
                 sqlx::query(
                     "UPDATE webhook_deliveries
-                SET state = 'pending', attempts = 0, next_attempt_at = now(),
-                    leased_until = NULL, dead_at = NULL
-              WHERE state = 'dead' AND (id = ANY ($1) OR subscription_id = $2)
-              RETURNING id",
+                     SET state = 'pending', attempts = 0, next_attempt_at = now(),
+                         leased_until = NULL, dead_at = NULL
+                   WHERE state = 'dead' AND (id = ANY ($1) OR subscription_id = $2)
+                   RETURNING id",
                 )
                 .bind(&ids)
                 .bind(req.subscription_id as i64)
